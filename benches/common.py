@@ -1,0 +1,42 @@
+"""Shared helpers for the benchmarks: timing and the result row every benchmark returns."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Row:
+    """One same-run comparison: our throughput against the alternative's, same data, same run."""
+
+    benchmark: str
+    case: str
+    ours: float
+    baseline: float
+    baseline_name: str
+    unit: str
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.baseline if self.baseline > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def best_rate(fn: Callable[[], object], items: int, *, repeats: int = 3, warmup: int = 1) -> float:
+    """Items per second of ``fn`` (which processes ``items`` items), best of ``repeats`` runs.
+
+    The best run is the least disturbed by other work on the machine, so it is the
+    fairest figure when both sides of a ratio are measured the same way.
+    """
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return items / best

@@ -1,0 +1,37 @@
+"""starkret: image retrieval core for multimodal-dialogue pipelines.
+
+Given an image description, return the best fitting image from a very large image
+collection, fast, without reusing or near-duplicating images in one conversation.
+The hot CPU paths are in the Rust extension ``starkret._core``; the CLIP towers run
+on open_clip (GPU when available).
+
+>>> import starkret
+>>> emb = starkret.ClipEmbedder("starkret-tiny")
+>>> emb.encode_texts(["a chart of rainfall by month"]).shape
+(1, 64)
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+
+from . import _core
+from .embed import DEFAULT_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
+
+try:
+    __version__: str = _dist_version("starkret")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = _core.__version__
+
+#: Version of the compiled Rust core (equal to ``__version__`` in a consistent install).
+core_version: str = _core.__version__
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODEL_DEFAULT",
+    "TINY_MODEL",
+    "ClipEmbedder",
+    "__version__",
+    "core_version",
+]

@@ -1,0 +1,62 @@
+//! What the processor running this process can do, detected at run time.
+//!
+//! The hot loops (resampling, dot products) are compiled for a baseline target
+//! and pick wider SIMD paths at run time; this module names the widest level
+//! available so `starkret doctor` and the benchmarks can report it.
+
+/// The widest SIMD instruction set this CPU supports, as a short name.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "avx2+fma";
+        }
+        if std::arch::is_x86_feature_detected!("sse4.1") {
+            return "sse4.1";
+        }
+        "sse2"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("sve") {
+            return "sve";
+        }
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
+}
+
+/// Number of logical CPUs usable by this process (at least 1).
+pub fn available_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_level_is_a_known_name() {
+        let known = [
+            "avx512", "avx2+fma", "sse4.1", "sse2", "sve", "neon", "scalar",
+        ];
+        assert!(known.contains(&simd_level()));
+    }
+
+    #[test]
+    fn at_least_one_thread_is_available() {
+        assert!(available_threads() >= 1);
+    }
+}

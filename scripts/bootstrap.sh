@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs everything starkret needs into ./.venv (or $STARKRET_VENV) and builds
+# the Rust core in release mode. Safe to re-run: dependencies are reinstalled
+# only when pyproject.toml changes, and the Rust build is incremental.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="${STARKRET_VENV:-$root/.venv}"
+
+say() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*"; }
+die() { printf '[bootstrap] error: %s\n' "$*" >&2; exit 1; }
+
+# ---- system packages (Debian/Ubuntu) ------------------------------------------
+# Listed in one place; installed only when missing.
+system_packages=()
+missing=()
+for pkg in "${system_packages[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    command -v apt-get >/dev/null || die "missing system packages: ${missing[*]} (install them with your package manager)"
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    say "installing system packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# ---- toolchains ----------------------------------------------------------------
+command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and re-run"
+python="${PYTHON:-python3}"
+command -v "$python" >/dev/null || die "$python not found: install CPython >= 3.10"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "$python is older than 3.10"
+
+# ---- Python environment --------------------------------------------------------
+if [ ! -x "$venv/bin/python" ]; then
+    say "creating virtual environment $venv"
+    "$python" -m venv "$venv"
+fi
+stamp="$venv/.starkret-deps"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing Python dependencies (first run downloads torch: a few minutes)"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    "$venv/bin/python" -m pip install -q -e ".[dev]"
+    echo "$want" >"$stamp"
+fi
+
+# ---- Rust core -------------------------------------------------------------------
+say "building the Rust core (release)"
+"$venv/bin/maturin" develop --release --skip-install
+"$venv/bin/python" -c 'import starkret._core' || die "the Rust core did not build; see the output above"
+say "ready: $venv"

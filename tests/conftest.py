@@ -1,0 +1,20 @@
+"""Shared test setup.
+
+torch is pinned to one thread: on 2-core machines two torch threads made the tiny
+model 10-17x slower under contention with the rest of the test run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder():
+    """One seeded starkret-tiny embedder on CPU, shared by the tests that only read it."""
+    from starkret import ClipEmbedder
+
+    return ClipEmbedder("starkret-tiny", device="cpu")

@@ -1,0 +1,56 @@
+"""The package imports, reports its versions, and its CLI answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import starkret
+from starkret import _core, cli, doctor
+
+
+def test_package_and_core_import_with_matching_versions():
+    assert starkret.__version__ == starkret.core_version == _core.__version__
+
+
+def test_core_reports_a_simd_level_and_threads():
+    assert _core.simd_level() in {"avx512", "avx2+fma", "sse4.1", "sse2", "sve", "neon", "scalar"}
+    assert _core.available_threads() >= 1
+
+
+def test_version_flag_prints_the_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "starkret.cli", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"starkret {starkret.__version__}"
+
+
+def test_doctor_reports_every_component_and_exits_zero(capsys):
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for name in ("starkret", "rust core", "torch", "open_clip", "faiss", "autofaiss", "tiny model"):
+        assert name in out
+    assert "SIMD" in out and "CUDA" in out
+    assert out.strip().endswith("starkret is ready")
+
+
+def test_doctor_turns_a_broken_component_into_a_failed_line():
+    def broken() -> str:
+        raise ImportError("no module named 'faiss'")
+
+    check = doctor._guard("faiss", True, broken)
+    assert not check.ok
+    assert "FAIL" in check.line() and "no module named" in check.line()
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "doctor" in capsys.readouterr().out
+
+
+def test_bench_runner_prints_a_ratio_table(capsys):
+    assert cli.main(["bench", "--", "--quick", "--only", "embedder"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("machine: cpu")
+    assert "encode_images" in out and "ratio" in out
