@@ -2,7 +2,11 @@
 //!
 //! The hot loops (resampling, dot products) are compiled for a baseline target
 //! and pick wider SIMD paths at run time; this module names the widest level
-//! available so `starkret doctor` and the benchmarks can report it.
+//! available so `starkret doctor` and the benchmarks can report it. It also owns the
+//! worker thread pools the batch functions run on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The widest SIMD instruction set this CPU supports, as a short name.
 pub fn simd_level() -> &'static str {
@@ -34,6 +38,32 @@ pub fn simd_level() -> &'static str {
     {
         "scalar"
     }
+}
+
+/// A rayon pool with `threads` workers, created once per distinct size and reused:
+/// building a pool per call would cost more than preprocessing a small batch.
+pub fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, String> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let threads = if threads == 0 {
+        available_threads()
+    } else {
+        threads
+    };
+    let pools = POOLS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut pools = pools
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(pool) = pools.get(&threads) {
+        return Ok(pool.clone());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("starkret-{i}"))
+        .build()
+        .map_err(|e| format!("cannot start {threads} worker threads: {e}"))?;
+    let pool = Arc::new(pool);
+    pools.insert(threads, pool.clone());
+    Ok(pool)
 }
 
 /// Number of logical CPUs usable by this process (at least 1).

@@ -13,7 +13,7 @@ die() { printf '[bootstrap] error: %s\n' "$*" >&2; exit 1; }
 
 # ---- system packages (Debian/Ubuntu) ------------------------------------------
 # Listed in one place; installed only when missing.
-system_packages=()
+system_packages=(libturbojpeg0-dev pkg-config)
 missing=()
 for pkg in "${system_packages[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

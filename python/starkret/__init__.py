@@ -18,6 +18,7 @@ from importlib.metadata import version as _dist_version
 
 from . import _core
 from .embed import DEFAULT_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
+from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedBatch, preprocess
 
 try:
     __version__: str = _dist_version("starkret")
@@ -28,10 +29,13 @@ except PackageNotFoundError:  # running from a source tree without an install
 core_version: str = _core.__version__
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "DEFAULT_MODEL",
     "MODEL_DEFAULT",
     "TINY_MODEL",
     "ClipEmbedder",
+    "PreprocessedBatch",
     "__version__",
     "core_version",
+    "preprocess",
 ]

@@ -1,0 +1,289 @@
+//! CLIP image preprocessing, bit-exact with open_clip's transform on PIL images.
+//!
+//! The reference is `Resize(size, BICUBIC)` of the shortest side, `CenterCrop(size)`,
+//! then `convert("RGB")`, `ToTensor` and `Normalize`. Each step is reproduced in the
+//! order and the pixel mode Pillow uses (see `decode` and `resample`). Normalisation
+//! goes through a per-channel 256-entry table the caller computes with torch itself,
+//! so normalised values equal the reference's to the last bit by construction.
+
+use rayon::prelude::*;
+
+use crate::cpu;
+use crate::decode::{self, DecodeError, Decoded, JpegScale, Pixels};
+use crate::resample::{self, Window};
+
+/// `exact` reproduces the reference bit for bit; `fast` lets libjpeg-turbo downscale
+/// large JPEGs in the DCT domain first (a small, documented deviation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Exact,
+    Fast,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exact" => Ok(Mode::Exact),
+            "fast" => Ok(Mode::Fast),
+            other => Err(format!("mode must be 'exact' or 'fast', got {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Side of the square output (336 for ViT-L/14@336).
+    pub size: usize,
+    pub mode: Mode,
+    /// Images with more pixels are refused before any pixel is decoded.
+    pub max_pixels: u64,
+}
+
+/// torchvision's `Resize(size)` output for a `w` x `h` image: the short side becomes
+/// `size`, the long side `int(size * long / short)`.
+pub fn resized_dims(w: usize, h: usize, size: usize) -> (usize, usize) {
+    let long_of = |short: usize, long: usize| ((size * long) as f64 / short as f64) as usize;
+    if w <= h {
+        (size, long_of(w, h))
+    } else {
+        (long_of(h, w), size)
+    }
+}
+
+/// torchvision's `CenterCrop(size)` offsets: `int(round((dim - size) / 2))`, where
+/// Python's round sends halves to even.
+pub fn center_window(w: usize, h: usize, size: usize) -> Window {
+    let offset = |dim: usize| ((dim.saturating_sub(size)) as f64 / 2.0).round_ties_even() as usize;
+    Window {
+        left: offset(w),
+        top: offset(h),
+        width: size,
+        height: size,
+    }
+}
+
+#[inline]
+fn muldiv255(a: u8, b: u8) -> u8 {
+    let t = a as u32 * b as u32 + 128;
+    (((t >> 8) + t) >> 8) as u8
+}
+
+/// Pillow's "RGBA" -> "RGBa" (and "LA" -> "La"): colour channels times alpha / 255.
+fn premultiply(data: &mut [u8], channels: usize) {
+    for px in data.chunks_exact_mut(channels) {
+        let alpha = px[channels - 1];
+        for v in &mut px[..channels - 1] {
+            *v = muldiv255(*v, alpha);
+        }
+    }
+}
+
+/// Pillow's "RGBa" -> "RGBA": undo the premultiplication with integer division.
+fn unpremultiply(data: &mut [u8], channels: usize) {
+    for px in data.chunks_exact_mut(channels) {
+        let alpha = px[channels - 1] as u32;
+        if alpha != 0 && alpha != 255 {
+            for v in &mut px[..channels - 1] {
+                *v = ((255 * *v as u32) / alpha).min(255) as u8;
+            }
+        }
+    }
+}
+
+fn gray_to_rgb(gray: impl Iterator<Item = u8>, n: usize) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(n * 3);
+    for v in gray {
+        rgb.extend_from_slice(&[v, v, v]);
+    }
+    rgb
+}
+
+/// Decode, resize, center-crop and convert one image: `size * size * 3` RGB bytes.
+pub fn rgb_crop(data: &[u8], opts: &Options) -> Result<Vec<u8>, DecodeError> {
+    let scale = match (opts.mode, decode::sniff(data)) {
+        (Mode::Fast, decode::Format::Jpeg) => match decode::jpeg_header(data) {
+            Ok(h) => JpegScale::for_target(h.width, h.height, opts.size),
+            Err(e) => return Err(e),
+        },
+        _ => JpegScale::NONE,
+    };
+    let image = decode::decode(data, opts.max_pixels, scale)?;
+    Ok(resize_crop_rgb(image, opts.size))
+}
+
+/// The reference's Resize + CenterCrop + convert("RGB") on a decoded image.
+pub fn resize_crop_rgb(image: Decoded, size: usize) -> Vec<u8> {
+    let Decoded {
+        width,
+        height,
+        pixels,
+    } = image;
+    let src = (width, height);
+    let dst = resized_dims(width, height, size);
+    let win = center_window(dst.0, dst.1, size);
+    let n = size * size;
+    match pixels {
+        Pixels::Bytes { channels: 3, data } => resample::bicubic_u8(&data, src, 3, dst, win),
+        Pixels::Bytes { channels: 1, data } => {
+            let gray = resample::bicubic_u8(&data, src, 1, dst, win);
+            gray_to_rgb(gray.into_iter(), n)
+        }
+        Pixels::Bytes { channels, mut data } => {
+            // "LA" and "RGBA" are resized premultiplied, converted back, then the
+            // alpha is dropped by convert("RGB"). Pillow skips all of that when the
+            // size does not change.
+            let resizes = src != dst;
+            if resizes {
+                premultiply(&mut data, channels);
+            }
+            let mut out = resample::bicubic_u8(&data, src, channels, dst, win);
+            if resizes {
+                unpremultiply(&mut out, channels);
+            }
+            if channels == 2 {
+                gray_to_rgb(out.chunks_exact(2).map(|p| p[0]), n)
+            } else {
+                out.chunks_exact(channels)
+                    .flat_map(|p| [p[0], p[1], p[2]])
+                    .collect()
+            }
+        }
+        Pixels::Palette { indices, palette } => {
+            let idx = resample::nearest_u8(&indices, src, dst, win);
+            idx.iter().flat_map(|&i| palette[i as usize]).collect()
+        }
+        Pixels::Bilevel(data) => {
+            let bits = resample::nearest_u8(&data, src, dst, win);
+            gray_to_rgb(bits.into_iter(), n)
+        }
+        Pixels::Gray16(data) => {
+            let wide = resample::bicubic_u16(&data, src, dst, win);
+            // Pillow's "I;16" -> "RGB" clips at 255 rather than scaling.
+            gray_to_rgb(wide.into_iter().map(|v| v.min(255) as u8), n)
+        }
+    }
+}
+
+/// Outcome of one input of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Ok,
+    /// Could not be processed; the reason starts with a short category
+    /// (`empty`, `not an image`, `truncated`, `too large`, `corrupt`).
+    Failed(String),
+    /// A format or mode without a bit-exact path here: preprocess it with Pillow.
+    Fallback(String),
+}
+
+/// A batch preprocessed into `T` values: `pixels` holds one `plane` per input whose
+/// status is `Ok`, in input order.
+pub struct Batch<T> {
+    pub pixels: Vec<T>,
+    pub statuses: Vec<Status>,
+}
+
+/// Preprocess every input on `threads` threads; `write` turns one RGB crop
+/// (`size * size * 3` bytes, HWC) into the `plane` output values of one image.
+pub fn batch<T, W>(
+    inputs: &[&[u8]],
+    opts: &Options,
+    threads: usize,
+    plane: usize,
+    write: W,
+) -> Result<Batch<T>, String>
+where
+    T: Copy + Default + Send + Sync,
+    W: Fn(&[u8], &mut [T]) + Send + Sync,
+{
+    let mut pixels = vec![T::default(); inputs.len() * plane];
+    let work = || {
+        pixels
+            .par_chunks_mut(plane.max(1))
+            .zip(inputs.par_iter())
+            .map(|(slot, data)| match rgb_crop(data, opts) {
+                Ok(rgb) => {
+                    write(&rgb, slot);
+                    Status::Ok
+                }
+                Err(DecodeError::Fallback(why)) => Status::Fallback(why),
+                Err(err) => Status::Failed(err.to_string()),
+            })
+            .collect::<Vec<_>>()
+    };
+    let statuses = cpu::pool(threads)?.install(work);
+    // Move the successful planes together, keeping input order.
+    let mut kept = 0;
+    for (i, status) in statuses.iter().enumerate() {
+        if *status == Status::Ok {
+            if kept != i {
+                pixels.copy_within(i * plane..(i + 1) * plane, kept * plane);
+            }
+            kept += 1;
+        }
+    }
+    pixels.truncate(kept * plane);
+    Ok(Batch { pixels, statuses })
+}
+
+/// Write an RGB crop as normalised CHW values through per-channel lookup tables.
+pub fn write_normalised<T: Copy>(rgb: &[u8], out: &mut [T], lut: &[[T; 256]; 3]) {
+    let n = rgb.len() / 3;
+    let (r, rest) = out.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for (i, px) in rgb.chunks_exact(3).enumerate() {
+        r[i] = lut[0][px[0] as usize];
+        g[i] = lut[1][px[1] as usize];
+        b[i] = lut[2][px[2] as usize];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resized_dims_follow_torchvision() {
+        assert_eq!(resized_dims(640, 480, 336), (448, 336));
+        assert_eq!(resized_dims(480, 640, 336), (336, 448));
+        assert_eq!(resized_dims(4000, 40, 336), (33600, 336));
+        assert_eq!(resized_dims(1, 1, 336), (336, 336));
+        assert_eq!(resized_dims(500, 333, 336), (504, 336));
+    }
+
+    #[test]
+    fn center_window_rounds_half_to_even() {
+        // (339 - 336) / 2 = 1.5 -> 2; (341 - 336) / 2 = 2.5 -> 2
+        assert_eq!(center_window(339, 336, 336).left, 2);
+        assert_eq!(center_window(341, 336, 336).left, 2);
+        assert_eq!(center_window(336, 337, 336).top, 0);
+    }
+
+    #[test]
+    fn muldiv255_matches_exact_rounding() {
+        for a in 0..=255u32 {
+            for b in [0u32, 1, 128, 254, 255] {
+                let want = ((a * b) as f64 / 255.0).round() as u32;
+                assert_eq!(muldiv255(a as u8, b as u8) as u32, want);
+            }
+        }
+    }
+
+    #[test]
+    fn batch_keeps_order_and_reports_failures() {
+        let opts = Options {
+            size: 4,
+            mode: Mode::Exact,
+            max_pixels: 1 << 20,
+        };
+        let inputs: Vec<&[u8]> = vec![b"", b"<html></html>", b"\x00\x01junk"];
+        let out = batch(&inputs, &opts, 2, 48, |rgb: &[u8], o: &mut [u8]| {
+            o.copy_from_slice(rgb)
+        })
+        .unwrap();
+        assert!(out.pixels.is_empty());
+        assert!(matches!(&out.statuses[0], Status::Failed(r) if r.starts_with("empty")));
+        assert!(matches!(&out.statuses[1], Status::Failed(r) if r.starts_with("not an image")));
+        assert!(matches!(&out.statuses[2], Status::Fallback(_)));
+    }
+}
