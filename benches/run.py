@@ -11,7 +11,7 @@ options through ``add_arguments(parser)``. Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -27,11 +27,9 @@ from common import Row  # noqa: E402
 def discover() -> dict[str, object]:
     modules = {}
     for path in sorted(HERE.glob("bench_*.py")):
-        name = path.stem.removeprefix("bench_")
-        spec = importlib.util.spec_from_file_location(f"starkret_bench_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        modules[name] = module
+        # Imported by plain module name (benches/ is on sys.path) so that worker
+        # processes a benchmark spawns can import its functions too.
+        modules[path.stem.removeprefix("bench_")] = importlib.import_module(path.stem)
     return modules
 
 

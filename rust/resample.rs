@@ -97,7 +97,7 @@ impl Taps {
             .collect()
     }
 
-    /// Input rows needed for outputs `first..first + count`.
+    /// Input indices needed for outputs `first..first + count`.
     fn span(&self, first: usize, count: usize) -> (usize, usize) {
         let start = self.bounds[first].0;
         let (last_min, last_count) = self.bounds[first + count - 1];
@@ -110,186 +110,252 @@ fn clip8(sum: i32) -> u8 {
     (sum >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// Pillow 13 runs the vertical pass first when the height shrinks by more than twice
+/// as many pixels as the width does; the 8-bit rounding between the passes makes the
+/// order visible in the result.
+fn vertical_first((w, h): (usize, usize), (out_w, out_h): (usize, usize)) -> bool {
+    let dh = h as i64 - out_h as i64;
+    let dw = w as i64 - out_w as i64;
+    dh > 0 && dh > dw * 2
+}
+
+/// A view of columns `col0..col0 + cols` of (part of) an image stored row-major with
+/// `stride` samples per row; the stored data starts at row `row0`, column `base`.
+/// Row and column numbers are those of the whole image.
+struct Plane<'a, T> {
+    data: &'a [T],
+    stride: usize,
+    row0: usize,
+    base: usize,
+    col0: usize,
+    cols: usize,
+    channels: usize,
+}
+
+impl<T> Plane<'_, T> {
+    /// The view's part of row `y`; its first sample belongs to column `col0`.
+    fn row(&self, y: usize) -> &[T] {
+        let start = (y - self.row0) * self.stride + (self.col0 - self.base) * self.channels;
+        &self.data[start..start + self.cols * self.channels]
+    }
+}
+
+/// The arithmetic of one resampling pass: 8-bit fixed point, or 16-bit in f64.
+trait Sample: Copy + Default {
+    type Acc: Copy;
+    type Weights;
+    fn weights(taps: &Taps) -> Self::Weights;
+    fn tap(w: &Self::Weights, i: usize) -> Self::Acc;
+    fn zero() -> Self::Acc;
+    fn add(acc: Self::Acc, v: Self, k: Self::Acc) -> Self::Acc;
+    fn finish(acc: Self::Acc) -> Self;
+}
+
+impl Sample for u8 {
+    type Acc = i32;
+    type Weights = Vec<i32>;
+    fn weights(taps: &Taps) -> Vec<i32> {
+        taps.fixed()
+    }
+    #[inline]
+    fn tap(w: &Vec<i32>, i: usize) -> i32 {
+        w[i]
+    }
+    #[inline]
+    fn zero() -> i32 {
+        1 << (PRECISION_BITS - 1)
+    }
+    #[inline]
+    fn add(acc: i32, v: u8, k: i32) -> i32 {
+        acc + v as i32 * k
+    }
+    #[inline]
+    fn finish(acc: i32) -> u8 {
+        clip8(acc)
+    }
+}
+
+impl Sample for u16 {
+    type Acc = f64;
+    type Weights = Vec<f64>;
+    fn weights(taps: &Taps) -> Vec<f64> {
+        taps.weights.clone()
+    }
+    #[inline]
+    fn tap(w: &Vec<f64>, i: usize) -> f64 {
+        w[i]
+    }
+    #[inline]
+    fn zero() -> f64 {
+        0.0
+    }
+    #[inline]
+    fn add(acc: f64, v: u16, k: f64) -> f64 {
+        acc + v as f64 * k
+    }
+    #[inline]
+    fn finish(acc: f64) -> u16 {
+        // Pillow's ROUND_UP (half away from zero, then truncate) and CLIP16.
+        let rounded = if acc >= 0.0 { acc + 0.5 } else { acc - 0.5 } as i64;
+        rounded.clamp(0, 65535) as u16
+    }
+}
+
+/// Horizontal pass: rows `rows` of `src`, output columns `cols` (of the full output width).
+fn horizontal<T: Sample>(
+    src: &Plane<'_, T>,
+    taps: &Taps,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) -> Vec<T> {
+    let ch = src.channels;
+    let kk = T::weights(taps);
+    let row_len = cols.len() * ch;
+    let mut out = vec![T::default(); rows.len() * row_len];
+    for (dst, y) in out.chunks_exact_mut(row_len.max(1)).zip(rows) {
+        let line = src.row(y);
+        for (i, xx) in cols.clone().enumerate() {
+            let (xmin, count) = taps.bounds[xx];
+            let first = xx * taps.ksize;
+            let px = &line[(xmin - src.col0) * ch..(xmin - src.col0 + count) * ch];
+            for c in 0..ch {
+                let mut acc = T::zero();
+                for (j, p) in px.chunks_exact(ch).enumerate() {
+                    acc = T::add(acc, p[c], T::tap(&kk, first + j));
+                }
+                dst[i * ch + c] = T::finish(acc);
+            }
+        }
+    }
+    out
+}
+
+/// Vertical pass: output rows `rows` (of the full output height), every sample of
+/// the rows `src` holds.
+fn vertical<T: Sample>(src: &Plane<'_, T>, taps: &Taps, rows: std::ops::Range<usize>) -> Vec<T> {
+    let kk = T::weights(taps);
+    let row_len = src.cols * src.channels;
+    let mut out = vec![T::default(); rows.len() * row_len];
+    let mut acc = vec![T::zero(); row_len];
+    for (dst, yy) in out.chunks_exact_mut(row_len.max(1)).zip(rows) {
+        let (ymin, count) = taps.bounds[yy];
+        acc.fill(T::zero());
+        for j in 0..count {
+            let k = T::tap(&kk, yy * taps.ksize + j);
+            for (a, &p) in acc.iter_mut().zip(src.row(ymin + j)) {
+                *a = T::add(*a, p, k);
+            }
+        }
+        for (d, &a) in dst.iter_mut().zip(&acc) {
+            *d = T::finish(a);
+        }
+    }
+    out
+}
+
+/// Pillow's two-pass bicubic resize of `src` (`w` x `h`, `channels` interleaved
+/// samples per pixel) to `out_w` x `out_h`, computing only `win`.
+fn resize_two_pass<T: Sample>(
+    src: &[T],
+    (w, h): (usize, usize),
+    channels: usize,
+    (out_w, out_h): (usize, usize),
+    win: Window,
+) -> Vec<T> {
+    let cols = win.left..win.left + win.width;
+    let rows = win.top..win.top + win.height;
+    let horiz = (out_w != w).then(|| Taps::bicubic(w, out_w));
+    let vert = (out_h != h).then(|| Taps::bicubic(h, out_h));
+    let whole = Plane {
+        data: src,
+        stride: w * channels,
+        row0: 0,
+        base: 0,
+        col0: 0,
+        cols: w,
+        channels,
+    };
+    if vertical_first((w, h), (out_w, out_h)) {
+        // Only the source columns the horizontal taps of `win` read.
+        let (c0, c1) = horiz
+            .as_ref()
+            .map_or((cols.start, cols.end), |t| t.span(cols.start, win.width));
+        let window = Plane {
+            col0: c0,
+            cols: c1 - c0,
+            ..whole
+        };
+        let Some(vt) = &vert else {
+            unreachable!("vertical-first implies a vertical pass")
+        };
+        let tmp = vertical(&window, vt, rows.clone());
+        let tmp = Plane {
+            data: &tmp,
+            stride: (c1 - c0) * channels,
+            row0: rows.start,
+            base: c0,
+            col0: c0,
+            cols: c1 - c0,
+            channels,
+        };
+        return match &horiz {
+            Some(ht) => horizontal(&tmp, ht, rows, cols),
+            None => tmp.data.to_vec(),
+        };
+    }
+    // Horizontal first: only the source rows the vertical taps of `win` read.
+    let (r0, r1) = vert
+        .as_ref()
+        .map_or((rows.start, rows.end), |t| t.span(rows.start, win.height));
+    let tmp = match &horiz {
+        Some(ht) => horizontal(&whole, ht, r0..r1, cols),
+        None => {
+            let mut out = Vec::with_capacity((r1 - r0) * win.width * channels);
+            for y in r0..r1 {
+                let line = whole.row(y);
+                out.extend_from_slice(
+                    &line[win.left * channels..(win.left + win.width) * channels],
+                );
+            }
+            out
+        }
+    };
+    let tmp = Plane {
+        data: &tmp,
+        stride: win.width * channels,
+        row0: r0,
+        base: win.left,
+        col0: win.left,
+        cols: win.width,
+        channels,
+    };
+    match &vert {
+        Some(vt) => vertical(&tmp, vt, rows),
+        None => tmp.data.to_vec(),
+    }
+}
+
 /// Bicubic resize of an interleaved 8-bit image (`channels` per pixel) to
 /// `out_w` x `out_h`, returning only `win` (packed, `win.width * channels` per row).
 pub fn bicubic_u8(
     src: &[u8],
-    (w, h): (usize, usize),
+    size: (usize, usize),
     channels: usize,
-    (out_w, out_h): (usize, usize),
+    out: (usize, usize),
     win: Window,
 ) -> Vec<u8> {
-    let need_h = out_w != w;
-    let need_v = out_h != h;
-    let vert = need_v.then(|| Taps::bicubic(h, out_h));
-    let (row0, row1) = match &vert {
-        Some(taps) => taps.span(win.top, win.height),
-        None => (win.top, win.top + win.height),
-    };
-    let row_len = win.width * channels;
-    let tmp = if need_h {
-        horizontal_u8(src, w, channels, out_w, row0..row1, win)
-    } else {
-        let mut out = Vec::with_capacity((row1 - row0) * row_len);
-        for y in row0..row1 {
-            let start = (y * w + win.left) * channels;
-            out.extend_from_slice(&src[start..start + row_len]);
-        }
-        out
-    };
-    match vert {
-        Some(taps) => vertical_u8(&tmp, row_len, row0, &taps, win),
-        None => tmp,
-    }
+    resize_two_pass(src, size, channels, out, win)
 }
 
-fn horizontal_u8(
-    src: &[u8],
-    w: usize,
-    channels: usize,
-    out_w: usize,
-    rows: std::ops::Range<usize>,
-    win: Window,
-) -> Vec<u8> {
-    let taps = Taps::bicubic(w, out_w);
-    let kk = taps.fixed();
-    let row_len = win.width * channels;
-    let mut out = vec![0u8; rows.len() * row_len];
-    let half = 1i32 << (PRECISION_BITS - 1);
-    for (dst, y) in out.chunks_exact_mut(row_len).zip(rows) {
-        let line = &src[y * w * channels..(y + 1) * w * channels];
-        for (i, xx) in (win.left..win.left + win.width).enumerate() {
-            let (xmin, count) = taps.bounds[xx];
-            let k = &kk[xx * taps.ksize..xx * taps.ksize + count];
-            let px = &line[xmin * channels..(xmin + count) * channels];
-            let o = &mut dst[i * channels..(i + 1) * channels];
-            match channels {
-                3 => {
-                    let (mut s0, mut s1, mut s2) = (half, half, half);
-                    for (p, &kv) in px.chunks_exact(3).zip(k) {
-                        s0 += p[0] as i32 * kv;
-                        s1 += p[1] as i32 * kv;
-                        s2 += p[2] as i32 * kv;
-                    }
-                    o[0] = clip8(s0);
-                    o[1] = clip8(s1);
-                    o[2] = clip8(s2);
-                }
-                1 => {
-                    let mut s = half;
-                    for (&p, &kv) in px.iter().zip(k) {
-                        s += p as i32 * kv;
-                    }
-                    o[0] = clip8(s);
-                }
-                _ => {
-                    for c in 0..channels {
-                        let mut s = half;
-                        for (p, &kv) in px.chunks_exact(channels).zip(k) {
-                            s += p[c] as i32 * kv;
-                        }
-                        o[c] = clip8(s);
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-fn vertical_u8(tmp: &[u8], row_len: usize, row0: usize, taps: &Taps, win: Window) -> Vec<u8> {
-    let kk = taps.fixed();
-    let half = 1i32 << (PRECISION_BITS - 1);
-    let mut out = vec![0u8; win.height * row_len];
-    let mut acc = vec![0i32; row_len];
-    for (dst, yy) in out
-        .chunks_exact_mut(row_len)
-        .zip(win.top..win.top + win.height)
-    {
-        let (ymin, count) = taps.bounds[yy];
-        acc.fill(half);
-        for (j, &kv) in kk[yy * taps.ksize..yy * taps.ksize + count]
-            .iter()
-            .enumerate()
-        {
-            let r = ymin - row0 + j;
-            let line = &tmp[r * row_len..(r + 1) * row_len];
-            for (a, &p) in acc.iter_mut().zip(line) {
-                *a += p as i32 * kv;
-            }
-        }
-        for (d, &a) in dst.iter_mut().zip(&acc) {
-            *d = clip8(a);
-        }
-    }
-    out
-}
-
-/// Pillow's `ROUND_UP` for the 16-bit path: round half away from zero, then truncate.
-#[inline]
-fn round_up(v: f64) -> i32 {
-    if v >= 0.0 {
-        (v + 0.5) as i32
-    } else {
-        (v - 0.5) as i32
-    }
-}
-
-/// Pillow stores a 16-bit result as two separately clipped bytes.
-#[inline]
-fn store16(v: i32) -> u16 {
-    let lo = (v % 256).clamp(0, 255) as u16;
-    let hi = (v >> 8).clamp(0, 255) as u16;
-    lo | (hi << 8)
-}
-
-/// Bicubic resize of a 16-bit grayscale ("I;16") image, double-precision weights as
-/// in Pillow's 16bpc path; returns only `win`.
+/// Bicubic resize of a 16-bit grayscale ("I;16") image with double-precision weights,
+/// as Pillow's 16bpc path does; returns only `win`.
 pub fn bicubic_u16(
     src: &[u16],
-    (w, h): (usize, usize),
-    (out_w, out_h): (usize, usize),
+    size: (usize, usize),
+    out: (usize, usize),
     win: Window,
 ) -> Vec<u16> {
-    let vert = (out_h != h).then(|| Taps::bicubic(h, out_h));
-    let (row0, row1) = match &vert {
-        Some(taps) => taps.span(win.top, win.height),
-        None => (win.top, win.top + win.height),
-    };
-    let mut tmp = Vec::with_capacity((row1 - row0) * win.width);
-    if out_w != w {
-        let taps = Taps::bicubic(w, out_w);
-        for y in row0..row1 {
-            let line = &src[y * w..(y + 1) * w];
-            for xx in win.left..win.left + win.width {
-                let (xmin, count) = taps.bounds[xx];
-                let k = &taps.weights[xx * taps.ksize..];
-                let mut s = 0.0;
-                for (j, &p) in line[xmin..xmin + count].iter().enumerate() {
-                    s += p as f64 * k[j];
-                }
-                tmp.push(store16(round_up(s)));
-            }
-        }
-    } else {
-        for y in row0..row1 {
-            tmp.extend_from_slice(&src[y * w + win.left..y * w + win.left + win.width]);
-        }
-    }
-    let Some(taps) = vert else { return tmp };
-    let mut out = Vec::with_capacity(win.width * win.height);
-    for yy in win.top..win.top + win.height {
-        let (ymin, count) = taps.bounds[yy];
-        let k = &taps.weights[yy * taps.ksize..];
-        for x in 0..win.width {
-            let mut s = 0.0;
-            for (j, &kv) in k.iter().enumerate().take(count) {
-                s += tmp[(ymin - row0 + j) * win.width + x] as f64 * kv;
-            }
-            out.push(store16(round_up(s)));
-        }
-    }
-    out
+    resize_two_pass(src, size, 1, out, win)
 }
 
 /// Nearest-neighbour resize of a one-byte-per-pixel image as Pillow does it for "P"
@@ -401,9 +467,37 @@ mod tests {
     }
 
     #[test]
-    fn store16_clips_bytes_like_pillow() {
-        assert_eq!(store16(-3), 0);
-        assert_eq!(store16(70000), (70000 % 256) as u16 | 0xFF00);
-        assert_eq!(store16(1000), 1000);
+    fn sixteen_bit_results_round_and_clip_like_pillow() {
+        assert_eq!(<u16 as Sample>::finish(-3.2), 0);
+        assert_eq!(<u16 as Sample>::finish(70000.0), 65535);
+        assert_eq!(<u16 as Sample>::finish(999.5), 1000);
+    }
+
+    #[test]
+    fn pass_order_follows_pillow_13() {
+        assert!(vertical_first((338, 808), (336, 803)));
+        assert!(!vertical_first((338, 400), (336, 397)));
+        assert!(!vertical_first((640, 480), (448, 336)));
+        assert!(vertical_first((800, 338), (803, 336)));
+        assert!(!vertical_first((256, 256), (336, 336)));
+    }
+
+    #[test]
+    fn window_equals_crop_in_both_pass_orders() {
+        for (w, h, ow, oh) in [(37, 23, 61, 40), (40, 90, 38, 60)] {
+            let src: Vec<u8> = (0..w * h * 3).map(|i| (i * 7919 % 251) as u8).collect();
+            let whole = bicubic_u8(&src, (w, h), 3, (ow, oh), full(ow, oh));
+            let win = Window {
+                left: 3,
+                top: 5,
+                width: 30,
+                height: 20,
+            };
+            let part = bicubic_u8(&src, (w, h), 3, (ow, oh), win);
+            for y in 0..win.height {
+                let a = &whole[((y + win.top) * ow + win.left) * 3..][..win.width * 3];
+                assert_eq!(&part[y * win.width * 3..][..win.width * 3], a);
+            }
+        }
     }
 }

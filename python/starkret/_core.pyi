@@ -1,5 +1,8 @@
 """Type stubs for the Rust extension `starkret._core` (kept in sync with rust/lib.rs)."""
 
+import numpy as np
+import numpy.typing as npt
+
 __version__: str
 
 def simd_level() -> str:
@@ -7,9 +10,6 @@ def simd_level() -> str:
 
 def available_threads() -> int:
     """Number of logical CPUs the Rust thread pools use by default."""
-
-import numpy as np
-import numpy.typing as npt
 
 # (ok input positions, [(position, reason)] failures, [(position, format)] fallbacks)
 _Statuses = tuple[list[int], list[tuple[int, str]], list[tuple[int, str]]]
