@@ -18,6 +18,7 @@ from importlib.metadata import version as _dist_version
 
 from . import _core
 from .embed import DEFAULT_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
+from .shards import Sample, read_shards
 
 try:
     __version__: str = _dist_version("starkret")
@@ -32,6 +33,8 @@ __all__ = [
     "MODEL_DEFAULT",
     "TINY_MODEL",
     "ClipEmbedder",
+    "Sample",
     "__version__",
     "core_version",
+    "read_shards",
 ]
