@@ -19,6 +19,7 @@ from importlib.metadata import version as _dist_version
 from . import _core
 from .embed import DEFAULT_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedBatch, preprocess
+from .shards import Sample, read_shards
 
 try:
     __version__: str = _dist_version("starkret")
@@ -35,7 +36,9 @@ __all__ = [
     "TINY_MODEL",
     "ClipEmbedder",
     "PreprocessedBatch",
+    "Sample",
     "__version__",
     "core_version",
     "preprocess",
+    "read_shards",
 ]

@@ -1,5 +1,7 @@
 """Type stubs for the Rust extension `starkret._core` (kept in sync with rust/lib.rs)."""
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 
@@ -45,3 +47,49 @@ def preprocess_u8(
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG or PNG from its header; None for other formats."""
+
+def expand_shard_paths(patterns: list[str]) -> list[Path]:
+    """Expand shard paths, globs and brace ranges into existing files, in order, without repeats.
+
+    Raises ``FileNotFoundError`` for a missing path or an empty glob, ``ValueError`` for a
+    malformed pattern, ``OSError`` for a directory a glob could not list.
+    """
+
+class Sample:
+    """One webdataset sample: an image and what img2dataset stores beside it."""
+
+    @property
+    def shard(self) -> str:
+        """File name of the shard the sample came from."""
+    @property
+    def key(self) -> str:
+        """webdataset key: member path up to the first dot of the basename."""
+    @property
+    def image_ext(self) -> str:
+        """Extension of the image member, lowercased (``jpg``, ``png``, ``c.d.jpg``)."""
+    @property
+    def image(self) -> bytes:
+        """The image member's bytes as stored (the format is in the bytes, not the extension)."""
+    @property
+    def caption(self) -> str | None:
+        """The ``.txt`` member, decoded as UTF-8 with invalid bytes replaced."""
+    @property
+    def json(self) -> str | None:
+        """The ``.json`` member as raw text, whether or not it parses."""
+    @property
+    def url(self) -> str | None:
+        """``"url"`` of the JSON object, when present and a string."""
+    @property
+    def width(self) -> int | None:
+        """``"width"`` of the JSON object, when present and a non-negative integer."""
+    @property
+    def height(self) -> int | None:
+        """``"height"`` of the JSON object, when present and a non-negative integer."""
+
+class ShardReader:
+    """Shard samples read ahead on a Rust thread (used by ``starkret.shards.ShardIterator``)."""
+
+    def __init__(self, paths: list[str], *, max_member_bytes: int, prefetch: int) -> None: ...
+    def __iter__(self) -> ShardReader: ...
+    def __next__(self) -> Sample | tuple[str, str | None, str]:
+        """The next sample, or ``(shard, key_or_None, reason)`` for what could not be one."""
