@@ -10,8 +10,9 @@ use std::sync::{Mutex, PoisonError};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2};
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 
+mod batches;
 mod cpu;
 mod decode;
 mod preprocess;
@@ -212,6 +213,22 @@ struct PySample {
     height: Option<u32>,
 }
 
+impl PySample {
+    fn from_sample(py: Python<'_>, s: shards::Sample) -> PySample {
+        PySample {
+            image: PyBytes::new(py, &s.image).unbind(),
+            shard: s.shard,
+            key: s.key,
+            image_ext: s.image_ext,
+            caption: s.caption,
+            json: s.json,
+            url: s.url,
+            width: s.width,
+            height: s.height,
+        }
+    }
+}
+
 #[pymethods]
 impl PySample {
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -261,18 +278,7 @@ impl PyShardReader {
         let item = match item {
             None => return Ok(None),
             Some(shards::ShardItem::Sample(s)) => {
-                let sample = PySample {
-                    image: PyBytes::new(py, &s.image).unbind(),
-                    shard: s.shard,
-                    key: s.key,
-                    image_ext: s.image_ext,
-                    caption: s.caption,
-                    json: s.json,
-                    url: s.url,
-                    width: s.width,
-                    height: s.height,
-                };
-                Py::new(py, sample)?.into_any()
+                Py::new(py, PySample::from_sample(py, s))?.into_any()
             }
             Some(shards::ShardItem::Issue(i)) => (i.shard, i.key, i.reason)
                 .into_pyobject(py)?
@@ -280,6 +286,144 @@ impl PyShardReader {
                 .unbind(),
         };
         Ok(Some(item))
+    }
+}
+
+// ==== Shards to batches ====
+
+/// Preprocessed batches straight from shards, prepared ahead on background threads.
+/// Each item is a dict of columns (see `starkret.shards.preprocess_shards`).
+#[pyclass(module = "starkret._core", name = "ShardBatches", frozen)]
+struct PyShardBatches {
+    batches: Mutex<batches::Batches>,
+    item_shape: [usize; 3],
+}
+
+fn issue_tuple(issue: shards::ShardIssue) -> (String, Option<String>, String) {
+    (issue.shard, issue.key, issue.reason)
+}
+
+#[pymethods]
+impl PyShardBatches {
+    #[new]
+    #[pyo3(signature = (
+        paths, *, size, mode, output, lut_f32=None, lut_f16=None, max_pixels,
+        max_member_bytes, batch_size, per_shard, prefetch, threads=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        paths: Vec<PathBuf>,
+        size: usize,
+        mode: &str,
+        output: &str,
+        lut_f32: Option<PyReadonlyArray2<'_, f32>>,
+        lut_f16: Option<PyReadonlyArray2<'_, u16>>,
+        max_pixels: u64,
+        max_member_bytes: u64,
+        batch_size: usize,
+        per_shard: bool,
+        prefetch: usize,
+        threads: Option<usize>,
+    ) -> PyResult<Self> {
+        if batch_size == 0 {
+            return Err(PyValueError::new_err("batch_size must be positive"));
+        }
+        let missing = || PyValueError::new_err(format!("output={output:?} needs its lut"));
+        let (out, item_shape) = match output {
+            "float32" => (
+                batches::Output::F32(Box::new(table(&lut_f32.ok_or_else(missing)?)?)),
+                [3, size, size],
+            ),
+            "float16" => (
+                batches::Output::F16(Box::new(table(&lut_f16.ok_or_else(missing)?)?)),
+                [3, size, size],
+            ),
+            "uint8" => (batches::Output::U8, [size, size, 3]),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "output must be float32, float16 or uint8, got {other:?}"
+                )))
+            }
+        };
+        let opts = batches::BatchOptions {
+            preprocess: options(size, mode, max_pixels)?,
+            output: out,
+            batch_size,
+            per_shard,
+            prefetch,
+            threads: threads.unwrap_or(0),
+        };
+        let reader = shards::ShardReader::new(paths, shards::ReaderOptions { max_member_bytes });
+        let batches = batches::Batches::start(reader, opts)?;
+        Ok(Self {
+            batches: Mutex::new(batches),
+            item_shape,
+        })
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let next = py.detach(|| {
+            let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+            batches.next()
+        });
+        let batch = match next {
+            None => return Ok(None),
+            Some(Err(message)) => return Err(PyRuntimeError::new_err(message)),
+            Some(Ok(batch)) => batch,
+        };
+        let n = batch.samples.len();
+        let [a, b, c] = self.item_shape;
+        let pixels = match batch.pixels {
+            batches::Pixels::F32(v) => PyArray1::from_vec(py, v).reshape([n, a, b, c])?.into_any(),
+            batches::Pixels::F16(v) => PyArray1::from_vec(py, v).reshape([n, a, b, c])?.into_any(),
+            batches::Pixels::U8(v) => PyArray1::from_vec(py, v).reshape([n, a, b, c])?.into_any(),
+        };
+        let out = PyDict::new(py);
+        out.set_item("pixels", pixels)?;
+        let samples = batch.samples;
+        out.set_item(
+            "key",
+            samples.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(),
+        )?;
+        out.set_item(
+            "shard",
+            samples.iter().map(|s| s.shard.as_str()).collect::<Vec<_>>(),
+        )?;
+        out.set_item(
+            "caption",
+            samples
+                .iter()
+                .map(|s| s.caption.as_deref())
+                .collect::<Vec<_>>(),
+        )?;
+        out.set_item(
+            "url",
+            samples.iter().map(|s| s.url.as_deref()).collect::<Vec<_>>(),
+        )?;
+        out.set_item(
+            "json",
+            samples
+                .iter()
+                .map(|s| s.json.as_deref())
+                .collect::<Vec<_>>(),
+        )?;
+        out.set_item("width", samples.iter().map(|s| s.width).collect::<Vec<_>>())?;
+        out.set_item(
+            "height",
+            samples.iter().map(|s| s.height).collect::<Vec<_>>(),
+        )?;
+        let failures: Vec<_> = batch.failures.into_iter().map(issue_tuple).collect();
+        out.set_item("failures", failures)?;
+        let mut fallbacks = Vec::with_capacity(batch.fallbacks.len());
+        for f in batch.fallbacks {
+            fallbacks.push((Py::new(py, PySample::from_sample(py, f.sample))?, f.format));
+        }
+        out.set_item("fallbacks", fallbacks)?;
+        Ok(Some(out))
     }
 }
 
@@ -297,5 +441,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(expand_shard_paths, m)?)?;
     m.add_class::<PySample>()?;
     m.add_class::<PyShardReader>()?;
+    m.add_class::<PyShardBatches>()?;
     Ok(())
 }

@@ -18,7 +18,13 @@ from importlib.metadata import version as _dist_version
 
 from . import _core
 from .embed import DEFAULT_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
-from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedBatch, preprocess
+from .preprocess import (
+    DEFAULT_MAX_PIXELS,
+    PreprocessedBatch,
+    ShardBatch,
+    preprocess,
+    preprocess_shards,
+)
 from .shards import Sample, read_shards
 
 try:
@@ -37,8 +43,10 @@ __all__ = [
     "ClipEmbedder",
     "PreprocessedBatch",
     "Sample",
+    "ShardBatch",
     "__version__",
     "core_version",
     "preprocess",
+    "preprocess_shards",
     "read_shards",
 ]

@@ -93,3 +93,31 @@ class ShardReader:
     def __iter__(self) -> ShardReader: ...
     def __next__(self) -> Sample | tuple[str, str | None, str]:
         """The next sample, or ``(shard, key_or_None, reason)`` for what could not be one."""
+
+class ShardBatches:
+    """Preprocessed batches straight from shards, prepared ahead on background threads.
+
+    Each item is a dict with ``pixels`` (numpy) and the columns ``key``, ``shard``,
+    ``caption``, ``url``, ``json``, ``width``, ``height``, plus ``failures``
+    (``(shard, key_or_None, reason)``) and ``fallbacks`` (``(Sample, format)`` to be
+    decoded by Pillow).
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        *,
+        size: int,
+        mode: str,
+        output: str,
+        lut_f32: npt.NDArray[np.float32] | None = None,
+        lut_f16: npt.NDArray[np.uint16] | None = None,
+        max_pixels: int,
+        max_member_bytes: int,
+        batch_size: int,
+        per_shard: bool,
+        prefetch: int,
+        threads: int | None = None,
+    ) -> None: ...
+    def __iter__(self) -> ShardBatches: ...
+    def __next__(self) -> dict[str, object]: ...

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,8 +18,11 @@ __all__ = [
     "OPENAI_MEAN",
     "OPENAI_STD",
     "PreprocessedBatch",
+    "ShardBatch",
+    "ShardBatchIterator",
     "normalisation_table",
     "preprocess",
+    "preprocess_shards",
     "reference_crop",
 ]
 
@@ -153,25 +157,37 @@ def preprocess(
             data, size, mode, table, max_pixels, threads
         )
     index = np.asarray(ok, dtype=np.int64)
-    failures = list(failures)
-    if not fallbacks:
-        return PreprocessedBatch(pixels, index, sorted(failures), [])
+    done, failed = _pillow_fallbacks(
+        [(pos, data[pos]) for pos, _format in fallbacks], size, max_pixels, dtype, mean, std
+    )
+    failures = sorted([*failures, *failed])
+    if done:
+        pixels, index = _splice(pixels, index, done)
+    return PreprocessedBatch(pixels, index, failures, sorted(pos for pos, _ in done))
 
-    extra_pos, extra_pix = [], []
-    for pos, _format in fallbacks:
+
+def _pillow_fallbacks(items, size, max_pixels, dtype, mean, std):
+    """Preprocess ``(tag, bytes)`` items with Pillow.
+
+    Returns ``([(tag, plane)], [(tag, reason)])``: the planes made and the failures.
+    """
+    done, failed = [], []
+    for tag, data in items:
         try:
-            crop = reference_crop(data[pos], size=size, max_pixels=max_pixels)
+            crop = reference_crop(data, size=size, max_pixels=max_pixels)
         except _PillowFailure as exc:
-            failures.append((pos, str(exc)))
+            failed.append((tag, str(exc)))
             continue
-        extra_pos.append(pos)
-        extra_pix.append(_finish(crop, dtype, mean, std))
-    if not extra_pos:
-        return PreprocessedBatch(pixels, index, sorted(failures), [])
-    merged_index = np.concatenate([index, np.asarray(extra_pos, dtype=np.int64)])
+        done.append((tag, _finish(crop, dtype, mean, std)))
+    return done, failed
+
+
+def _splice(pixels: np.ndarray, index: np.ndarray, extra: list[tuple[int, np.ndarray]]):
+    """Insert ``(position, plane)`` items into ``pixels`` so ``index`` stays sorted."""
+    merged_index = np.concatenate([index, np.asarray([p for p, _ in extra], dtype=np.int64)])
     order = np.argsort(merged_index, kind="stable")
-    merged = np.concatenate([pixels, np.stack(extra_pix)])[order]
-    return PreprocessedBatch(merged, merged_index[order], sorted(failures), sorted(extra_pos))
+    merged = np.concatenate([pixels, np.stack([plane for _, plane in extra])])[order]
+    return merged, merged_index[order]
 
 
 def _finish(crop: np.ndarray, dtype: str, mean, std) -> np.ndarray:
@@ -222,3 +238,156 @@ def reference_crop(data: bytes, *, size: int = 336, max_pixels: int = DEFAULT_MA
     resized = F.resize(image, [size], interpolation=InterpolationMode.BICUBIC)
     cropped = F.center_crop(resized, [size, size])
     return np.asarray(cropped.convert("RGB"), dtype=np.uint8)
+
+
+# ==== Shards straight to batches ====
+
+
+@dataclass
+class ShardBatch:
+    """One batch of :func:`preprocess_shards`: row ``i`` of every column is one sample.
+
+    Rows follow shard order, except that samples decoded by Pillow (``fallbacks``, by
+    key) come last in their batch. ``failures`` are ``(shard, key_or_None, reason)``
+    for the samples and shard parts that could not be used, found while this batch
+    was read.
+    """
+
+    pixels: np.ndarray
+    keys: list[str]
+    shards: list[str]
+    captions: list[str | None]
+    urls: list[str | None]
+    jsons: list[str | None]
+    widths: list[int | None]
+    heights: list[int | None]
+    failures: list[tuple[str, str | None, str]] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class ShardBatchIterator(Iterator[ShardBatch]):
+    """Batches prepared by Rust threads ahead of the consumer (see :func:`preprocess_shards`).
+
+    ``failures`` accumulates every failure seen so far; each is also logged on the
+    ``starkret`` logger at WARNING.
+    """
+
+    def __init__(self, core, *, size, max_pixels, dtype, mean, std) -> None:
+        self._core = core
+        self._size, self._max_pixels, self._dtype = size, max_pixels, dtype
+        self._mean, self._std = mean, std
+        self.failures: list[tuple[str, str | None, str]] = []
+
+    def __iter__(self) -> ShardBatchIterator:
+        return self
+
+    def __next__(self) -> ShardBatch:
+        raw = next(self._core)
+        pixels = raw["pixels"]
+        if self._dtype == "uint8":
+            pixels = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+        elif self._dtype == "float16":
+            pixels = pixels.view(np.float16)
+        batch = ShardBatch(
+            pixels,
+            raw["key"],
+            raw["shard"],
+            raw["caption"],
+            raw["url"],
+            raw["json"],
+            raw["width"],
+            raw["height"],
+            list(raw["failures"]),
+        )
+        samples = {id(sample): sample for sample, _format in raw["fallbacks"]}
+        done, failed = _pillow_fallbacks(
+            [(id(sample), sample.image) for sample, _format in raw["fallbacks"]],
+            self._size,
+            self._max_pixels,
+            self._dtype,
+            self._mean,
+            self._std,
+        )
+        for tag, reason in failed:
+            batch.failures.append((samples[tag].shard, samples[tag].key, reason))
+        if done:
+            batch.pixels = np.concatenate([batch.pixels, np.stack([p for _, p in done])])
+            for tag, _plane in done:
+                s = samples[tag]
+                batch.keys.append(s.key)
+                batch.shards.append(s.shard)
+                batch.captions.append(s.caption)
+                batch.urls.append(s.url)
+                batch.jsons.append(s.json)
+                batch.widths.append(s.width)
+                batch.heights.append(s.height)
+                batch.fallbacks.append(s.key)
+        for failure in batch.failures:
+            _logger.warning("shard %s, key %s: %s", *failure)
+        self.failures.extend(batch.failures)
+        return batch
+
+
+_logger = logging.getLogger("starkret")
+
+
+def preprocess_shards(
+    paths,
+    *,
+    batch_size: int = 256,
+    size: int = 336,
+    mode: str = "exact",
+    dtype: str = "float32",
+    threads: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_member_bytes: int = 64 << 20,
+    per_shard: bool = False,
+    prefetch: int = 2,
+    mean: tuple[float, float, float] = OPENAI_MEAN,
+    std: tuple[float, float, float] = OPENAI_STD,
+) -> ShardBatchIterator:
+    """Read webdataset shards and yield preprocessed batches, all in Rust threads.
+
+    The reading, decoding and preprocessing of the next ``prefetch`` batches overlap
+    with whatever the caller does with the current one (a GPU forward pass), and no
+    image bytes pass through Python. ``paths`` takes what :func:`starkret.read_shards`
+    takes (paths, globs, brace ranges). ``per_shard=True`` never mixes two shards in
+    one batch. Preprocessing options are those of :func:`preprocess`.
+
+    >>> for batch in preprocess_shards("cc12m/{00000..01242}.tar"):  # doctest: +SKIP
+    ...     embeddings = embedder.encode_images(batch.pixels)
+    """
+    from .shards import expand_shard_paths
+
+    _check_options(size, mode, dtype, threads, max_pixels)
+    for name, value in (("batch_size", batch_size), ("prefetch", prefetch)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(max_member_bytes, int) or max_member_bytes <= 0:
+        raise ValueError(f"max_member_bytes must be a positive int, got {max_member_bytes!r}")
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    files = expand_shard_paths(paths)
+    tables = {}
+    if dtype == "float32":
+        tables["lut_f32"] = normalisation_table(mean, std, "float32")
+    elif dtype == "float16":
+        tables["lut_f16"] = normalisation_table(mean, std, "float16").view(np.uint16)
+    core = _core.ShardBatches(
+        files,
+        size=size,
+        mode=mode,
+        output=dtype,
+        max_pixels=max_pixels,
+        max_member_bytes=max_member_bytes,
+        batch_size=batch_size,
+        per_shard=per_shard,
+        prefetch=prefetch,
+        threads=threads,
+        **tables,
+    )
+    return ShardBatchIterator(
+        core, size=size, max_pixels=max_pixels, dtype=dtype, mean=mean, std=std
+    )

@@ -1,0 +1,120 @@
+"""preprocess_shards: shards straight to preprocessed batches, checked against preprocess()."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+import starkret
+from starkret.testing import encode, synthetic_photo
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _sample(key: str, image: bytes, caption: str) -> list[tuple[str, bytes]]:
+    meta = {"url": f"https://example.com/{key}.jpg", "key": key, "width": 1, "height": 2}
+    return [
+        (f"{key}.jpg", image),
+        (f"{key}.txt", caption.encode()),
+        (f"{key}.json", json.dumps(meta).encode()),
+    ]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Two shards of 5 samples: JPEGs, a PNG stored as .jpg, a WebP, and a broken image."""
+    images = {}
+    for s in range(2):
+        members = []
+        for i in range(5):
+            key = f"{s:05d}{i:04d}"
+            photo = synthetic_photo(200 + 37 * i, 150 + 23 * s, seed=10 * s + i)
+            fmt = {2: "PNG", 3: "WEBP"}.get(i, "JPEG")
+            data = encode(photo, fmt) if i != 4 or s != 1 else b"<html>gone</html>"
+            images[key] = data
+            members += _sample(key, data, f"caption {key}")
+        _tar(tmp_path / f"{s:05d}.tar", members)
+    return tmp_path, images
+
+
+def test_batches_equal_preprocess_on_the_same_bytes(shards):
+    folder, images = shards
+    it = starkret.preprocess_shards(str(folder / "{00000..00001}.tar"), batch_size=4)
+    batches = list(it)
+    assert [len(b) for b in batches] == [4, 4, 1]
+    keys = [k for b in batches for k in b.keys]
+    assert sorted(keys) == sorted(k for k in images if k != "000010004")
+    for batch in batches:
+        ref = starkret.preprocess([images[k] for k in batch.keys])
+        np.testing.assert_array_equal(batch.pixels, ref.pixels)
+        assert batch.captions == [f"caption {k}" for k in batch.keys]
+        assert batch.urls == [f"https://example.com/{k}.jpg" for k in batch.keys]
+        assert all(json.loads(j)["key"] == k for j, k in zip(batch.jsons, batch.keys, strict=True))
+    assert [k for b in batches for k in b.fallbacks] == ["000000003", "000010003"]
+    assert it.failures == [("00001.tar", "000010004", "not an image: unrecognised data")]
+
+
+def test_per_shard_batches_never_mix_shards(shards):
+    folder, _ = shards
+    batches = list(starkret.preprocess_shards(str(folder / "*.tar"), batch_size=3, per_shard=True))
+    for batch in batches:
+        assert len(set(batch.shards)) == 1
+    assert [b.shards[0] for b in batches] == ["00000.tar", "00000.tar", "00001.tar", "00001.tar"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_other_dtypes(shards, dtype):
+    folder, images = shards
+    batch = next(iter(starkret.preprocess_shards(str(folder / "00000.tar"), dtype=dtype)))
+    ref = starkret.preprocess([images[k] for k in batch.keys], dtype=dtype)
+    assert batch.pixels.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(batch.pixels, ref.pixels)
+
+
+def test_truncated_shard_keeps_its_complete_samples(tmp_path):
+    members = []
+    for i in range(4):
+        members += _sample(f"k{i}", encode(synthetic_photo(120, 90, seed=i), "JPEG"), "c")
+    whole = _tar(tmp_path / "whole.tar", members).read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[: len(whole) * 2 // 3])
+    it = starkret.preprocess_shards(str(tmp_path / "cut.tar"))
+    got = [k for b in it for k in b.keys]
+    assert got and got == [f"k{i}" for i in range(len(got))]
+    assert len(got) < 4
+    assert any(reason.startswith("truncated tar") for _, _, reason in it.failures)
+
+
+def test_abandoning_the_iterator_stops_cleanly(shards):
+    folder, _ = shards
+    it = starkret.preprocess_shards(str(folder / "*.tar"), batch_size=1, prefetch=1)
+    next(it)
+    del it  # background threads must notice and stop, not hang the process
+
+
+def test_bad_arguments(shards, tmp_path):
+    folder, _ = shards
+    with pytest.raises(FileNotFoundError):
+        starkret.preprocess_shards(str(tmp_path / "missing-*.tar"))
+    with pytest.raises(ValueError, match="batch_size"):
+        starkret.preprocess_shards(str(folder / "*.tar"), batch_size=0)
+    with pytest.raises(ValueError, match="mode"):
+        starkret.preprocess_shards(str(folder / "*.tar"), mode="slow")
+
+
+def test_pillow_agrees_the_broken_member_is_not_an_image(shards):
+    _, images = shards
+    with pytest.raises(PIL.UnidentifiedImageError):
+        PIL.Image.open(io.BytesIO(images["000010004"]))
