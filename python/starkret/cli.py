@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError)
+_USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    ImportError,
+)
 
 
 def _find_benches() -> Path:
@@ -48,6 +55,106 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    from .embed import DEFAULT_MODEL
+
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="webdataset shards (paths, globs, {00000..01242} ranges), image "
+        "folders, or parquet/Arrow tables (a saved Hugging Face dataset)",
+    )
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="source name tagging every row (cc12m, redcaps12m, chartqa, ...)",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"open_clip model name (default {DEFAULT_MODEL}; starkret-tiny needs no download)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="open_clip tag or local checkpoint file (default: the model's "
+        "own default, 'openai' for OpenAI CLIP configs); 'none' = random",
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--mode",
+        choices=["exact", "fast"],
+        default="exact",
+        help="preprocessing: bit-exact with open_clip (default) or fast",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=10_000,
+        help="images per output part for folders and tables",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="decoder threads (all cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray actors (one per GPU); >1 starts a local Ray instance",
+    )
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster")
+    parser.add_argument("--image-column", default=None, help="tables: column with image bytes")
+    parser.add_argument("--caption-column", default=None, help="tables: caption column")
+    parser.add_argument("--key-column", default=None, help="tables: key column")
+    parser.add_argument("--overwrite", action="store_true", help="start over, deleting output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .embed import MODEL_DEFAULT
+    from .pipeline import embed
+
+    pretrained = MODEL_DEFAULT if args.pretrained is None else args.pretrained
+    if isinstance(pretrained, str) and pretrained.lower() == "none":
+        pretrained = None
+    report = embed(
+        args.inputs,
+        args.output,
+        source_name=args.source,
+        model=args.model,
+        pretrained=pretrained,
+        device=args.device,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        chunk_size=args.chunk_size,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        key_column=args.key_column,
+        progress=not args.no_progress,
+    )
+    print(report.summary())
+    return 0
+
+
+def embed_shards_main(argv: Sequence[str] | None = None) -> int:
+    """The ``embed-shards`` command: ``starkret embed`` under its own name."""
+    parser = argparse.ArgumentParser(
+        prog="embed-shards",
+        description="Embed image collections with CLIP into clip-retrieval's layout, "
+        "resumably (same as `starkret embed`).",
+    )
+    _add_embed_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command = "embed-shards"
+    return _run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -69,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benches/run.py")
     bench.set_defaults(func=_cmd_bench)
+
+    embed = sub.add_parser("embed", help="embed shards, folders or tables (= embed-shards)")
+    _add_embed_arguments(embed)
     return parser
 
 
@@ -80,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if getattr(args, "bench_args", None) and args.bench_args[0] == "--":
         args.bench_args = args.bench_args[1:]
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except _USER_ERRORS as exc:
@@ -90,5 +204,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

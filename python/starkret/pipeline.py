@@ -1,0 +1,387 @@
+"""``embed-shards``: image collections to CLIP embeddings, resumable, in clip-retrieval's layout.
+
+Output (readable by autofaiss and clip-retrieval unchanged)::
+
+    OUT/img_emb/img_emb_{i}.npy          float16, L2-normalised rows
+    OUT/metadata/metadata_{i}.parquet    one row per embedding, same order
+    OUT/failures/failures_{i}.parquet    every sample of part i that could not be embedded
+    OUT/starkret.json                    model, preprocessing, counts, parts (the manifest)
+
+Part ``i`` is one input shard or one fixed-size chunk of a folder or table. Each file
+is written under a temporary name and renamed; the metadata file is renamed last and
+marks the part done, so a killed run (even ``kill -9``) redoes only unfinished parts
+and never duplicates or drops a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .embed import DEFAULT_MODEL, MODEL_DEFAULT, ClipEmbedder
+from .sources import Part, PreprocessOptions, plan_parts
+
+__all__ = ["EmbedReport", "embed"]
+
+MANIFEST = "starkret.json"
+#: Row ids are ``part << ID_PART_SHIFT | row``: stable across resumes and re-runs.
+ID_PART_SHIFT = 32
+
+
+@dataclass
+class EmbedReport:
+    """What a call of :func:`embed` did."""
+
+    output_dir: str
+    embedded: int = 0
+    failed: int = 0
+    parts_done: int = 0
+    parts_skipped: int = 0
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the embedding loop (model loading and planning excluded)."""
+        return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.failure_reasons.items()))
+        return (
+            f"embedded {self.embedded:,} images, failed {self.failed:,}"
+            f"{f' ({reasons})' if reasons else ''}, parts written {self.parts_done}, "
+            f"skipped as done {self.parts_skipped}, {self.images_per_second:,.1f} images/s, "
+            f"wall {self.seconds:,.1f} s -> {self.output_dir}"
+        )
+
+
+# ==== Layout and manifest ====
+
+
+def _paths(out: Path, i: int) -> tuple[Path, Path, Path]:
+    return (
+        out / "img_emb" / f"img_emb_{i}.npy",
+        out / "metadata" / f"metadata_{i}.parquet",
+        out / "failures" / f"failures_{i}.parquet",
+    )
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _manifest_identity(embedder: ClipEmbedder, options: PreprocessOptions, source: str) -> dict:
+    from . import __version__
+
+    return {
+        "model": embedder.model_name,
+        "pretrained": embedder.pretrained,
+        "dim": embedder.dim,
+        "image_size": options.size,
+        "preprocess_mode": options.mode,
+        "mean": list(options.mean),
+        "std": list(options.std),
+        "source": source,
+        "starkret_version": __version__,
+    }
+
+
+_MUST_MATCH = (
+    "model",
+    "pretrained",
+    "dim",
+    "image_size",
+    "preprocess_mode",
+    "mean",
+    "std",
+    "source",
+)
+
+
+def _check_manifest(out: Path, identity: dict, plan: list[str]) -> dict:
+    path = out / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}); use --overwrite to start over") from exc
+    for key in _MUST_MATCH:
+        if old.get(key) != identity[key]:
+            raise ValueError(
+                f"{out} was embedded with {key}={old.get(key)!r}, this run has "
+                f"{identity[key]!r}: embeddings would not be comparable. Use another output "
+                "folder, or --overwrite to start over"
+            )
+    old_plan = old.get("parts", [])
+    if plan[: len(old_plan)] != old_plan:
+        raise ValueError(
+            f"the inputs differ from the first run into {out} (part lists disagree); "
+            "use the same inputs (new ones may only be added after the old ones), "
+            "another output folder, or --overwrite"
+        )
+    return old
+
+
+def _write_manifest(out: Path, identity: dict, plan: list[str], totals: dict) -> None:
+    body = {**identity, "parts": plan, **totals}
+    _atomic(out / MANIFEST, lambda f: f.write(json.dumps(body, indent=2).encode()))
+
+
+def _clean(out: Path) -> None:
+    import shutil
+
+    for sub in ("img_emb", "metadata", "failures"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+def _count_done(out: Path) -> tuple[int, int]:
+    """Embedded and failed sample counts over all finished parts."""
+    import pyarrow.parquet as pq
+
+    embedded = sum(
+        pq.ParquetFile(p).metadata.num_rows for p in (out / "metadata").glob("*.parquet")
+    )
+    failed = sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "failures").glob("*.parquet"))
+    return embedded, failed
+
+
+# ==== One part ====
+
+
+def embed_part(
+    part: Part,
+    index: int,
+    out: Path,
+    embedder: ClipEmbedder,
+    options: PreprocessOptions,
+    source: str,
+    progress=None,
+) -> tuple[int, list]:
+    """Embed one part and write its three files; returns (embedded, failures)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chunks: list[np.ndarray] = []
+    meta: dict[str, list] = {
+        k: [] for k in ("sample_key", "caption", "url", "width", "height", "shard")
+    }
+    failures: list[tuple[str, str | None, str]] = []
+    for batch in part.batches(options):
+        failures.extend(batch.failures)
+        if len(batch):
+            chunks.append(embedder.encode_images(batch.pixels, dtype="float16"))
+        meta["sample_key"] += batch.keys
+        meta["caption"] += batch.captions
+        meta["url"] += batch.urls
+        meta["width"] += batch.widths
+        meta["height"] += batch.heights
+        meta["shard"] += batch.shards
+        if progress is not None:
+            progress(len(batch), len(batch.failures))
+    n = len(meta["sample_key"])
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float16)
+    emb_path, meta_path, fail_path = _paths(out, index)
+    table = pa.table(
+        {
+            "key": pa.array([f"{source}/{k}" for k in meta["sample_key"]], pa.string()),
+            "sample_key": pa.array(meta["sample_key"], pa.string()),
+            "source": pa.array([source] * n, pa.string()),
+            "url": pa.array(meta["url"], pa.string()),
+            "caption": pa.array(meta["caption"], pa.string()),
+            "width": pa.array(meta["width"], pa.int32()),
+            "height": pa.array(meta["height"], pa.int32()),
+            "shard": pa.array(meta["shard"], pa.string()),
+            "id": pa.array((np.int64(index) << ID_PART_SHIFT) + np.arange(n, dtype=np.int64)),
+        }
+    )
+    fails = pa.table(
+        {
+            "source": pa.array([source] * len(failures), pa.string()),
+            "shard": pa.array([f[0] for f in failures], pa.string()),
+            "key": pa.array([f[1] for f in failures], pa.string()),
+            "reason": pa.array([f[2] for f in failures], pa.string()),
+        }
+    )
+    _atomic(emb_path, lambda f: np.save(f, emb))
+    _atomic(fail_path, lambda f: pq.write_table(fails, f))
+    # Written last: its presence marks the part as done.
+    _atomic(meta_path, lambda f: pq.write_table(table, f))
+    return n, failures
+
+
+# ==== Driver ====
+
+
+def embed(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    source_name: str,
+    embedder: ClipEmbedder | None = None,
+    model: str = DEFAULT_MODEL,
+    pretrained=MODEL_DEFAULT,
+    device: str = "auto",
+    batch_size: int = 256,
+    mode: str = "exact",
+    chunk_size: int = 10_000,
+    threads: int | None = None,
+    overwrite: bool = False,
+    workers: int = 1,
+    ray_address: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    key_column: str | None = None,
+    progress: bool = True,
+) -> EmbedReport:
+    """Embed every image of ``sources`` into ``output_dir`` (clip-retrieval's layout).
+
+    ``sources`` are webdataset shards (paths, globs, brace ranges), image folders, or
+    parquet / Arrow tables (a Hugging Face dataset saved locally). ``source_name`` tags
+    every row and namespaces its key (``cc12m/000000123``): img2dataset keys restart
+    at zero in every dataset. Re-running the same call resumes: finished parts are
+    skipped, unfinished ones redone. A different model or preprocessing into the same
+    folder is refused; ``overwrite=True`` starts over. ``workers > 1`` or
+    ``ray_address`` runs parts on Ray actors (one per GPU), with the same output.
+
+    >>> report = embed("cc12m/{00000..01242}.tar", "db/cc12m", source_name="cc12m",
+    ...                embedder=ClipEmbedder("starkret-tiny"))  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    if not isinstance(source_name, str) or not source_name or "/" in source_name:
+        raise ValueError(f"source_name must be a non-empty name without '/', got {source_name!r}")
+    for name, value in (("batch_size", batch_size), ("workers", workers)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    out = Path(output_dir)
+    parts = plan_parts(
+        sources,
+        chunk_size=chunk_size,
+        image_column=image_column,
+        caption_column=caption_column,
+        key_column=key_column,
+    )
+    plan = [p.describe() for p in parts]
+    if embedder is None:
+        embedder = ClipEmbedder(model, pretrained, device=device)
+    cfg = embedder.preprocess_config
+    options = PreprocessOptions(
+        size=embedder.image_size,
+        mode=mode,
+        # half the bytes to move to the GPU; the model runs in half precision there anyway
+        dtype="float16" if embedder.device.type == "cuda" else "float32",
+        batch_size=batch_size,
+        threads=threads,
+        mean=tuple(cfg.get("mean", PreprocessOptions.mean)),
+        std=tuple(cfg.get("std", PreprocessOptions.std)),
+    )
+    identity = _manifest_identity(embedder, options, source_name)
+    if overwrite:
+        _clean(out)
+    _check_manifest(out, identity, plan)
+    for sub in ("img_emb", "metadata", "failures"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*/.*.tmp-*"):
+        stale.unlink(missing_ok=True)
+    _write_manifest(out, identity, plan, {"complete": False})
+
+    pending = [(i, p) for i, p in enumerate(parts) if not _paths(out, i)[1].exists()]
+    report = EmbedReport(str(out), parts_skipped=len(parts) - len(pending))
+    bar = _progress_bar(progress, len(pending), report.parts_skipped)
+    loop_started = time.perf_counter()
+    if workers > 1 or ray_address is not None:
+        from .distributed import run_on_ray
+
+        results = run_on_ray(
+            pending,
+            out,
+            embedder,
+            options,
+            source_name,
+            workers,
+            ray_address,
+            on_part=lambda n, f: _tick(bar, n, f),
+        )
+        for n, failures in results:
+            _account(report, n, failures)
+    else:
+        for i, part in pending:
+            n, failures = embed_part(
+                part,
+                i,
+                out,
+                embedder,
+                options,
+                source_name,
+                progress=lambda n, f: _tick(bar, n, f),
+            )
+            _account(report, n, failures)
+            if bar is not None:
+                bar.update(0)
+                bar.set_postfix_str(f"parts {report.parts_done}/{len(pending)}")
+    report.embed_seconds = time.perf_counter() - loop_started
+    if bar is not None:
+        bar.close()
+    embedded_total, failed_total = _count_done(out)
+    _write_manifest(
+        out,
+        identity,
+        plan,
+        {
+            "complete": True,
+            "count": embedded_total,
+            "failed": failed_total,
+        },
+    )
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _account(report: EmbedReport, n: int, failures) -> None:
+    report.embedded += n
+    report.failed += len(failures)
+    report.parts_done += 1
+    for _shard, _key, reason in failures:
+        kind = reason.split(":", 1)[0]
+        report.failure_reasons[kind] = report.failure_reasons.get(kind, 0) + 1
+
+
+def _progress_bar(enabled: bool, pending: int, skipped: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        unit="img",
+        desc=f"embedding {pending} parts ({skipped} already done)",
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
+
+
+def _tick(bar, images: int, failed: int) -> None:
+    if bar is not None:
+        bar.update(images)
+        if failed:
+            bar.set_postfix_str(f"{failed} failed in the last batch", refresh=False)
+
+
+def report_json(report: EmbedReport) -> str:
+    return json.dumps({**asdict(report), "images_per_second": report.images_per_second})

@@ -1,0 +1,346 @@
+"""Image sources cut into parts: webdataset shards, image folders, parquet / Arrow tables.
+
+A *part* is the unit of work of ``starkret.embed``: it becomes one output file pair
+(``img_emb_{i}.npy`` + ``metadata_{i}.parquet``), is written atomically, and is what a
+resumed run skips or redoes. A shard is one part; folders and tables are cut into
+parts of ``chunk_size`` images, in a stable order, so part ``i`` always means the
+same images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _core
+from .preprocess import ShardBatch, preprocess, preprocess_shards
+from .shards import expand_shard_paths
+
+__all__ = ["IMAGE_SUFFIXES", "Part", "PreprocessOptions", "plan_parts"]
+
+#: File suffixes taken as images in folders (the bytes decide the format, not the name).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_TABLE_SUFFIXES = (".parquet", ".arrow")
+_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_bytes", "bytes")
+_CAPTION_COLUMNS = ("caption", "text", "txt", "description", "question")
+_KEY_COLUMNS = ("key", "id", "image_id", "filename", "file_name")
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """How a part's images are turned into model input."""
+
+    size: int = 336
+    mode: str = "exact"
+    dtype: str = "float32"
+    batch_size: int = 256
+    threads: int | None = None
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One unit of work: a shard, a chunk of a folder, or a row range of a table."""
+
+    kind: str  # "shard" | "files" | "table"
+    path: str  # the shard, the folder root, or the table file
+    name: str  # what the metadata's `shard` column says
+    members: tuple[str, ...] = ()  # files: relative paths
+    start: int = 0  # table: first row
+    stop: int = 0  # table: one past the last row
+
+    def describe(self) -> str:
+        """A stable one-line identity, recorded in the manifest to detect changed inputs."""
+        if self.kind == "files":
+            return f"files:{self.path}:{self.members[0]}..{self.members[-1]}:{len(self.members)}"
+        if self.kind == "table":
+            return f"table:{self.path}:{self.start}:{self.stop}"
+        return f"shard:{self.path}"
+
+    def batches(self, options: PreprocessOptions) -> Iterator[ShardBatch]:
+        """Preprocessed batches of this part, prepared ahead of the consumer."""
+        if self.kind == "shard":
+            return iter(
+                preprocess_shards(
+                    self.path,
+                    batch_size=options.batch_size,
+                    size=options.size,
+                    mode=options.mode,
+                    dtype=options.dtype,
+                    threads=options.threads,
+                    per_shard=True,
+                    mean=options.mean,
+                    std=options.std,
+                )
+            )
+        return _prefetched(self._raw_batches(options.batch_size), options)
+
+    def _raw_batches(self, batch_size: int) -> Iterator[_RawBatch]:
+        if self.kind == "files":
+            yield from _file_batches(self, batch_size)
+        else:
+            yield from _table_batches(self, batch_size)
+
+
+@dataclass
+class _RawBatch:
+    """Encoded images and their metadata, before preprocessing."""
+
+    images: list[bytes]
+    keys: list[str]
+    captions: list[str | None]
+    shard: str
+    failures: list[tuple[str, str | None, str]]
+
+
+def plan_parts(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    chunk_size: int = 10_000,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    key_column: str | None = None,
+) -> list[Part]:
+    """Cut ``inputs`` into parts, in a stable order.
+
+    Each input is a shard pattern (paths, globs, brace ranges of ``.tar`` files), an
+    image folder (searched recursively; key = path relative to the folder; a
+    ``KEY.txt`` beside an image is its caption), a ``.parquet``/``.arrow`` file, or a
+    folder of them (a Hugging Face dataset saved with ``save_to_disk`` or exported
+    to parquet).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise ValueError("no input given")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    columns = {"image": image_column, "caption": caption_column, "key": key_column}
+    parts: list[Part] = []
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_dir():
+            tables = sorted(p for p in path.rglob("*") if p.suffix in _TABLE_SUFFIXES)
+            if tables:
+                for table in tables:
+                    parts.extend(_table_parts(table, chunk_size, columns))
+            else:
+                parts.extend(_folder_parts(path, chunk_size))
+        elif path.suffix in _TABLE_SUFFIXES and path.is_file():
+            parts.extend(_table_parts(path, chunk_size, columns))
+        else:
+            for shard in expand_shard_paths(text):
+                parts.append(Part("shard", os.path.abspath(shard), Path(shard).name))
+    seen: set[str] = set()
+    unique = []
+    for part in parts:
+        if part.describe() not in seen:
+            seen.add(part.describe())
+            unique.append(part)
+    return unique
+
+
+# ==== Image folders ====
+
+
+def _folder_parts(root: Path, chunk_size: int) -> list[Part]:
+    files = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+    root_text = os.path.abspath(root)
+    return [
+        Part(
+            "files",
+            root_text,
+            f"{root.name}/{i // chunk_size:05d}",
+            tuple(files[i : i + chunk_size]),
+        )
+        for i in range(0, len(files), chunk_size)
+    ]
+
+
+def _file_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
+    root = Path(part.path)
+    for start in range(0, len(part.members), batch_size):
+        batch = _RawBatch([], [], [], part.name, [])
+        for rel in part.members[start : start + batch_size]:
+            try:
+                data = (root / rel).read_bytes()
+            except OSError as exc:
+                batch.failures.append((part.name, rel, f"unreadable: {exc.strerror or exc}"))
+                continue
+            sidecar = (root / rel).with_suffix(".txt")
+            try:
+                caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError:
+                caption = None
+            batch.images.append(data)
+            batch.keys.append(rel)
+            batch.captions.append(caption)
+        yield batch
+
+
+# ==== Tables (parquet, Arrow / Hugging Face save_to_disk) ====
+
+
+def _open_table(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    # datasets.save_to_disk writes Arrow IPC *streams*; plain Arrow files also exist.
+    with pa.memory_map(str(path)) as source:
+        try:
+            return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            pass
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def _pick(
+    names: list[str],
+    wanted: str | None,
+    candidates: tuple[str, ...],
+    what: str,
+    path: Path,
+    required: bool,
+) -> str | None:
+    if wanted is not None:
+        if wanted not in names:
+            raise ValueError(f"{path}: no column {wanted!r} ({what}); columns: {names}")
+        return wanted
+    for name in candidates:
+        if name in names:
+            return name
+    if required:
+        raise ValueError(
+            f"{path}: cannot tell which column holds the {what} ({names}); "
+            f"name it with --{what}-column"
+        )
+    return None
+
+
+def _table_parts(path: Path, chunk_size: int, columns: dict[str, str | None]) -> list[Part]:
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        rows = pq.ParquetFile(path).metadata.num_rows
+        names = pq.ParquetFile(path).schema_arrow.names
+    else:
+        table = _open_table(path)
+        rows, names = table.num_rows, table.column_names
+    _pick(names, columns["image"], _IMAGE_COLUMNS, "image", path, required=True)
+    stem = path.stem
+    return [
+        Part(
+            "table",
+            f"{os.path.abspath(path)}#{columns['image'] or ''}#{columns['caption'] or ''}"
+            f"#{columns['key'] or ''}",
+            f"{stem}/{i // chunk_size:05d}",
+            start=i,
+            stop=min(i + chunk_size, rows),
+        )
+        for i in range(0, rows, chunk_size)
+    ]
+
+
+def _image_bytes(value) -> bytes | None:
+    """A cell of an image column: raw bytes, or Hugging Face's {"bytes", "path"} struct."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data:
+            return bytes(data)
+        path = value.get("path")
+        if path and os.path.isfile(path):
+            return Path(path).read_bytes()
+    return None
+
+
+def _table_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
+    file, image_col, caption_col, key_col = part.path.split("#")
+    path = Path(file)
+    table = _open_table(path).slice(part.start, part.stop - part.start)
+    names = table.column_names
+    image_col = _pick(names, image_col or None, _IMAGE_COLUMNS, "image", path, required=True)
+    caption_col = _pick(names, caption_col or None, _CAPTION_COLUMNS, "caption", path, False)
+    key_col = _pick(names, key_col or None, _KEY_COLUMNS, "key", path, required=False)
+    for start in range(0, table.num_rows, batch_size):
+        chunk = table.slice(start, batch_size)
+        images = chunk.column(image_col).to_pylist()
+        captions = chunk.column(caption_col).to_pylist() if caption_col else [None] * len(images)
+        keys = (
+            [str(k) for k in chunk.column(key_col).to_pylist()]
+            if key_col
+            else [f"{path.stem}/{part.start + start + i}" for i in range(len(images))]
+        )
+        batch = _RawBatch([], [], [], part.name, [])
+        for key, value, caption in zip(keys, images, captions, strict=True):
+            data = _image_bytes(value)
+            if data is None:
+                batch.failures.append((part.name, key, "empty: no image bytes in the row"))
+                continue
+            batch.images.append(data)
+            batch.keys.append(key)
+            batch.captions.append(None if caption is None else str(caption))
+        yield batch
+
+
+# ==== Prefetching for Python-side sources ====
+
+
+def _prefetched(
+    raw: Iterator[_RawBatch], options: PreprocessOptions, depth: int = 2
+) -> Iterator[ShardBatch]:
+    """Preprocess raw batches on a helper thread, ``depth`` ahead of the consumer.
+
+    ``preprocess`` releases the GIL, so decoding overlaps the consumer's work.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(batch: _RawBatch) -> ShardBatch:
+        out = preprocess(
+            batch.images,
+            size=options.size,
+            mode=options.mode,
+            dtype=options.dtype,
+            threads=options.threads,
+            mean=options.mean,
+            std=options.std,
+        )
+        idx = out.index.tolist()
+        sizes = [_core.image_dimensions(batch.images[i]) or (None, None) for i in idx]
+        failures = list(batch.failures)
+        failures += [(batch.shard, batch.keys[pos], reason) for pos, reason in out.failures]
+        return ShardBatch(
+            pixels=out.pixels,
+            keys=[batch.keys[i] for i in idx],
+            shards=[batch.shard] * len(idx),
+            captions=[batch.captions[i] for i in idx],
+            urls=[None] * len(idx),
+            jsons=[None] * len(idx),
+            widths=[w for w, _ in sizes],
+            heights=[h for _, h in sizes],
+            failures=failures,
+            fallbacks=[batch.keys[i] for i in out.fallbacks],
+        )
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="starkret-prefetch") as pool:
+        pending = []
+        for batch in raw:
+            pending.append(pool.submit(work, batch))
+            if len(pending) > depth:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
