@@ -328,3 +328,69 @@ def test_cli_embed_shards_and_readable_errors(tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "missing-*.tar" in bad.stderr
+
+
+def test_real_img2dataset_shards_from_a_local_http_server(tmp_path, tiny):
+    """img2dataset itself downloads from 127.0.0.1 into webdataset shards, then we embed them."""
+    img2dataset = Path(sys.executable).parent / "img2dataset"
+    if not img2dataset.exists():
+        pytest.skip("img2dataset is not installed")
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(8):
+        fmt = "PNG" if i % 4 == 3 else "JPEG"  # PNG bytes served (and stored) as .jpg
+        (www / f"{i}.jpg").write_bytes(encode(synthetic_photo(320, 240, seed=i), fmt))
+    (www / "page.jpg").write_bytes(b"<!DOCTYPE html><html>moved</html>")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(www))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    names = [f"{i}.jpg" for i in range(8)] + ["page.jpg", "missing.jpg"]
+    (tmp_path / "urls.txt").write_text("".join(f"http://127.0.0.1:{port}/{n}\n" for n in names))
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    try:
+        run = subprocess.run(
+            [
+                str(img2dataset),
+                f"--url_list={tmp_path / 'urls.txt'}",
+                f"--output_folder={tmp_path / 'shards'}",
+                "--output_format=webdataset",
+                "--input_format=txt",
+                "--processes_count=1",
+                "--thread_count=4",
+                "--number_sample_per_shard=4",
+                "--timeout=5",
+                "--retries=0",
+                "--disable_all_reencoding=True",
+                "--enable_wandb=False",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = embed(
+        str(tmp_path / "shards" / "*.tar"),
+        tmp_path / "out",
+        source_name="cc12m",
+        embedder=tiny,
+        progress=False,
+    )
+    _, meta = _read(tmp_path / "out")
+    assert report.embedded == 8
+    assert sorted(u.rsplit("/", 1)[1] for u in meta["url"]) == [f"{i}.jpg" for i in range(8)]
+    assert all(k.startswith("cc12m/") for k in meta["key"])
+    assert report.failed == 1 and report.failure_reasons == {"not an image": 1}
