@@ -18,6 +18,10 @@ from importlib.metadata import version as _dist_version
 
 from . import _core
 from .embed import DEFAULT_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
+
+# `starkret.embed` is the pipeline function (the towers live in the submodule of the
+# same name, reachable as `from starkret.embed import ...`).
+from .pipeline import EmbedReport, embed
 from .preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessedBatch,
@@ -41,11 +45,13 @@ __all__ = [
     "MODEL_DEFAULT",
     "TINY_MODEL",
     "ClipEmbedder",
+    "EmbedReport",
     "PreprocessedBatch",
     "Sample",
     "ShardBatch",
     "__version__",
     "core_version",
+    "embed",
     "preprocess",
     "preprocess_shards",
     "read_shards",

@@ -290,17 +290,32 @@ class ClipEmbedder:
 
         n = int(inputs.shape[0])
         out = np.empty((n, self.dim), dtype=out_dtype)
-        non_blocking = self.device.type == "cuda"
         with torch.inference_mode(), self._autocast():
             for start in range(0, n, self.batch_size):
-                chunk = inputs[start : start + self.batch_size]
-                chunk = chunk.to(self.device, non_blocking=non_blocking)
+                chunk = self._to_device(inputs[start : start + self.batch_size])
                 if cast_input:
+                    # fp32 input; autocast runs the convolutions and matmuls in half
                     chunk = chunk.float()
                 features = tower(chunk).float()
                 features = torch.nn.functional.normalize(features, dim=-1)
                 out[start : start + len(chunk)] = features.cpu().numpy()
         return out
+
+
+    def _to_device(self, chunk):
+        """Host to device: through a reused page-locked buffer on CUDA, so the copy is a
+        fast asynchronous DMA instead of a pageable, blocking one."""
+        if self.device.type != "cuda" or chunk.device.type != "cpu":
+            return chunk.to(self.device)
+        staging = getattr(self, "_staging", None)
+        if staging is None or staging.dtype != chunk.dtype or staging.numel() < chunk.numel():
+            staging = chunk.new_empty(chunk.numel()).pin_memory()
+            self._staging = staging
+        view = staging[: chunk.numel()].view(chunk.shape)
+        view.copy_(chunk)
+        # The buffer is reused only after this batch's features came back to the
+        # host (`.cpu()` below waits for the device), so it is never overwritten early.
+        return view.to(self.device, non_blocking=True)
 
 
 def _output_dtype(dtype: str):
