@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import starkret
 from starkret import _core, cli, doctor
@@ -54,3 +55,15 @@ def test_bench_runner_prints_a_ratio_table(capsys):
     out = capsys.readouterr().out
     assert out.startswith("machine: cpu")
     assert "encode_images" in out and "ratio" in out
+
+
+def test_readme_demo_runs_offline(tmp_path):
+    demo = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
+    run = subprocess.run(
+        [sys.executable, str(demo)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert "RANDOM weights" in run.stdout
+    assert "embedded 47 images, failed 1 (truncated 1)" in run.stdout
+    assert "skipped as done 3" in run.stdout
+    assert (tmp_path / "demo-output" / "db" / "chartqa" / "starkret.json").exists()
