@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -15,6 +15,7 @@ use pyo3::types::{PyBytes, PyDict};
 mod batches;
 mod cpu;
 mod decode;
+mod dedup;
 mod preprocess;
 mod resample;
 pub mod shards;
@@ -427,6 +428,106 @@ impl PyShardBatches {
     }
 }
 
+// ==== Alignment: choosing images without reuse or near-duplicates ====
+
+/// (picked candidate indices, flat; number picked per moment; outcome per moment:
+/// 0 = chosen, 1 = below threshold, 2 = exhausted)
+type Selection = (Vec<i64>, Vec<i64>, Vec<u8>);
+
+/// Greedy per-moment choice over flattened candidate lists (see `rust/dedup.rs`).
+/// Moment `m` owns candidates `offsets[m]..offsets[m + 1]`, sorted best first.
+#[pyfunction]
+#[pyo3(signature = (
+    episodes, ks, offsets, ids, scores, vectors, *, reuse, threshold, min_score, used=None
+))]
+#[allow(clippy::too_many_arguments)]
+fn select_images(
+    py: Python<'_>,
+    episodes: PyReadonlyArray1<'_, u64>,
+    ks: PyReadonlyArray1<'_, i64>,
+    offsets: PyReadonlyArray1<'_, i64>,
+    ids: PyReadonlyArray1<'_, u64>,
+    scores: PyReadonlyArray1<'_, f32>,
+    vectors: PyReadonlyArray2<'_, f32>,
+    reuse: &str,
+    threshold: f32,
+    min_score: f32,
+    used: Option<PyReadonlyArray1<'_, u64>>,
+) -> PyResult<Selection> {
+    let reuse = match reuse {
+        "episode" => dedup::Reuse::Episode,
+        "global" => dedup::Reuse::Global,
+        "none" => dedup::Reuse::None,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "reuse must be 'episode', 'global' or 'none', got {other:?}"
+            )))
+        }
+    };
+    let (episodes, ks, offsets) = (episodes.as_slice()?, ks.as_slice()?, offsets.as_slice()?);
+    let (ids, scores, vectors) = (ids.as_slice()?, scores.as_slice()?, vectors.as_array());
+    let dim = vectors.shape()[1];
+    let flat = vectors
+        .as_slice()
+        .ok_or_else(|| PyValueError::new_err("vectors must be C-contiguous"))?;
+    let total = ids.len();
+    if scores.len() != total || vectors.shape()[0] != total {
+        return Err(PyValueError::new_err(
+            "ids, scores and vectors must have one row per candidate",
+        ));
+    }
+    if offsets.len() != episodes.len() + 1 || ks.len() != episodes.len() {
+        return Err(PyValueError::new_err(
+            "offsets must have one more entry than episodes and ks",
+        ));
+    }
+    let bounds: Vec<(usize, usize)> = offsets
+        .windows(2)
+        .map(|w| (w[0].max(0) as usize, w[1].max(0) as usize))
+        .collect();
+    if bounds.iter().any(|&(a, b)| a > b || b > total) {
+        return Err(PyValueError::new_err(
+            "offsets must be non-decreasing and within the candidates",
+        ));
+    }
+    let moments: Vec<dedup::Moment<'_>> = bounds
+        .iter()
+        .zip(episodes.iter().zip(ks))
+        .map(|(&(a, b), (&episode, &k))| dedup::Moment {
+            episode,
+            k: k.max(0) as usize,
+            ids: &ids[a..b],
+            scores: &scores[a..b],
+            vectors: &flat[a * dim..b * dim],
+        })
+        .collect();
+    let used = match &used {
+        Some(u) => u.as_slice()?.to_vec(),
+        None => Vec::new(),
+    };
+    let params = dedup::Params {
+        dim,
+        reuse,
+        threshold,
+        min_score,
+        used,
+    };
+    let choices = py.detach(|| dedup::select(&moments, &params));
+    let mut picked = Vec::new();
+    let mut counts = Vec::with_capacity(choices.len());
+    let mut outcomes = Vec::with_capacity(choices.len());
+    for (choice, &(a, _)) in choices.iter().zip(&bounds) {
+        picked.extend(choice.picked.iter().map(|&i| (a + i) as i64));
+        counts.push(choice.picked.len() as i64);
+        outcomes.push(match choice.outcome {
+            dedup::Outcome::Chosen => 0,
+            dedup::Outcome::BelowThreshold => 1,
+            dedup::Outcome::Exhausted => 2,
+        });
+    }
+    Ok((picked, counts, outcomes))
+}
+
 // ==== Module ====
 
 #[pymodule]
@@ -442,5 +543,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySample>()?;
     m.add_class::<PyShardReader>()?;
     m.add_class::<PyShardBatches>()?;
+    m.add_function(wrap_pyfunction!(select_images, m)?)?;
     Ok(())
 }

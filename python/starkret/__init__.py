@@ -17,7 +17,10 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
 from . import _core
+from .aligner import Aligner, Alignment, Candidate, Moment
+from .db import Hit, ImageDB
 from .embed import DEFAULT_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
+from .index import build_index
 
 # `starkret.embed` is the pipeline function (the towers live in the submodule of the
 # same name, reachable as `from starkret.embed import ...`).
@@ -44,12 +47,19 @@ __all__ = [
     "DEFAULT_MODEL",
     "MODEL_DEFAULT",
     "TINY_MODEL",
+    "Aligner",
+    "Alignment",
+    "Candidate",
     "ClipEmbedder",
     "EmbedReport",
+    "Hit",
+    "ImageDB",
+    "Moment",
     "PreprocessedBatch",
     "Sample",
     "ShardBatch",
     "__version__",
+    "build_index",
     "core_version",
     "embed",
     "preprocess",

@@ -142,6 +142,58 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_index(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .index import build_index
+
+    root = Path(args.path)
+    dirs = (
+        [root]
+        if (root / "starkret.json").exists()
+        else sorted(p.parent for p in root.glob("*/starkret.json"))
+    )
+    if not dirs:
+        raise FileNotFoundError(f"no embedded sources (*/starkret.json) under {root}")
+    for source_dir in dirs:
+        infos = build_index(
+            source_dir,
+            kind=args.kind,
+            max_index_memory_usage=args.max_index_memory_usage,
+            max_index_query_time_ms=args.max_index_query_time_ms,
+            auto_exact_max_rows=args.auto_exact_max_rows,
+        )
+        recall = f", recall@10 {infos['recall_at_10']:.3f}" if "recall_at_10" in infos else ""
+        print(f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from .db import ImageDB
+
+    db = ImageDB.open(args.db)
+    hits = db.search(args.queries, k=args.k, sources=args.sources, device=args.device)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"query": q, "hits": [h.__dict__ for h in per_query]}
+                    for q, per_query in zip(args.queries, hits, strict=True)
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    for query, per_query in zip(args.queries, hits, strict=True):
+        print(f"{query}")
+        width = max((len(h.key) for h in per_query), default=3)
+        for h in per_query:
+            print(f"  {h.score:+.4f}  {h.source:<12} {h.key:<{width}}  {h.url or ''}")
+    return 0
+
+
 def embed_shards_main(argv: Sequence[str] | None = None) -> int:
     """The ``embed-shards`` command: ``starkret embed`` under its own name."""
     parser = argparse.ArgumentParser(
@@ -179,6 +231,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = sub.add_parser("embed", help="embed shards, folders or tables (= embed-shards)")
     _add_embed_arguments(embed)
+
+    from .index import AUTO_EXACT_MAX_ROWS, DEFAULT_MAX_INDEX_MEMORY, DEFAULT_MAX_QUERY_TIME_MS
+
+    build = sub.add_parser("build-index", help="index embedded sources (exact or AutoFaiss)")
+    build.add_argument("path", help="an embed-shards output, or a DB folder of them")
+    build.add_argument("--kind", choices=["auto", "exact", "autofaiss"], default="auto")
+    build.add_argument("--max-index-memory-usage", default=DEFAULT_MAX_INDEX_MEMORY)
+    build.add_argument("--max-index-query-time-ms", type=float, default=DEFAULT_MAX_QUERY_TIME_MS)
+    build.add_argument(
+        "--auto-exact-max-rows",
+        type=int,
+        default=AUTO_EXACT_MAX_ROWS,
+        help="kind=auto: exact search up to this many images",
+    )
+    build.set_defaults(func=_cmd_build_index)
+
+    search = sub.add_parser("search", help="top images of every source for descriptions")
+    search.add_argument("db", help="DB folder (one sub-folder per source)")
+    search.add_argument("queries", nargs="+", help="image descriptions")
+    search.add_argument("-k", type=int, default=5, help="results per source")
+    search.add_argument("--sources", nargs="+", default=None, help="only these sources")
+    search.add_argument("--device", default="cpu", help="cpu, or cuda for exact GPU search")
+    search.add_argument("--json", action="store_true", help="JSON output")
+    search.set_defaults(func=_cmd_search)
     return parser
 
 

@@ -301,7 +301,6 @@ class ClipEmbedder:
                 out[start : start + len(chunk)] = features.cpu().numpy()
         return out
 
-
     def _to_device(self, chunk):
         """Host to device: through a reused page-locked buffer on CUDA, so the copy is a
         fast asynchronous DMA instead of a pageable, blocking one."""

@@ -69,3 +69,110 @@ def raw_png(
     raw = b"".join(b"\x00" + bytes(row) for row in np.asarray(rows, np.uint8))
     out += _chunk(b"IDAT", zlib.compress(raw))
     return out + _chunk(b"IEND", b"")
+
+
+def write_source(
+    folder,
+    source: str,
+    vectors: np.ndarray,
+    *,
+    keys: list[str] | None = None,
+    urls: list[str | None] | None = None,
+    captions: list[str | None] | None = None,
+    part_size: int = 1000,
+    model: str = "starkret-tiny",
+    pretrained: str | None = None,
+) -> None:
+    """Write planted ``vectors`` as an ``embed-shards`` output (for tests of search and
+    alignment, which need embeddings of known geometry rather than a random model's)."""
+    import json
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .preprocess import OPENAI_MEAN, OPENAI_STD
+
+    folder = Path(folder)
+    n, dim = vectors.shape
+    keys = keys or [f"{i:09d}" for i in range(n)]
+    urls = urls or [f"https://img.example/{source}/{k}.jpg" for k in keys]
+    captions = captions or [None] * n
+    for sub in ("img_emb", "metadata", "failures"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for part, start in enumerate(range(0, max(n, 1), part_size)):
+        stop = min(start + part_size, n)
+        np.save(folder / "img_emb" / f"img_emb_{part}.npy", unit[start:stop].astype(np.float16))
+        rows = range(start, stop)
+        pq.write_table(
+            pa.table(
+                {
+                    "key": [f"{source}/{keys[i]}" for i in rows],
+                    "sample_key": [keys[i] for i in rows],
+                    "source": [source] * len(rows),
+                    "url": [urls[i] for i in rows],
+                    "caption": pa.array([captions[i] for i in rows], pa.string()),
+                    "width": pa.array([None] * len(rows), pa.int32()),
+                    "height": pa.array([None] * len(rows), pa.int32()),
+                    "shard": [f"part{part}"] * len(rows),
+                    "id": [(part << 32) | (i - start) for i in rows],
+                }
+            ),
+            folder / "metadata" / f"metadata_{part}.parquet",
+        )
+    manifest = {
+        "model": model,
+        "pretrained": pretrained,
+        "dim": dim,
+        "image_size": 336,
+        "preprocess_mode": "exact",
+        "mean": list(OPENAI_MEAN),
+        "std": list(OPENAI_STD),
+        "source": source,
+        "complete": True,
+        "count": n,
+        "failed": 0,
+    }
+    (folder / "starkret.json").write_text(json.dumps(manifest))
+
+
+def reference_select(moments, *, reuse: str, threshold: float, min_score: float, used=()):
+    """A straightforward Python version of the aligner's choice (the Rust code's spec).
+
+    ``moments``: dicts with ``episode``, ``k``, ``ids``, ``scores`` (best first) and
+    ``vectors`` (one unit row per candidate). Returns ``(picked indices, outcome)`` per
+    moment with outcome ``"ok"``, ``"below_threshold"`` or ``"exhausted"``.
+    """
+    out = []
+    episode, used_episode, chosen = None, set(), []
+    used_global = set(used)
+    for m in moments:
+        if m["episode"] != episode:
+            episode, used_episode, chosen = m["episode"], set(), []
+        picked, outcome = [], "exhausted"
+        for i, (cid, score) in enumerate(zip(m["ids"], m["scores"], strict=True)):
+            if len(picked) >= m["k"]:
+                break
+            if score < min_score:
+                outcome = "below_threshold"
+                break
+            taken = {"episode": cid in used_episode, "global": cid in used_global, "none": False}[
+                reuse
+            ]
+            if taken or cid in [m["ids"][p] for p in picked]:
+                continue
+            v = np.asarray(m["vectors"][i], np.float32)
+            better = [np.asarray(m["vectors"][j], np.float32) for j in range(i)]
+            if any(float(np.dot(b, v)) >= threshold for b in better):
+                continue
+            if any(float(np.dot(c, v)) >= threshold for c in chosen):
+                continue
+            picked.append(i)
+            used_episode.add(cid)
+            used_global.add(cid)
+            chosen.append(v)
+        if len(picked) >= m["k"]:
+            outcome = "ok"
+        out.append((picked, outcome))
+    return out

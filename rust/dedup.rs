@@ -1,0 +1,195 @@
+//! Choosing images for image-sharing moments without reuse or near-duplicates.
+//!
+//! For each moment, in order, candidates (already sorted by score, best first) are
+//! taken greedily. A candidate is skipped when
+//! - its image is already used (in the episode, or anywhere in the run, by policy),
+//! - it is a near duplicate (cosine >= threshold) of a better candidate of the same
+//!   moment (clip-retrieval's rule: keep the best of each near-duplicate group),
+//! - it is a near duplicate of an image already chosen in the episode.
+//!
+//! Scanning stops at the first candidate under `min_score`. Each moment ends `Chosen`
+//! (all of its `k` images found), `BelowThreshold` (the next usable candidate scored
+//! too low) or `Exhausted` (the candidate list ran out: the caller may fetch more).
+
+use std::collections::HashSet;
+
+/// Which earlier choices make an image unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Not twice in one episode.
+    Episode,
+    /// Not twice in the whole run.
+    Global,
+    /// No constraint.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Chosen,
+    BelowThreshold,
+    Exhausted,
+}
+
+/// One moment's candidates: `ids[i]` identifies the image (equal ids = same image),
+/// `scores[i]` is non-increasing, `vectors` holds one unit row of `dim` per candidate.
+pub struct Moment<'a> {
+    pub episode: u64,
+    pub k: usize,
+    pub ids: &'a [u64],
+    pub scores: &'a [f32],
+    pub vectors: &'a [f32],
+}
+
+pub struct Params {
+    pub dim: usize,
+    pub reuse: Reuse,
+    pub threshold: f32,
+    pub min_score: f32,
+    /// Images already used before these moments (counts for `Reuse::Global`).
+    pub used: Vec<u64>,
+}
+
+/// What was chosen for one moment: indices into its candidate list, best first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub picked: Vec<usize>,
+    pub outcome: Outcome,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Episode state carried from one moment to the next.
+#[derive(Default)]
+struct Episode {
+    id: Option<u64>,
+    used: HashSet<u64>,
+    chosen: Vec<f32>,
+}
+
+/// Choose images for `moments`, in order. Moments of one episode must be adjacent.
+pub fn select(moments: &[Moment<'_>], params: &Params) -> Vec<Choice> {
+    let d = params.dim;
+    let mut episode = Episode::default();
+    let mut used_globally: HashSet<u64> = params.used.iter().copied().collect();
+    let mut out = Vec::with_capacity(moments.len());
+    for m in moments {
+        if episode.id != Some(m.episode) {
+            episode = Episode {
+                id: Some(m.episode),
+                ..Episode::default()
+            };
+        }
+        let n = m
+            .ids
+            .len()
+            .min(m.scores.len())
+            .min(m.vectors.len() / d.max(1));
+        let row = |i: usize| &m.vectors[i * d..(i + 1) * d];
+        let mut picked = Vec::new();
+        let mut outcome = Outcome::Exhausted;
+        for i in 0..n {
+            if picked.len() >= m.k {
+                outcome = Outcome::Chosen;
+                break;
+            }
+            if m.scores[i] < params.min_score {
+                outcome = Outcome::BelowThreshold;
+                break;
+            }
+            let id = m.ids[i];
+            let used = match params.reuse {
+                Reuse::Episode => episode.used.contains(&id),
+                Reuse::Global => used_globally.contains(&id),
+                Reuse::None => false,
+            };
+            if used || picked.iter().any(|&p| m.ids[p] == id) {
+                continue;
+            }
+            let v = row(i);
+            let shadowed = (0..i).any(|j| dot(row(j), v) >= params.threshold);
+            let repeats = episode
+                .chosen
+                .chunks_exact(d.max(1))
+                .any(|c| dot(c, v) >= params.threshold);
+            if shadowed || repeats {
+                continue;
+            }
+            picked.push(i);
+            episode.used.insert(id);
+            used_globally.insert(id);
+            episode.chosen.extend_from_slice(v);
+        }
+        if picked.len() >= m.k {
+            outcome = Outcome::Chosen;
+        }
+        out.push(Choice { picked, outcome });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(reuse: Reuse) -> Params {
+        Params {
+            dim: 2,
+            reuse,
+            threshold: 0.94,
+            min_score: 0.2,
+            used: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn no_reuse_within_an_episode_but_across_episodes() {
+        let v = [1.0, 0.0, 0.0, 1.0];
+        let m = |episode| Moment {
+            episode,
+            k: 1,
+            ids: &[7, 8],
+            scores: &[0.9, 0.8],
+            vectors: &v,
+        };
+        let got = select(&[m(1), m(1), m(1), m(2)], &params(Reuse::Episode));
+        let picks: Vec<_> = got.iter().map(|c| c.picked.clone()).collect();
+        assert_eq!(picks, vec![vec![0], vec![1], vec![], vec![0]]);
+        assert_eq!(got[2].outcome, Outcome::Exhausted);
+        let global = select(&[m(1), m(2), m(3)], &params(Reuse::Global));
+        assert_eq!(global[2].picked, Vec::<usize>::new());
+    }
+
+    #[test]
+    fn near_duplicates_of_better_candidates_and_chosen_images_are_skipped() {
+        // candidate 1 is a near duplicate of candidate 0; candidate 2 is distinct
+        let v = [1.0, 0.0, 0.999, 0.0447, 0.0, 1.0];
+        let m = Moment {
+            episode: 1,
+            k: 2,
+            ids: &[1, 2, 3],
+            scores: &[0.9, 0.85, 0.5],
+            vectors: &v,
+        };
+        let got = select(&[m], &params(Reuse::Episode));
+        assert_eq!(got[0].picked, vec![0, 2]);
+        assert_eq!(got[0].outcome, Outcome::Chosen);
+    }
+
+    #[test]
+    fn below_threshold_stops_the_scan() {
+        let v = [1.0, 0.0, 0.0, 1.0];
+        let m = Moment {
+            episode: 1,
+            k: 1,
+            ids: &[1, 2],
+            scores: &[0.1, 0.05],
+            vectors: &v,
+        };
+        let got = select(&[m], &params(Reuse::None));
+        assert!(got[0].picked.is_empty());
+        assert_eq!(got[0].outcome, Outcome::BelowThreshold);
+    }
+}
