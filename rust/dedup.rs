@@ -5,7 +5,8 @@
 //! - its image is already used (in the episode, or anywhere in the run, by policy),
 //! - it is a near duplicate (cosine >= threshold) of a better candidate of the same
 //!   moment (clip-retrieval's rule: keep the best of each near-duplicate group),
-//! - it is a near duplicate of an image already chosen in the episode.
+//! - it is a near duplicate of an image already chosen in the episode (unless reuse
+//!   is allowed at all).
 //!
 //! Scanning stops at the first candidate under `min_score`. Each moment ends `Chosen`
 //! (all of its `k` images found), `BelowThreshold` (the next usable candidate scored
@@ -110,10 +111,12 @@ pub fn select(moments: &[Moment<'_>], params: &Params) -> Vec<Choice> {
             }
             let v = row(i);
             let shadowed = (0..i).any(|j| dot(row(j), v) >= params.threshold);
-            let repeats = episode
-                .chosen
-                .chunks_exact(d.max(1))
-                .any(|c| dot(c, v) >= params.threshold);
+            // With reuse allowed, showing an image again is fine, and so is a near copy.
+            let repeats = params.reuse != Reuse::None
+                && episode
+                    .chosen
+                    .chunks_exact(d.max(1))
+                    .any(|c| dot(c, v) >= params.threshold);
             if shadowed || repeats {
                 continue;
             }

@@ -327,7 +327,7 @@ def torch_exact_search(
     best_i = torch.full((len(queries), 0), -1, dtype=torch.int64, device=dev)
     for p, array in enumerate(parts.arrays):
         for start in range(0, array.shape[0], tile_rows):
-            tile = torch.from_numpy(np.ascontiguousarray(array[start : start + tile_rows]))
+            tile = torch.from_numpy(np.array(array[start : start + tile_rows]))  # owned copy
             tile = tile.to(dev, non_blocking=True)
             tile = tile if half else tile.float()
             scores = (q @ tile.T).float()

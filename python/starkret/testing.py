@@ -166,7 +166,7 @@ def reference_select(moments, *, reuse: str, threshold: float, min_score: float,
             better = [np.asarray(m["vectors"][j], np.float32) for j in range(i)]
             if any(float(np.dot(b, v)) >= threshold for b in better):
                 continue
-            if any(float(np.dot(c, v)) >= threshold for c in chosen):
+            if reuse != "none" and any(float(np.dot(c, v)) >= threshold for c in chosen):
                 continue
             picked.append(i)
             used_episode.add(cid)
