@@ -287,3 +287,26 @@ def test_aligner_rejects_bad_moments_and_parameters(tmp_path):
         Aligner(db).align([{"episode_id": "e", "moment_id": "m"}])
     with pytest.raises(ValueError, match="k must be"):
         Aligner(db).align([{"episode_id": "e", "moment_id": "m", "description": "x", "k": 0}])
+
+
+# ==== CLI ====
+
+
+def test_cli_build_index_and_search(db_dir, capsys):
+    from starkret import cli
+
+    root, _ = db_dir
+    assert cli.main(["build-index", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "cc12m: exact index over 700 images" in out
+    emb = starkret.ClipEmbedder("starkret-tiny", device="cpu")
+    rng = np.random.default_rng(8)
+    write_source(root.parent / "tinydb" / "cc12m", "cc12m", _unit(rng, 30, emb.dim))
+    assert cli.main(["search", str(root.parent / "tinydb"), "a dog on a beach", "-k", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "a dog on a beach" and len(table) == 3 and "cc12m/" in table[1]
+    assert cli.main(["search", str(root.parent / "tinydb"), "a cat", "--json"]) == 0
+    parsed = json.loads(capsys.readouterr().out)
+    assert parsed[0]["query"] == "a cat" and len(parsed[0]["hits"]) == 5
+    assert cli.main(["search", str(root.parent / "nothing"), "x"]) == 2
+    assert "no embedded sources" in capsys.readouterr().err
