@@ -55,8 +55,12 @@ class _Source:
         self._row_of_key: dict[str, int] | None = None
 
     def row_of(self, key: str) -> int | None:
+        """Row of a DB key (``cc12m/0001``) or of a Stark ``url:`` key."""
         if self._row_of_key is None:
             self._row_of_key = {k: i for i, k in enumerate(self.keys)}
+            for i, url in enumerate(self.urls):
+                if url:
+                    self._row_of_key.setdefault(f"url:{url}", i)
         return self._row_of_key.get(key)
 
     def hit(self, row: int, score: float) -> Hit:
@@ -210,6 +214,27 @@ class ImageDB:
         if device != "cpu":
             return torch_exact_search(vectors, source.index.parts, k, device=device, exclude=banned)
         return source.index.search(vectors, k, exclude=banned, threads=threads)
+
+    def locate(self, key: str, sources: Sequence[str] | None = None) -> tuple[str, int] | None:
+        """``(source, row)`` of an image key (DB key or Stark ``url:`` key), or None."""
+        for name in self.sources if sources is None else sources:
+            row = self._sources[name].row_of(key)
+            if row is not None:
+                return name, row
+        return None
+
+    def embeddings(self, source: str) -> list[np.ndarray]:
+        """The memory-mapped float16 parts of ``source``, in row order."""
+        return list(self._sources[source].index.parts.arrays)
+
+    def part_of(self, source: str, row: int) -> tuple[int, int]:
+        """``(part, row within the part)`` of a global row of ``source``."""
+        offsets = self._sources[source].index.parts.offsets
+        part = int(np.searchsorted(offsets, row, side="right") - 1)
+        return part, int(row - offsets[part])
+
+    def source_dir(self, source: str) -> Path:
+        return self._sources[source].index.source_dir
 
     def vectors(self, source: str, rows: Sequence[int]) -> np.ndarray:
         """Image embeddings (float32) of ``rows`` of ``source``."""
