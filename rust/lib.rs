@@ -17,6 +17,7 @@ mod decode;
 mod preprocess;
 mod resample;
 pub mod shards;
+mod transpose;
 
 /// The widest SIMD level detected on this CPU at run time (e.g. "avx2+fma").
 #[pyfunction]

@@ -10,6 +10,8 @@
 //! the crop `Window` and computes only the output pixels inside it (and only the
 //! intermediate rows those need): the result equals resizing fully and cropping.
 
+use crate::transpose;
+
 /// The part of the resized image to produce, in resized-image coordinates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -154,6 +156,25 @@ trait Sample: Copy + Default {
     fn convolve(pass: &Pass<'_, Self>, out: &mut [Self]) {
         convolve_blocked::<Self, 16>(pass, out)
     }
+
+    /// `transpose::rows_to_columns`, or a faster equivalent.
+    fn rows_to_columns<const CH: usize, const PW: usize>(
+        lines: &[&[Self]],
+        out: &mut [Self],
+        stride: usize,
+    ) {
+        transpose::rows_to_columns::<Self, CH, PW>(lines, out, stride)
+    }
+
+    /// `transpose::columns_to_rows`, or a faster equivalent.
+    fn columns_to_rows<const CH: usize, const PW: usize>(
+        columns: &[Self],
+        stride: usize,
+        dst: &mut [Self],
+        row_len: usize,
+    ) {
+        transpose::columns_to_rows::<Self, CH, PW>(columns, stride, dst, row_len)
+    }
 }
 
 /// A vertical pass in the form the kernels take: output row `i` is the sum of the
@@ -237,6 +258,23 @@ impl Sample for u8 {
         }
         convolve_blocked::<u8, 32>(pass, out);
     }
+
+    fn rows_to_columns<const CH: usize, const PW: usize>(
+        lines: &[&[u8]],
+        out: &mut [u8],
+        stride: usize,
+    ) {
+        transpose::rows_to_columns_u8::<CH, PW>(lines, out, stride)
+    }
+
+    fn columns_to_rows<const CH: usize, const PW: usize>(
+        columns: &[u8],
+        stride: usize,
+        dst: &mut [u8],
+        row_len: usize,
+    ) {
+        transpose::columns_to_rows_u8::<CH, PW>(columns, stride, dst, row_len)
+    }
 }
 
 /// The u8 convolution compiled for AVX2 (8 lanes of 32-bit multiply-add), chosen at
@@ -309,14 +347,17 @@ fn horizontal_as<T: Sample, const CH: usize, const PW: usize>(
     let mut columns_out = vec![T::default(); cols.len() * BLOCK * PW];
     let weights = T::weights(taps);
     let filters = filters(taps, &weights, cols, x0);
+    let mut lines = Vec::with_capacity(BLOCK);
     for (first, dst) in rows.step_by(BLOCK).zip(out.chunks_mut(BLOCK * row_len)) {
         let count = dst.len() / row_len;
         let lane = count * PW;
         // columns[x - x0] holds column x of every row of the block.
-        let lines =
-            (first..first + count).map(|y| &src.row(y)[(x0 - src.col0) * CH..(x1 - src.col0) * CH]);
+        lines.clear();
+        lines.extend(
+            (first..first + count).map(|y| &src.row(y)[(x0 - src.col0) * CH..(x1 - src.col0) * CH]),
+        );
         let columns = &mut columns[..(x1 - x0) * lane];
-        rows_to_columns::<T, CH, PW>(lines, columns, lane);
+        T::rows_to_columns::<CH, PW>(&lines, columns, lane);
         let view = Plane {
             data: columns,
             stride: lane,
@@ -328,56 +369,9 @@ fn horizontal_as<T: Sample, const CH: usize, const PW: usize>(
         };
         let columns_out = &mut columns_out[..filters.len() * lane];
         vertical_into(&view, &filters, columns_out);
-        columns_to_rows::<T, CH, PW>(columns_out, lane, dst, row_len);
+        T::columns_to_rows::<CH, PW>(columns_out, lane, dst, row_len);
     }
     out
-}
-
-/// Writes pixel `x` of line `r` to `out[x * stride + r * PW..]`, `PW` samples from
-/// where the pixel starts (the last pixel, lacking a neighbour, is padded).
-fn rows_to_columns<'a, T: Copy + Default + 'a, const CH: usize, const PW: usize>(
-    lines: impl Iterator<Item = &'a [T]>,
-    out: &mut [T],
-    stride: usize,
-) {
-    for (r, line) in lines.enumerate() {
-        let mut x = 0;
-        if PW > CH {
-            for px in line.windows(PW).step_by(CH) {
-                out[x * stride + r * PW..][..PW].copy_from_slice(px);
-                x += 1;
-            }
-        }
-        for px in line[x * CH..].chunks_exact(CH) {
-            let mut padded = [T::default(); PW];
-            padded[..CH].copy_from_slice(px);
-            out[x * stride + r * PW..][..PW].copy_from_slice(&padded);
-            x += 1;
-        }
-    }
-}
-
-/// The inverse of `rows_to_columns`: `columns` holds one `stride`-sample column per
-/// output pixel, and row `r` of `dst` (`row_len` samples) gets sample block `r` of
-/// each. Pixels are written as `PW` samples in increasing order, so each pad sample
-/// is overwritten by the next pixel; the last pixel of a row is written exactly.
-fn columns_to_rows<T: Copy, const CH: usize, const PW: usize>(
-    columns: &[T],
-    stride: usize,
-    dst: &mut [T],
-    row_len: usize,
-) {
-    let width = row_len / CH;
-    for (r, row) in dst.chunks_exact_mut(row_len).enumerate() {
-        let column = |x: usize| &columns[x * stride + r * PW..][..PW];
-        let whole = if PW > CH { width - 1 } else { width };
-        for x in 0..whole {
-            row[x * CH..][..PW].copy_from_slice(column(x));
-        }
-        for x in whole..width {
-            row[x * CH..][..CH].copy_from_slice(&column(x)[..CH]);
-        }
-    }
 }
 
 /// Vertical pass: output rows `rows` (of the full output height), every sample of
