@@ -633,6 +633,39 @@ mod tests {
     }
 
     #[test]
+    fn simd_convolution_matches_the_scalar_one() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (in_size, out_size) in [(480, 336), (256, 336), (1280, 448), (9, 4)] {
+            let taps = Taps::bicubic(in_size, out_size);
+            let weights = taps.fixed();
+            let filters = filters(&taps, &weights, 0..out_size, 0);
+            for row_len in [1, 5, 31, 32, 33, 63, 64, 100, 1441] {
+                let stride = row_len + 3;
+                let src: Vec<u8> = (0..in_size * stride).map(|_| noise() as u8).collect();
+                let pass = Pass {
+                    src: &src,
+                    stride,
+                    row_len,
+                    filters: &filters,
+                };
+                let mut fast = vec![0u8; out_size * row_len];
+                let mut plain = vec![0u8; out_size * row_len];
+                <u8 as Sample>::convolve(&pass, &mut fast);
+                convolve_lanes(&pass, &mut plain);
+                assert_eq!(fast, plain, "{in_size}->{out_size}, {row_len} lanes");
+                convolve_blocked::<u8, 32>(&pass, &mut fast);
+                assert_eq!(fast, plain, "portable, {row_len} lanes");
+            }
+        }
+    }
+
+    #[test]
     fn pass_order_follows_pillow_13() {
         assert!(vertical_first((338, 808), (336, 803)));
         assert!(!vertical_first((338, 400), (336, 397)));
