@@ -19,6 +19,7 @@ mod dedup;
 mod preprocess;
 mod resample;
 pub mod shards;
+mod transpose;
 
 /// The widest SIMD level detected on this CPU at run time (e.g. "avx2+fma").
 #[pyfunction]

@@ -197,6 +197,7 @@ where
     W: Fn(&[u8], &mut [T]) + Send + Sync,
 {
     let mut pixels = vec![T::default(); inputs.len() * plane];
+    cpu::prefer_huge_pages(&mut pixels);
     let work = || {
         pixels
             .par_chunks_mut(plane.max(1))
