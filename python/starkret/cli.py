@@ -194,6 +194,53 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_align(args: argparse.Namespace) -> int:
+    from .aligner import Aligner
+    from .db import ImageDB
+    from .dialogue import align_file
+
+    db = ImageDB.open(args.db)
+    aligner = Aligner(
+        db,
+        k_per_source=args.k_per_source,
+        min_score=args.min_score,
+        near_duplicate_threshold=args.near_duplicate_threshold,
+        reuse=args.reuse,
+    )
+    report = align_file(
+        db,
+        args.dialogues,
+        args.output,
+        aligner=aligner,
+        progress=not args.no_progress,
+        keep=args.report is not None,
+    )
+    print(report.summary())
+    if args.report:
+        from .report import write_report
+
+        path = write_report(db, report.alignments, args.report)
+        print(f"report: {path}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .db import ImageDB
+    from .eval import evaluate, read_pairs
+
+    result = evaluate(ImageDB.open(args.db), read_pairs(args.pairs), sources=args.sources)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(
+            f"R@1 {result.recall_at_1:.2f}  R@5 {result.recall_at_5:.2f}  "
+            f"R@10 {result.recall_at_10:.2f}  MRR {result.mrr:.2f}  ({result.count} pairs)"
+        )
+    return 0
+
+
 def embed_shards_main(argv: Sequence[str] | None = None) -> int:
     """The ``embed-shards`` command: ``starkret embed`` under its own name."""
     parser = argparse.ArgumentParser(
@@ -255,6 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--device", default="cpu", help="cpu, or cuda for exact GPU search")
     search.add_argument("--json", action="store_true", help="JSON output")
     search.set_defaults(func=_cmd_search)
+
+    align = sub.add_parser("align", help="choose an image for every sharing moment of a file")
+    align.add_argument("db", help="DB folder (one sub-folder per source)")
+    align.add_argument("dialogues", help="Stark-style episodes (JSON/JSONL) or moment JSONL")
+    align.add_argument("-o", "--output", required=True, help="aligned JSONL (appended, resumable)")
+    align.add_argument("--k-per-source", type=int, default=5)
+    align.add_argument("--min-score", type=float, default=0.2)
+    align.add_argument("--near-duplicate-threshold", type=float, default=0.94)
+    align.add_argument("--reuse", choices=["episode", "global", "none"], default="episode")
+    align.add_argument("--report", default=None, help="also write this HTML report")
+    align.add_argument("--no-progress", action="store_true")
+    align.set_defaults(func=_cmd_align)
+
+    ev = sub.add_parser("eval", help="Recall@1/5/10 and MRR of descriptions against a gallery")
+    ev.add_argument("db", help="DB folder (the gallery)")
+    ev.add_argument("pairs", help='JSONL: {"description"|"ultron_output", "image_key"}')
+    ev.add_argument("--sources", nargs="+", default=None, help="only these sources")
+    ev.add_argument("--json", action="store_true", help="JSON output")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

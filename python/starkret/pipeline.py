@@ -293,6 +293,8 @@ def embed(
         std=tuple(cfg.get("std", PreprocessOptions.std)),
     )
     identity = _manifest_identity(embedder, options, source_name)
+    # Where each part's images live, so reports can show them later.
+    identity["part_inputs"] = [{"kind": p.kind, "path": p.path} for p in parts]
     if overwrite:
         _clean(out)
     _check_manifest(out, identity, plan)
