@@ -9,27 +9,8 @@
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::{self, JoinHandle};
 
-use crate::cpu;
-use crate::preprocess::{self, Options, Status};
+use crate::preprocess::{self, BatchPixels, Options, Output, Status};
 use crate::shards::{Sample, ShardIssue, ShardItem, ShardReader};
-
-/// What the pixels are written as.
-#[derive(Clone)]
-pub enum Output {
-    /// Normalised float32 values through a per-channel table, CHW.
-    F32(Box<[[f32; 256]; 3]>),
-    /// Normalised float16 values (as their bits) through a per-channel table, CHW.
-    F16(Box<[[u16; 256]; 3]>),
-    /// The uint8 RGB crop, HWC.
-    U8,
-}
-
-/// Pixels of one batch, `n_ok` planes in sample order.
-pub enum Pixels {
-    F32(Vec<f32>),
-    F16(Vec<u16>),
-    U8(Vec<u8>),
-}
 
 /// A sample that needs Pillow: its metadata, bytes, and the format that sent it there.
 pub struct Fallback {
@@ -39,7 +20,7 @@ pub struct Fallback {
 
 /// One batch: `samples[i]` (image bytes dropped) describes pixel plane `i`.
 pub struct Batch {
-    pub pixels: Pixels,
+    pub pixels: BatchPixels,
     pub samples: Vec<Sample>,
     pub failures: Vec<ShardIssue>,
     pub fallbacks: Vec<Fallback>,
@@ -130,45 +111,8 @@ fn run(
     opts: &BatchOptions,
 ) -> Result<Batch, String> {
     let inputs: Vec<&[u8]> = samples.iter().map(|s| s.image.as_slice()).collect();
-    let size = opts.preprocess.size;
-    let plane = 3 * size * size;
-    let pool_threads = if opts.threads == 0 {
-        cpu::available_threads()
-    } else {
-        opts.threads
-    };
-    let (pixels, statuses) = match &opts.output {
-        Output::F32(lut) => {
-            let b = preprocess::batch(
-                &inputs,
-                &opts.preprocess,
-                pool_threads,
-                plane,
-                |rgb, out| preprocess::write_normalised(rgb, out, lut),
-            )?;
-            (Pixels::F32(b.pixels), b.statuses)
-        }
-        Output::F16(lut) => {
-            let b = preprocess::batch(
-                &inputs,
-                &opts.preprocess,
-                pool_threads,
-                plane,
-                |rgb, out| preprocess::write_normalised(rgb, out, lut),
-            )?;
-            (Pixels::F16(b.pixels), b.statuses)
-        }
-        Output::U8 => {
-            let b = preprocess::batch(
-                &inputs,
-                &opts.preprocess,
-                pool_threads,
-                plane,
-                |rgb, out| out.copy_from_slice(rgb),
-            )?;
-            (Pixels::U8(b.pixels), b.statuses)
-        }
-    };
+    let (pixels, statuses) =
+        preprocess::batch_as(&inputs, &opts.preprocess, opts.threads, &opts.output)?;
     drop(inputs);
     let mut kept = Vec::new();
     let mut failures = std::mem::take(issues);

@@ -83,97 +83,79 @@ fn table<T: numpy::Element + Copy + Default>(
     Ok(out)
 }
 
-/// Runs one preprocessing batch without the GIL and wraps the pixels as a numpy array
-/// of shape (n_ok, *item_shape).
-fn run_batch<'py, T, W>(
-    py: Python<'py>,
-    images: &[Bound<'py, PyBytes>],
-    opts: preprocess::Options,
-    threads: Option<usize>,
-    item_shape: [usize; 3],
-    write: W,
-) -> PyResult<(Bound<'py, PyAny>, StatusLists)>
-where
-    T: numpy::Element + Copy + Default + Send + Sync,
-    W: Fn(&[u8], &mut [T]) + Send + Sync,
-{
-    let inputs: Vec<&[u8]> = images.iter().map(|b| b.as_bytes()).collect();
-    let plane = item_shape.iter().product();
-    let threads = threads.unwrap_or(0);
-    let batch = py
-        .detach(|| preprocess::batch(&inputs, &opts, threads, plane, write))
-        .map_err(PyRuntimeError::new_err)?;
-    let lists = split_statuses(&batch.statuses);
-    let n = lists.0.len();
-    let array = PyArray1::from_vec(py, batch.pixels)
-        .reshape([n, item_shape[0], item_shape[1], item_shape[2]])?
-        .into_any();
-    Ok((array, lists))
-}
-
-/// Decode, resize, center-crop and normalise images into (n_ok, 3, size, size) float32.
-#[pyfunction]
-#[pyo3(signature = (images, size, mode, lut, max_pixels, threads=None))]
-fn preprocess_f32<'py>(
-    py: Python<'py>,
-    images: Vec<Bound<'py, PyBytes>>,
+/// The output kind asked for from Python, and the shape of one image in it.
+fn output_spec(
+    output: &str,
     size: usize,
-    mode: &str,
-    lut: PyReadonlyArray2<'py, f32>,
-    max_pixels: u64,
-    threads: Option<usize>,
-) -> PyResult<(Bound<'py, PyAny>, StatusLists)> {
-    let opts = options(size, mode, max_pixels)?;
-    let lut = table(&lut)?;
-    run_batch(
-        py,
-        &images,
-        opts,
-        threads,
-        [3, size, size],
-        move |rgb, out| preprocess::write_normalised(rgb, out, &lut),
-    )
-}
-
-/// As `preprocess_f32`, with float16 values given and returned as their uint16 bits.
-#[pyfunction]
-#[pyo3(signature = (images, size, mode, lut, max_pixels, threads=None))]
-fn preprocess_f16_bits<'py>(
-    py: Python<'py>,
-    images: Vec<Bound<'py, PyBytes>>,
-    size: usize,
-    mode: &str,
-    lut: PyReadonlyArray2<'py, u16>,
-    max_pixels: u64,
-    threads: Option<usize>,
-) -> PyResult<(Bound<'py, PyAny>, StatusLists)> {
-    let opts = options(size, mode, max_pixels)?;
-    let lut = table(&lut)?;
-    run_batch(
-        py,
-        &images,
-        opts,
-        threads,
-        [3, size, size],
-        move |rgb, out| preprocess::write_normalised(rgb, out, &lut),
-    )
-}
-
-/// The uint8 RGB crops before normalisation, (n_ok, size, size, 3).
-#[pyfunction]
-#[pyo3(signature = (images, size, mode, max_pixels, threads=None))]
-fn preprocess_u8<'py>(
-    py: Python<'py>,
-    images: Vec<Bound<'py, PyBytes>>,
-    size: usize,
-    mode: &str,
-    max_pixels: u64,
-    threads: Option<usize>,
-) -> PyResult<(Bound<'py, PyAny>, StatusLists)> {
-    let opts = options(size, mode, max_pixels)?;
-    run_batch(py, &images, opts, threads, [size, size, 3], |rgb, out| {
-        out.copy_from_slice(rgb)
+    lut_f32: Option<PyReadonlyArray2<'_, f32>>,
+    lut_f16: Option<PyReadonlyArray2<'_, u16>>,
+) -> PyResult<(preprocess::Output, [usize; 3])> {
+    let missing = || PyValueError::new_err(format!("output={output:?} needs its lut"));
+    Ok(match output {
+        "float32" => (
+            preprocess::Output::F32(Box::new(table(&lut_f32.ok_or_else(missing)?)?)),
+            [3, size, size],
+        ),
+        "float16" => (
+            preprocess::Output::F16(Box::new(table(&lut_f16.ok_or_else(missing)?)?)),
+            [3, size, size],
+        ),
+        "uint8" => (preprocess::Output::U8, [size, size, 3]),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "output must be float32, float16 or uint8, got {other:?}"
+            )))
+        }
     })
+}
+
+/// Pixels as a numpy array of shape (n, *item_shape), without copying.
+fn pixels_array<'py>(
+    py: Python<'py>,
+    pixels: preprocess::BatchPixels,
+    n: usize,
+    [a, b, c]: [usize; 3],
+) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match pixels {
+        preprocess::BatchPixels::F32(v) => {
+            PyArray1::from_vec(py, v).reshape([n, a, b, c])?.into_any()
+        }
+        preprocess::BatchPixels::F16(v) => {
+            PyArray1::from_vec(py, v).reshape([n, a, b, c])?.into_any()
+        }
+        preprocess::BatchPixels::U8(v) => {
+            PyArray1::from_vec(py, v).reshape([n, a, b, c])?.into_any()
+        }
+    })
+}
+
+/// Decode, resize, center-crop (and normalise) images without the GIL. `output` is
+/// "float32" or "float16" (normalised through the given table; float16 as uint16 bits,
+/// (n_ok, 3, size, size)) or "uint8" (the RGB crops, (n_ok, size, size, 3)).
+#[pyfunction]
+#[pyo3(signature = (images, size, mode, output, max_pixels, lut_f32=None, lut_f16=None, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn preprocess_images<'py>(
+    py: Python<'py>,
+    images: Vec<Bound<'py, PyBytes>>,
+    size: usize,
+    mode: &str,
+    output: &str,
+    max_pixels: u64,
+    lut_f32: Option<PyReadonlyArray2<'py, f32>>,
+    lut_f16: Option<PyReadonlyArray2<'py, u16>>,
+    threads: Option<usize>,
+) -> PyResult<(Bound<'py, PyAny>, StatusLists)> {
+    let opts = options(size, mode, max_pixels)?;
+    let (output, shape) = output_spec(output, size, lut_f32, lut_f16)?;
+    let inputs: Vec<&[u8]> = images.iter().map(|b| b.as_bytes()).collect();
+    let threads = threads.unwrap_or(0);
+    let (pixels, statuses) = py
+        .detach(|| preprocess::batch_as(&inputs, &opts, threads, &output))
+        .map_err(PyRuntimeError::new_err)?;
+    let lists = split_statuses(&statuses);
+    let n = lists.0.len();
+    Ok((pixels_array(py, pixels, n, shape)?, lists))
 }
 
 /// Width and height of a JPEG or PNG from its header, or None for other formats.
@@ -330,23 +312,7 @@ impl PyShardBatches {
         if batch_size == 0 {
             return Err(PyValueError::new_err("batch_size must be positive"));
         }
-        let missing = || PyValueError::new_err(format!("output={output:?} needs its lut"));
-        let (out, item_shape) = match output {
-            "float32" => (
-                batches::Output::F32(Box::new(table(&lut_f32.ok_or_else(missing)?)?)),
-                [3, size, size],
-            ),
-            "float16" => (
-                batches::Output::F16(Box::new(table(&lut_f16.ok_or_else(missing)?)?)),
-                [3, size, size],
-            ),
-            "uint8" => (batches::Output::U8, [size, size, 3]),
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "output must be float32, float16 or uint8, got {other:?}"
-                )))
-            }
-        };
+        let (out, item_shape) = output_spec(output, size, lut_f32, lut_f16)?;
         let opts = batches::BatchOptions {
             preprocess: options(size, mode, max_pixels)?,
             output: out,
@@ -378,12 +344,7 @@ impl PyShardBatches {
             Some(Ok(batch)) => batch,
         };
         let n = batch.samples.len();
-        let [a, b, c] = self.item_shape;
-        let pixels = match batch.pixels {
-            batches::Pixels::F32(v) => PyArray1::from_vec(py, v).reshape([n, a, b, c])?.into_any(),
-            batches::Pixels::F16(v) => PyArray1::from_vec(py, v).reshape([n, a, b, c])?.into_any(),
-            batches::Pixels::U8(v) => PyArray1::from_vec(py, v).reshape([n, a, b, c])?.into_any(),
-        };
+        let pixels = pixels_array(py, batch.pixels, n, self.item_shape)?;
         let out = PyDict::new(py);
         out.set_item("pixels", pixels)?;
         let samples = batch.samples;
@@ -536,9 +497,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_threads, m)?)?;
-    m.add_function(wrap_pyfunction!(preprocess_f32, m)?)?;
-    m.add_function(wrap_pyfunction!(preprocess_f16_bits, m)?)?;
-    m.add_function(wrap_pyfunction!(preprocess_u8, m)?)?;
+    m.add_function(wrap_pyfunction!(preprocess_images, m)?)?;
     m.add_function(wrap_pyfunction!(image_dimensions, m)?)?;
     m.add_function(wrap_pyfunction!(expand_shard_paths, m)?)?;
     m.add_class::<PySample>()?;

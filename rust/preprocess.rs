@@ -227,6 +227,54 @@ where
     Ok(Batch { pixels, statuses })
 }
 
+/// What a batch's pixels are written as.
+#[derive(Clone)]
+pub enum Output {
+    /// Normalised float32 values through a per-channel table, CHW.
+    F32(Box<[[f32; 256]; 3]>),
+    /// Normalised float16 values (as their bits) through a per-channel table, CHW.
+    F16(Box<[[u16; 256]; 3]>),
+    /// The uint8 RGB crop, HWC.
+    U8,
+}
+
+/// Pixels of one batch: one plane per input whose status is `Ok`, in input order.
+pub enum BatchPixels {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+    U8(Vec<u8>),
+}
+
+/// [`batch`] with the element type and writer chosen by `output`.
+pub fn batch_as(
+    inputs: &[&[u8]],
+    opts: &Options,
+    threads: usize,
+    output: &Output,
+) -> Result<(BatchPixels, Vec<Status>), String> {
+    let plane = 3 * opts.size * opts.size;
+    Ok(match output {
+        Output::F32(lut) => {
+            let b = batch(inputs, opts, threads, plane, |rgb, out| {
+                write_normalised(rgb, out, lut)
+            })?;
+            (BatchPixels::F32(b.pixels), b.statuses)
+        }
+        Output::F16(lut) => {
+            let b = batch(inputs, opts, threads, plane, |rgb, out| {
+                write_normalised(rgb, out, lut)
+            })?;
+            (BatchPixels::F16(b.pixels), b.statuses)
+        }
+        Output::U8 => {
+            let b = batch(inputs, opts, threads, plane, |rgb, out: &mut [u8]| {
+                out.copy_from_slice(rgb)
+            })?;
+            (BatchPixels::U8(b.pixels), b.statuses)
+        }
+    })
+}
+
 /// Write an RGB crop as normalised CHW values through per-channel lookup tables.
 pub fn write_normalised<T: Copy>(rgb: &[u8], out: &mut [T], lut: &[[T; 256]; 3]) {
     let n = rgb.len() / 3;

@@ -16,34 +16,21 @@ def available_threads() -> int:
 # (ok input positions, [(position, reason)] failures, [(position, format)] fallbacks)
 _Statuses = tuple[list[int], list[tuple[int, str]], list[tuple[int, str]]]
 
-def preprocess_f32(
+def preprocess_images(
     images: list[bytes],
     size: int,
     mode: str,
-    lut: npt.NDArray[np.float32],
+    output: str,
     max_pixels: int,
+    lut_f32: npt.NDArray[np.float32] | None = None,
+    lut_f16: npt.NDArray[np.uint16] | None = None,
     threads: int | None = None,
-) -> tuple[npt.NDArray[np.float32], _Statuses]:
-    """Decode, resize, crop and normalise into (n_ok, 3, size, size) float32 (GIL released)."""
+) -> tuple[npt.NDArray[np.generic], _Statuses]:
+    """Decode, resize, crop (and normalise) images, GIL released.
 
-def preprocess_f16_bits(
-    images: list[bytes],
-    size: int,
-    mode: str,
-    lut: npt.NDArray[np.uint16],
-    max_pixels: int,
-    threads: int | None = None,
-) -> tuple[npt.NDArray[np.uint16], _Statuses]:
-    """As preprocess_f32 with float16 values passed and returned as uint16 bits."""
-
-def preprocess_u8(
-    images: list[bytes],
-    size: int,
-    mode: str,
-    max_pixels: int,
-    threads: int | None = None,
-) -> tuple[npt.NDArray[np.uint8], _Statuses]:
-    """The uint8 RGB crops before normalisation, (n_ok, size, size, 3)."""
+    ``output`` "float32"/"float16" gives (n_ok, 3, size, size) normalised through the
+    table (float16 as uint16 bits); "uint8" gives the RGB crops (n_ok, size, size, 3).
+    """
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG or PNG from its header; None for other formats."""

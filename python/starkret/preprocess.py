@@ -142,20 +142,10 @@ def preprocess(
     _check_options(size, mode, dtype, threads, max_pixels)
     data = _as_bytes(images)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if dtype == "uint8":
-        hwc, (ok, failures, fallbacks) = _core.preprocess_u8(data, size, mode, max_pixels, threads)
-        pixels = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))
-    elif dtype == "float16":
-        table = normalisation_table(mean, std, "float16").view(np.uint16)
-        bits, (ok, failures, fallbacks) = _core.preprocess_f16_bits(
-            data, size, mode, table, max_pixels, threads
-        )
-        pixels = bits.view(np.float16)
-    else:
-        table = normalisation_table(mean, std, "float32")
-        pixels, (ok, failures, fallbacks) = _core.preprocess_f32(
-            data, size, mode, table, max_pixels, threads
-        )
+    pixels, (ok, failures, fallbacks) = _core.preprocess_images(
+        data, size, mode, dtype, max_pixels, threads=threads, **_tables(dtype, mean, std)
+    )
+    pixels = _as_chw(pixels, dtype)
     index = np.asarray(ok, dtype=np.int64)
     done, failed = _pillow_fallbacks(
         [(pos, data[pos]) for pos, _format in fallbacks], size, max_pixels, dtype, mean, std
@@ -188,6 +178,24 @@ def _splice(pixels: np.ndarray, index: np.ndarray, extra: list[tuple[int, np.nda
     order = np.argsort(merged_index, kind="stable")
     merged = np.concatenate([pixels, np.stack([plane for _, plane in extra])])[order]
     return merged, merged_index[order]
+
+
+def _tables(dtype: str, mean, std) -> dict:
+    """The normalisation table the Rust core needs for ``dtype`` (none for uint8)."""
+    if dtype == "float32":
+        return {"lut_f32": normalisation_table(mean, std, "float32")}
+    if dtype == "float16":
+        return {"lut_f16": normalisation_table(mean, std, "float16").view(np.uint16)}
+    return {}
+
+
+def _as_chw(pixels: np.ndarray, dtype: str) -> np.ndarray:
+    """The Rust core's output as (n, 3, S, S) of ``dtype`` (uint8 comes HWC, float16 as bits)."""
+    if dtype == "uint8":
+        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    if dtype == "float16":
+        return pixels.view(np.float16)
+    return pixels
 
 
 def _finish(crop: np.ndarray, dtype: str, mean, std) -> np.ndarray:
@@ -286,11 +294,7 @@ class ShardBatchIterator(Iterator[ShardBatch]):
 
     def __next__(self) -> ShardBatch:
         raw = next(self._core)
-        pixels = raw["pixels"]
-        if self._dtype == "uint8":
-            pixels = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
-        elif self._dtype == "float16":
-            pixels = pixels.view(np.float16)
+        pixels = _as_chw(raw["pixels"], self._dtype)
         batch = ShardBatch(
             pixels,
             raw["key"],
@@ -370,11 +374,6 @@ def preprocess_shards(
         raise ValueError(f"max_member_bytes must be a positive int, got {max_member_bytes!r}")
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     files = expand_shard_paths(paths)
-    tables = {}
-    if dtype == "float32":
-        tables["lut_f32"] = normalisation_table(mean, std, "float32")
-    elif dtype == "float16":
-        tables["lut_f16"] = normalisation_table(mean, std, "float16").view(np.uint16)
     core = _core.ShardBatches(
         files,
         size=size,
@@ -386,7 +385,7 @@ def preprocess_shards(
         per_shard=per_shard,
         prefetch=prefetch,
         threads=threads,
-        **tables,
+        **_tables(dtype, mean, std),
     )
     return ShardBatchIterator(
         core, size=size, max_pixels=max_pixels, dtype=dtype, mean=mean, std=std
