@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .aligner import Aligner, Alignment
 from .db import ImageDB
-from .formats import Episode, FormatError, read_episodes, stark_fields
+from .formats import Episode, FormatError, iter_jsonl, read_episodes, stark_fields
 
 __all__ = ["AlignReport", "align_file"]
 
@@ -60,23 +60,16 @@ def _plain_episodes(path: Path) -> Iterator[Episode] | None:
 
     def generate() -> Iterator[Episode]:
         current: Episode | None = None
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FormatError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-                missing = [k for k in ("episode_id", "moment_id", "description") if k not in r]
-                if missing:
-                    raise FormatError(f"{path}:{number}: moment lacks {', '.join(missing)}")
-                episode_id = str(r["episode_id"])
-                if current is None or current.episode_id != episode_id:
-                    if current is not None:
-                        yield current
-                    current = Episode(episode_id, {}, {"moments": []})
-                current.raw["moments"].append(r)
+        for number, r in iter_jsonl(path):
+            missing = [k for k in ("episode_id", "moment_id", "description") if k not in r]
+            if missing:
+                raise FormatError(f"{path}:{number}: moment lacks {', '.join(missing)}")
+            episode_id = str(r["episode_id"])
+            if current is None or current.episode_id != episode_id:
+                if current is not None:
+                    yield current
+                current = Episode(episode_id, {}, {"moments": []})
+            current.raw["moments"].append(r)
         if current is not None:
             yield current
 

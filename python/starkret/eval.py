@@ -8,16 +8,14 @@ ranked by CLIP score; the ground truth's rank gives the metrics, reported x100.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .db import ImageDB
-from .formats import FormatError, parse_ultron_output
+from .formats import FormatError, iter_jsonl, parse_ultron_output
 
 __all__ = ["EvalResult", "evaluate", "read_pairs", "retrieval_metrics"]
 
@@ -62,16 +60,7 @@ def retrieval_metrics(ranks: Sequence[int]) -> EvalResult:
 
 def read_pairs(path: str | os.PathLike) -> list[dict]:
     """Pairs from JSONL: ``{"description" | "ultron_output": str, "image_key": str}``."""
-    pairs = []
-    with open(Path(path), encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-    return pairs
+    return [record for _, record in iter_jsonl(path)]
 
 
 def _queries(pairs: Iterable[Mapping]) -> tuple[list[str], list[str]]:

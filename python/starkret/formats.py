@@ -241,6 +241,21 @@ def _episode(record, where: str) -> Episode:
     raise FormatError(f"{where}: neither 'sessions' nor 'session<N>:...' fields")
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` for every non-blank line of a JSONL file.
+
+    Raises :class:`FormatError` naming the file and line of invalid JSON.
+    """
+    with open(Path(path), encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FormatError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+
+
 def read_episodes(path: str | os.PathLike) -> Iterator[Episode]:
     """Episodes from a JSONL file (one per line) or a JSON file (a list of episodes).
 
@@ -260,14 +275,8 @@ def read_episodes(path: str | os.PathLike) -> Iterator[Episode]:
             for i, record in enumerate(records):
                 yield _episode(record, f"{path} episode #{i}")
             return
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-            yield _episode(record, f"{path}:{number}")
+    for number, record in iter_jsonl(path):
+        yield _episode(record, f"{path}:{number}")
 
 
 def stark_fields(episode: Episode, alignments: list) -> dict:
