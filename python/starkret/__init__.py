@@ -30,6 +30,7 @@ from .preprocess import (
     preprocess_shards,
 )
 from .shards import Sample, read_shards
+from .topk import merge_topk, topk
 
 try:
     __version__: str = _dist_version("starkret")
@@ -52,7 +53,9 @@ __all__ = [
     "__version__",
     "core_version",
     "embed",
+    "merge_topk",
     "preprocess",
     "preprocess_shards",
     "read_shards",
+    "topk",
 ]
