@@ -50,7 +50,7 @@ impl<'a> Database<'a> {
         if d == 0 {
             return Err("the dimension must be at least 1".into());
         }
-        if rows.len() % d != 0 {
+        if !rows.len().is_multiple_of(d) {
             return Err(format!(
                 "{} values do not make whole rows of dimension {d}",
                 rows.len()
@@ -61,10 +61,6 @@ impl<'a> Database<'a> {
             n: rows.len() / d,
             d,
         })
-    }
-
-    pub fn rows(&self) -> usize {
-        self.n
     }
 }
 
@@ -264,7 +260,7 @@ pub fn search(
     if k == 0 {
         return Err("k must be at least 1".into());
     }
-    if queries.len() % d != 0 {
+    if !queries.len().is_multiple_of(d) {
         return Err(format!(
             "{} query values do not make whole rows of dimension {d}",
             queries.len()
@@ -388,45 +384,186 @@ unsafe fn scan_avx2(job: &Job<'_>, rows: Range<usize>) -> Vec<Best> {
     scan_rows::<x86::Avx2, 2, 4>(job, rows)
 }
 
+/// Batches up to this size stream rows straight from the database into the kernel
+/// (memory-bound: the prefetcher sees one continuous read); larger batches widen a
+/// block of rows once and reuse it, from L2, for every query tile (compute-bound).
+const STREAM_MAX_QUERIES: usize = 48;
+
 #[inline(always)]
 fn scan_rows<I: Isa, const MR: usize, const NR: usize>(
     job: &Job<'_>,
     rows: Range<usize>,
 ) -> Vec<Best> {
-    let dp = job.dp;
     let capacity = rows.len();
     let mut best: Vec<Best> = (0..job.q).map(|_| Best::new(job.k, capacity)).collect();
+    if job.q <= STREAM_MAX_QUERIES {
+        match job.db.rows {
+            Rows::F32(v) => stream::<I, f32, MR, NR>(job, v, rows, &mut best),
+            Rows::F16Bits(v) => stream::<I, u16, MR, NR>(job, v, rows, &mut best),
+        }
+    } else {
+        blocked::<I, MR, NR>(job, rows, &mut best);
+    }
+    best
+}
+
+/// Rows-outer order: each tile of NR database rows is read once, from memory, and
+/// scored against every query of the batch while it sits in L1.
+#[inline(always)]
+fn stream<I: Isa, E: Elem, const MR: usize, const NR: usize>(
+    job: &Job<'_>,
+    values: &[E],
+    rows: Range<usize>,
+    best: &mut [Best],
+) {
+    let d = job.db.d;
+    let mut start = rows.start;
+    while start < rows.end {
+        let count = NR.min(rows.end - start);
+        let tile_rows = RowTile {
+            values: &values[start * d..(start + count) * d],
+            stride: d,
+            len: d,
+            // Streaming rows in lockstep defeats the hardware prefetcher; fetch the
+            // tile after next while this one is scored.
+            ahead: 2 * NR * d,
+            first_id: start,
+            count,
+        };
+        for_query_tiles::<I, E, MR, NR>(job, &tile_rows, best);
+        start += count;
+    }
+}
+
+/// Blocked order: a block of rows is widened into an L2-sized scratch buffer once
+/// and every query tile passes over it, so each loaded row serves MR queries from
+/// registers and the whole batch from cache.
+#[inline(always)]
+fn blocked<I: Isa, const MR: usize, const NR: usize>(
+    job: &Job<'_>,
+    rows: Range<usize>,
+    best: &mut [Best],
+) {
+    let dp = job.dp;
     let block = (BLOCK_BYTES / (dp * 4)).max(NR) / NR * NR;
     let mut scratch = vec![0f32; block * dp];
     let mut start = rows.start;
     while start < rows.end {
         let count = block.min(rows.end - start);
         widen_block::<I>(&job.db, start, count, dp, &mut scratch);
-        let padded = count.div_ceil(NR) * NR;
-        scratch[count * dp..padded * dp].fill(0.0);
-        let block_rows = &scratch[..padded * dp];
         let mut qi = 0;
         while qi < job.q {
             let mr = MR.min(job.q - qi);
-            let tiles = Tiles {
-                job,
-                block: block_rows,
-                first_id: start,
-                count,
-                query: qi,
-            };
-            let best = &mut best[qi..qi + mr];
-            match mr {
-                1 => tiles.run::<I, 1, NR>(best),
-                2 => tiles.run::<I, 2, NR>(best),
-                3 => tiles.run::<I, 3, NR>(best),
-                _ => tiles.run::<I, MR, NR>(best),
+            for r0 in (0..count).step_by(NR) {
+                let n_rows = NR.min(count - r0);
+                let tile_rows = RowTile {
+                    values: &scratch[r0 * dp..(r0 + n_rows) * dp],
+                    stride: dp,
+                    len: dp,
+                    ahead: 0,
+                    first_id: start + r0,
+                    count: n_rows,
+                };
+                one_query_tile::<I, f32, MR, NR>(job, &tile_rows, qi, mr, &mut best[qi..qi + mr]);
             }
             qi += mr;
         }
         start += count;
     }
-    best
+}
+
+/// Up to NR rows of `len` values, `stride` apart (zero beyond `len` up to `dp`).
+struct RowTile<'a, E> {
+    values: &'a [E],
+    stride: usize,
+    len: usize,
+    /// Prefetch this many values ahead of each load (0: none).
+    ahead: usize,
+    first_id: usize,
+    count: usize,
+}
+
+#[inline(always)]
+fn for_query_tiles<I: Isa, E: Elem, const MR: usize, const NR: usize>(
+    job: &Job<'_>,
+    rows: &RowTile<'_, E>,
+    best: &mut [Best],
+) {
+    let mut qi = 0;
+    while qi < job.q {
+        let mr = MR.min(job.q - qi);
+        one_query_tile::<I, E, MR, NR>(job, rows, qi, mr, &mut best[qi..qi + mr]);
+        qi += mr;
+    }
+}
+
+#[inline(always)]
+fn one_query_tile<I: Isa, E: Elem, const MR: usize, const NR: usize>(
+    job: &Job<'_>,
+    rows: &RowTile<'_, E>,
+    qi: usize,
+    mr: usize,
+    best: &mut [Best],
+) {
+    match (mr, rows.count == NR) {
+        (1, true) => score_tile::<I, E, 1, NR>(job, rows, qi, best),
+        (2, true) => score_tile::<I, E, 2, NR>(job, rows, qi, best),
+        (3, true) => score_tile::<I, E, 3, NR>(job, rows, qi, best),
+        (_, true) => score_tile::<I, E, MR, NR>(job, rows, qi, best),
+        // The last rows of a range: one row at a time, same arithmetic per score.
+        _ => {
+            for r in 0..rows.count {
+                let one = RowTile {
+                    values: &rows.values[r * rows.stride..],
+                    stride: rows.stride,
+                    len: rows.len,
+                    ahead: 0,
+                    first_id: rows.first_id + r,
+                    count: 1,
+                };
+                for m in 0..mr {
+                    score_tile::<I, E, 1, 1>(job, &one, qi + m, &mut best[m..m + 1]);
+                }
+            }
+        }
+    }
+}
+
+/// Scores queries `qi..qi + M` against the NR rows of `rows` and offers the hits.
+#[inline(always)]
+fn score_tile<I: Isa, E: Elem, const M: usize, const NR: usize>(
+    job: &Job<'_>,
+    rows: &RowTile<'_, E>,
+    qi: usize,
+    best: &mut [Best],
+) {
+    let dp = job.dp;
+    let queries = &job.queries[qi * dp..(qi + M) * dp];
+    assert!(rows.values.len() >= (NR - 1) * rows.stride + rows.len.min(dp));
+    // SAFETY: `queries` holds M rows of dp values (dp a multiple of every lane
+    // count) and `rows` NR rows of `len` values `stride` apart, as asserted; the
+    // CPU supports I's features.
+    let scores = unsafe {
+        tile::<I, E, M, NR>(
+            queries.as_ptr(),
+            rows.values.as_ptr(),
+            rows.stride,
+            rows.len,
+            dp,
+            rows.ahead,
+        )
+    };
+    for (m, (row, best)) in scores.iter().zip(best.iter_mut()).enumerate() {
+        for (c, &score) in row.iter().enumerate() {
+            if !best.admits(score) {
+                continue;
+            }
+            let id = (rows.first_id + c) as i64;
+            if !job.exclude.contains(qi + m, id) {
+                best.push(Hit { score, id });
+            }
+        }
+    }
 }
 
 /// Copies (and widens) `count` rows from `start` into `scratch` with stride `dp`.
@@ -450,64 +587,43 @@ fn widen_block<I: Isa>(
     }
 }
 
-/// The query tiles of one widened block.
-struct Tiles<'a, 'j> {
-    job: &'a Job<'j>,
-    block: &'a [f32],
-    first_id: usize,
-    count: usize,
-    query: usize,
-}
-
-impl Tiles<'_, '_> {
-    /// Scores queries `query..query + M` against every row of the block.
-    #[inline(always)]
-    fn run<I: Isa, const M: usize, const NR: usize>(&self, best: &mut [Best]) {
-        let dp = self.job.dp;
-        let queries = &self.job.queries[self.query * dp..(self.query + M) * dp];
-        for r0 in (0..self.count).step_by(NR) {
-            let rows = &self.block[r0 * dp..(r0 + NR) * dp];
-            // SAFETY: `queries` holds M rows and `rows` NR rows of `dp` values, dp a
-            // multiple of every lane count; the CPU supports I's features.
-            let scores = unsafe { tile::<I, M, NR>(queries.as_ptr(), rows.as_ptr(), dp) };
-            let valid = NR.min(self.count - r0);
-            for (m, (row, best)) in scores.iter().zip(best.iter_mut()).enumerate() {
-                for (c, &score) in row.iter().take(valid).enumerate() {
-                    if !best.admits(score) {
-                        continue;
-                    }
-                    let id = (self.first_id + r0 + c) as i64;
-                    if !self.job.exclude.contains(self.query + m, id) {
-                        best.push(Hit { score, id });
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// M x NR dot products of dimension `dp`: each accumulates lane-wise in order over
-/// the row and is then summed across lanes, the same way in every tile shape.
+/// M x NR dot products: each accumulates lane-wise in order over the padded
+/// dimension `dp` and is then summed across lanes, the same way whatever the tile
+/// shape or the layout the rows come from, so every score is bit-identical.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn tile<I: Isa, const M: usize, const NR: usize>(
+unsafe fn tile<I: Isa, E: Elem, const M: usize, const NR: usize>(
     queries: *const f32,
-    rows: *const f32,
+    rows: *const E,
+    stride: usize,
+    len: usize,
     dp: usize,
+    ahead: usize,
 ) -> [[f32; NR]; M] {
     let mut acc = [[I::zero(); NR]; M];
+    let full = len / I::LANES * I::LANES;
     let mut j = 0;
-    while j < dp {
+    while j < full {
         let mut r = [I::zero(); NR];
         for c in 0..NR {
-            r[c] = I::load(rows.add(c * dp + j));
-        }
-        for m in 0..M {
-            let qv = I::load(queries.add(m * dp + j));
-            for c in 0..NR {
-                acc[m][c] = I::fma(r[c], qv, acc[m][c]);
+            let p = rows.add(c * stride + j);
+            // Once per 64-byte line; a hint never faults, so running past the end
+            // of the rows is harmless.
+            if ahead > 0 && (j * size_of::<E>()).is_multiple_of(64) {
+                I::prefetch(p.wrapping_add(ahead).cast());
             }
+            r[c] = E::load::<I>(p);
         }
+        step::<I, M, NR>(&mut acc, &r, queries, j, dp);
+        j += I::LANES;
+    }
+    while j < dp {
+        let mut r = [I::zero(); NR];
+        let count = len.saturating_sub(j).min(I::LANES);
+        for c in 0..NR {
+            r[c] = E::load_partial::<I>(rows.add(c * stride + j), count);
+        }
+        step::<I, M, NR>(&mut acc, &r, queries, j, dp);
         j += I::LANES;
     }
     let mut out = [[0f32; NR]; M];
@@ -519,6 +635,49 @@ unsafe fn tile<I: Isa, const M: usize, const NR: usize>(
     out
 }
 
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn step<I: Isa, const M: usize, const NR: usize>(
+    acc: &mut [[I::V; NR]; M],
+    r: &[I::V; NR],
+    queries: *const f32,
+    j: usize,
+    dp: usize,
+) {
+    for m in 0..M {
+        let qv = I::load(queries.add(m * dp + j));
+        for c in 0..NR {
+            acc[m][c] = I::fma(r[c], qv, acc[m][c]);
+        }
+    }
+}
+
+/// A database value type: f32, or f16 given as its bits.
+trait Elem: Copy + Default {
+    unsafe fn load<I: Isa>(p: *const Self) -> I::V;
+    /// `count` values (0 to LANES), the rest of the lanes zero.
+    #[inline(always)]
+    unsafe fn load_partial<I: Isa>(p: *const Self, count: usize) -> I::V {
+        let mut buf = [Self::default(); 16];
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), count);
+        Self::load::<I>(buf.as_ptr())
+    }
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn load<I: Isa>(p: *const f32) -> I::V {
+        I::load(p)
+    }
+}
+
+impl Elem for u16 {
+    #[inline(always)]
+    unsafe fn load<I: Isa>(p: *const u16) -> I::V {
+        I::load_f16(p)
+    }
+}
+
 // ==== SIMD ====
 
 /// The few vector operations the kernel needs. Implementations are `inline(always)`
@@ -528,9 +687,13 @@ trait Isa {
     const LANES: usize;
     unsafe fn zero() -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
+    /// LANES float16 values (bits), widened.
+    unsafe fn load_f16(p: *const u16) -> Self::V;
     /// `a * b + acc`
     unsafe fn fma(a: Self::V, b: Self::V, acc: Self::V) -> Self::V;
     unsafe fn sum(v: Self::V) -> f32;
+    /// Hint that the cache line at `p` will be read soon.
+    unsafe fn prefetch(p: *const i8);
     /// float16 bits to f32, exactly.
     unsafe fn widen(src: &[u16], dst: &mut [f32]);
 }
@@ -551,6 +714,11 @@ impl Isa for Portable {
         p.cast::<[f32; 8]>().read_unaligned()
     }
     #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> [f32; 8] {
+        let bits = p.cast::<[u16; 8]>().read_unaligned();
+        bits.map(f16_to_f32)
+    }
+    #[inline(always)]
     unsafe fn fma(a: [f32; 8], b: [f32; 8], acc: [f32; 8]) -> [f32; 8] {
         let mut out = acc;
         for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
@@ -558,6 +726,8 @@ impl Isa for Portable {
         }
         out
     }
+    #[inline(always)]
+    unsafe fn prefetch(_: *const i8) {}
     #[inline(always)]
     unsafe fn sum(v: [f32; 8]) -> f32 {
         ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
@@ -606,8 +776,16 @@ mod x86 {
             _mm256_loadu_ps(p)
         }
         #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+        #[inline(always)]
         unsafe fn fma(a: __m256, b: __m256, acc: __m256) -> __m256 {
             _mm256_fmadd_ps(a, b, acc)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const i8) {
+            _mm_prefetch::<_MM_HINT_T0>(p)
         }
         #[inline(always)]
         unsafe fn sum(v: __m256) -> f32 {
@@ -645,8 +823,16 @@ mod x86 {
             _mm512_loadu_ps(p)
         }
         #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        }
+        #[inline(always)]
         unsafe fn fma(a: __m512, b: __m512, acc: __m512) -> __m512 {
             _mm512_fmadd_ps(a, b, acc)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const i8) {
+            _mm_prefetch::<_MM_HINT_T0>(p)
         }
         #[inline(always)]
         unsafe fn sum(v: __m512) -> f32 {
@@ -706,16 +892,13 @@ mod tests {
             .collect()
     }
 
-    fn f16_bits(v: f32) -> u16 {
-        // Small integers only: exact in f16.
-        let mut out = 0u16;
-        for h in 0..=u16::MAX {
-            if f16_to_f32(h) == v {
-                out = h;
-                break;
-            }
-        }
-        out
+    /// The f16 bits of values from `data` (integers in [-8, 8), all exact in f16).
+    fn to_f16(values: &[f32]) -> Vec<u16> {
+        let code = |v: f32| (0..0x7c00u16).find(|&h| f16_to_f32(h) == v.abs()).unwrap();
+        let table: Vec<u16> = (-8..8)
+            .map(|v| code(v as f32) | if v < 0 { 0x8000 } else { 0 })
+            .collect();
+        values.iter().map(|&v| table[(v + 8.0) as usize]).collect()
     }
 
     #[test]
@@ -728,8 +911,35 @@ mod tests {
                 let got = search(&queries, &db, 5, &Exclude::Nothing, 2).unwrap();
                 let want = brute(&queries, &rows, d, 5, &[]);
                 for (qi, w) in want.iter().enumerate() {
-                    assert_eq!(&got.ids[qi * 5..qi * 5 + 5], &w[..], "d={d} q={q} qi={qi} {:?}", &queries);
+                    assert_eq!(
+                        &got.ids[qi * 5..qi * 5 + 5],
+                        &w[..],
+                        "d={d} q={q} qi={qi} {:?}",
+                        &queries
+                    );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn streamed_and_blocked_scans_give_identical_scores() {
+        // Random-ish non-integer data, so any difference in arithmetic would show.
+        for &d in &[7, 33, 64] {
+            let rows: Vec<f32> = data(900, d, 11).iter().map(|v| v * 0.37 + 0.011).collect();
+            let bits = to_f16(&data(900, d, 11));
+            let queries: Vec<f32> = data(STREAM_MAX_QUERIES + 13, d, 12)
+                .iter()
+                .map(|v| v * 0.29)
+                .collect();
+            for db in [Rows::F32(&rows), Rows::F16Bits(&bits)] {
+                let db = Database::new(db, d).unwrap();
+                let blocked = search(&queries, &db, 9, &Exclude::Nothing, 2).unwrap();
+                let streamed = search(&queries[..5 * d], &db, 9, &Exclude::Nothing, 1).unwrap();
+                assert_eq!(&blocked.ids[..45], &streamed.ids[..]);
+                let a: Vec<u32> = blocked.scores[..45].iter().map(|s| s.to_bits()).collect();
+                let b: Vec<u32> = streamed.scores.iter().map(|s| s.to_bits()).collect();
+                assert_eq!(a, b, "d={d}");
             }
         }
     }
@@ -738,7 +948,7 @@ mod tests {
     fn float16_rows_give_the_float32_results() {
         let d = 33;
         let rows = data(500, d, 3);
-        let bits: Vec<u16> = rows.iter().map(|&v| f16_bits(v)).collect();
+        let bits = to_f16(&rows);
         let queries = data(4, d, 4);
         let a = search(
             &queries,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import Union
 
 import numpy as np
 
@@ -18,7 +17,7 @@ from . import _core
 __all__ = ["Exclude", "merge_topk", "topk"]
 
 #: Row ids to leave out: one collection for every query, or one per query.
-Exclude = Union[Iterable[int], Sequence[Iterable[int]], None]
+Exclude = Iterable[int] | Sequence[Iterable[int]] | None
 
 _DB_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
