@@ -275,6 +275,11 @@ pub fn search(
             ));
         }
     }
+    if q.checked_mul(k)
+        .is_none_or(|len| len > isize::MAX as usize / 8)
+    {
+        return Err(format!("{q} queries x k={k} results do not fit in memory"));
+    }
     let dp = d.div_ceil(PAD) * PAD;
     let mut padded = vec![0f32; q * dp];
     for (dst, src) in padded.chunks_exact_mut(dp).zip(queries.chunks_exact(d)) {

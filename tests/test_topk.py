@@ -232,3 +232,8 @@ def test_bad_dtypes_are_type_errors():
         starkret.topk(queries, [[0.0] * 4], 1)
     with pytest.raises(TypeError, match="integer row ids"):
         starkret.topk(queries, np.zeros((3, 4), np.float32), 1, exclude=[0.5])
+
+
+def test_k_too_large_to_allocate_is_a_value_error():
+    with pytest.raises(ValueError, match="do not fit in memory"):
+        starkret.topk(np.zeros((4, 4), np.float32), np.zeros((3, 4), np.float32), 2**62)
