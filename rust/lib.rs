@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
+use numpy::{
+    PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -19,6 +21,7 @@ mod dedup;
 mod preprocess;
 mod resample;
 pub mod shards;
+mod topk;
 mod transpose;
 
 /// The widest SIMD level detected on this CPU at run time (e.g. "avx2+fma").
@@ -490,6 +493,121 @@ fn select_images(
     Ok((picked, counts, outcomes))
 }
 
+// ==== Top-k ====
+
+/// Ids to leave out: one list for every query, or one list per query.
+fn exclusion(
+    global: Option<PyReadonlyArray1<'_, i64>>,
+    per_query: Option<Vec<PyReadonlyArray1<'_, i64>>>,
+) -> PyResult<topk::Exclude> {
+    Ok(match (global, per_query) {
+        (Some(_), Some(_)) => {
+            return Err(PyValueError::new_err(
+                "give exclude or exclude_per_query, not both",
+            ))
+        }
+        (Some(ids), None) => topk::Exclude::global(ids.as_slice()?.to_vec()),
+        (None, Some(lists)) => topk::Exclude::per_query(
+            lists
+                .iter()
+                .map(|ids| Ok(ids.as_slice()?.to_vec()))
+                .collect::<PyResult<_>>()?,
+        ),
+        (None, None) => topk::Exclude::Nothing,
+    })
+}
+
+type TopKArrays<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>);
+
+fn topk_arrays(py: Python<'_>, result: topk::TopK) -> PyResult<TopKArrays<'_>> {
+    let q = result.q;
+    let scores = PyArray1::from_vec(py, result.scores).reshape([q, result.k])?;
+    let ids = PyArray1::from_vec(py, result.ids).reshape([q, result.k])?;
+    Ok((scores, ids))
+}
+
+fn run_topk<'py>(
+    py: Python<'py>,
+    queries: &PyReadonlyArray2<'py, f32>,
+    rows: topk::Rows<'_>,
+    d: usize,
+    k: usize,
+    exclude: topk::Exclude,
+    threads: Option<usize>,
+) -> PyResult<TopKArrays<'py>> {
+    let q = queries.as_slice()?;
+    if queries.shape()[1] != d {
+        return Err(PyValueError::new_err(format!(
+            "queries have dimension {}, the database {d}",
+            queries.shape()[1]
+        )));
+    }
+    let db = topk::Database::new(rows, d).map_err(PyValueError::new_err)?;
+    let result = py
+        .detach(|| topk::search(q, &db, k, &exclude, threads.unwrap_or(0)))
+        .map_err(PyValueError::new_err)?;
+    topk_arrays(py, result)
+}
+
+/// Exact inner-product top-k of float32 queries against a float32 database.
+#[pyfunction]
+#[pyo3(signature = (queries, database, k, *, exclude=None, exclude_per_query=None, threads=None))]
+fn topk_f32<'py>(
+    py: Python<'py>,
+    queries: PyReadonlyArray2<'py, f32>,
+    database: PyReadonlyArray2<'py, f32>,
+    k: usize,
+    exclude: Option<PyReadonlyArray1<'py, i64>>,
+    exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
+    threads: Option<usize>,
+) -> PyResult<TopKArrays<'py>> {
+    let d = database.shape()[1];
+    let rows = topk::Rows::F32(database.as_slice()?);
+    let exclude = exclusion(exclude, exclude_per_query)?;
+    run_topk(py, &queries, rows, d, k, exclude, threads)
+}
+
+/// As `topk_f32` for a float16 database given as its uint16 bits.
+#[pyfunction]
+#[pyo3(signature = (queries, database, k, *, exclude=None, exclude_per_query=None, threads=None))]
+fn topk_f16_bits<'py>(
+    py: Python<'py>,
+    queries: PyReadonlyArray2<'py, f32>,
+    database: PyReadonlyArray2<'py, u16>,
+    k: usize,
+    exclude: Option<PyReadonlyArray1<'py, i64>>,
+    exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
+    threads: Option<usize>,
+) -> PyResult<TopKArrays<'py>> {
+    let d = database.shape()[1];
+    let rows = topk::Rows::F16Bits(database.as_slice()?);
+    let exclude = exclusion(exclude, exclude_per_query)?;
+    run_topk(py, &queries, rows, d, k, exclude, threads)
+}
+
+/// Exact merge of top lists laid side by side: (q, m) scores and global ids (-1 = none).
+#[pyfunction]
+fn merge_topk<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArray2<'py, f32>,
+    ids: PyReadonlyArray2<'py, i64>,
+    k: usize,
+) -> PyResult<TopKArrays<'py>> {
+    if scores.shape() != ids.shape() {
+        return Err(PyValueError::new_err(format!(
+            "scores {:?} and ids {:?} differ in shape",
+            scores.shape(),
+            ids.shape()
+        )));
+    }
+    let [q, m] = [scores.shape()[0], scores.shape()[1]];
+    let (s, i) = (scores.as_slice()?, ids.as_slice()?);
+    let result = py
+        .detach(|| topk::merge(s, i, q, m, k))
+        .map_err(PyValueError::new_err)?;
+    topk_arrays(py, result)
+}
+
 // ==== Module ====
 
 #[pymodule]
@@ -500,6 +618,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(preprocess_images, m)?)?;
     m.add_function(wrap_pyfunction!(image_dimensions, m)?)?;
     m.add_function(wrap_pyfunction!(expand_shard_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(topk_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(topk_f16_bits, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_topk, m)?)?;
     m.add_class::<PySample>()?;
     m.add_class::<PyShardReader>()?;
     m.add_class::<PyShardBatches>()?;

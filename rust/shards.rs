@@ -200,7 +200,7 @@ impl<R: Read> ShardSamples<R> {
         let Some((key, ext)) = split_member_name(&member.path) else {
             return Ok(());
         };
-        if self.current.as_ref().map_or(true, |c| c.key != key) {
+        if self.current.as_ref().is_none_or(|c| c.key != key) {
             self.flush();
             self.current = Some(PartialSample::new(key));
         }

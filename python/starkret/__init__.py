@@ -33,6 +33,7 @@ from .preprocess import (
     preprocess_shards,
 )
 from .shards import Sample, read_shards
+from .topk import merge_topk, topk
 
 try:
     __version__: str = _dist_version("starkret")
@@ -62,7 +63,9 @@ __all__ = [
     "build_index",
     "core_version",
     "embed",
+    "merge_topk",
     "preprocess",
     "preprocess_shards",
     "read_shards",
+    "topk",
 ]

@@ -1,0 +1,188 @@
+"""Exact batched inner-product top-k over float16 / float32 embeddings, in Rust.
+
+The database may be an array in memory, a memory-mapped ``.npy`` file or the path of
+one; it is read in place (never copied or loaded whole), so a 25M x 768 float16
+collection on disk can be searched with a few hundred MB of RAM.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["Exclude", "merge_topk", "topk"]
+
+#: Row ids to leave out: one collection for every query, or one per query.
+Exclude = Iterable[int] | Sequence[Iterable[int]] | None
+
+_DB_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+def topk(
+    queries: np.ndarray,
+    database: np.ndarray | str | os.PathLike[str],
+    k: int,
+    *,
+    exclude: Exclude = None,
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` database rows with the largest inner product with each query, exactly.
+
+    Scores are accumulated in float32 (float16 rows are widened exactly first). Ties
+    rank the lower row id first, so results are the same whatever ``threads`` is.
+    The whole batch is served by one pass over the database, on all cores by default,
+    with the GIL released.
+
+    Args:
+        queries: ``(q, d)`` float32 (float16 and float64 are converted).
+        database: ``(n, d)`` float16 or float32, C-contiguous: an array, a memory map
+            (``np.load(path, mmap_mode="r")``) or the path of a ``.npy`` file, which is
+            memory-mapped, not loaded.
+        k: results per query (at least 1; may exceed ``n``).
+        exclude: row ids never returned: one collection (a set, list or 1-D array)
+            for every query, or a sequence of ``q`` collections, one per query.
+            Exclusion happens inside the scan, so ``k`` results still come back when
+            enough rows remain. Ids outside ``[0, n)`` exclude nothing.
+        threads: worker threads (default: all cores).
+
+    Returns:
+        ``(scores, ids)``, both ``(q, k)``: float32 scores in descending order and
+        int64 row ids. Where fewer than ``k`` rows are eligible the rest is padding
+        with score ``-inf`` and id ``-1``.
+
+    >>> import numpy as np, starkret
+    >>> db = np.array([[1, 0], [0, 1], [1, 1], [1, 0]], dtype=np.float16)
+    >>> scores, ids = starkret.topk(np.array([[1.0, 0.0]], dtype=np.float32), db, k=3)
+    >>> ids.tolist(), scores.tolist()
+    ([[0, 2, 3]], [[1.0, 1.0, 1.0]])
+    >>> starkret.topk(np.array([[1.0, 0.0]]), db, k=3, exclude={0})[1].tolist()
+    [[2, 3, 1]]
+    """
+    db = _open_database(database)
+    q = _as_queries(queries)
+    if q.shape[1] != db.shape[1]:
+        raise ValueError(
+            f"queries have dimension {q.shape[1]} but the database rows have {db.shape[1]}"
+        )
+    k = _check_k(k)
+    _check_threads(threads)
+    options = {"threads": threads, **_exclusion(exclude, q.shape[0])}
+    if db.dtype == np.float16:
+        return _core.topk_f16_bits(q, db.view(np.uint16), k, **options)
+    return _core.topk_f32(q, db, k, **options)
+
+
+def merge_topk(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]],
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of several ``(scores, ids)`` results for the same queries.
+
+    Each part is what :func:`topk` returned for one slice of a collection, with its
+    ids already made global (e.g. the slice's first row added). The rank order is
+    :func:`topk`'s (score descending, lower id first) and padding (id ``-1``) is
+    dropped, so merging the parts of a split collection equals searching it whole.
+
+    >>> import numpy as np, starkret
+    >>> a = (np.array([[0.9, 0.1]], np.float32), np.array([[4, 7]]))
+    >>> b = (np.array([[0.5, -np.inf]], np.float32), np.array([[12, -1]]))
+    >>> starkret.merge_topk([a, b], k=3)[1].tolist()
+    [[4, 12, 7]]
+    """
+    k = _check_k(k)
+    if not parts:
+        raise ValueError("merge_topk needs at least one (scores, ids) part")
+    scores, ids = [], []
+    for i, (s, d) in enumerate(parts):
+        s, d = np.asarray(s), np.asarray(d)
+        if s.ndim != 2 or s.shape != d.shape:
+            raise ValueError(
+                f"part {i}: scores {s.shape} and ids {d.shape} must be 2-D of equal shape"
+            )
+        scores.append(s.astype(np.float32, copy=False))
+        ids.append(d.astype(np.int64, copy=False))
+    rows = {s.shape[0] for s in scores}
+    if len(rows) != 1:
+        raise ValueError(f"parts have different numbers of queries: {sorted(rows)}")
+    return _core.merge_topk(
+        np.ascontiguousarray(np.concatenate(scores, axis=1)),
+        np.ascontiguousarray(np.concatenate(ids, axis=1)),
+        k,
+    )
+
+
+def _open_database(database: np.ndarray | str | os.PathLike[str]) -> np.ndarray:
+    if isinstance(database, (str, os.PathLike)):
+        database = np.load(os.fspath(database), mmap_mode="r", allow_pickle=False)
+    if not isinstance(database, np.ndarray):
+        raise TypeError(
+            f"database must be a numpy array or the path of a .npy file, "
+            f"got {type(database).__name__}"
+        )
+    if database.dtype not in _DB_DTYPES:
+        raise TypeError(f"database must be float16 or float32, got {database.dtype}")
+    if database.ndim != 2:
+        raise ValueError(f"database must be 2-D (n, d), got shape {database.shape}")
+    if database.shape[1] == 0:
+        raise ValueError("database rows must have at least one dimension")
+    if not database.flags.c_contiguous:
+        # A copy of a large collection could exhaust memory; the caller decides.
+        raise ValueError(
+            "database must be C-contiguous (row-major); pass np.ascontiguousarray(database) "
+            "if a copy of it fits in memory"
+        )
+    return database
+
+
+def _as_queries(queries: np.ndarray) -> np.ndarray:
+    queries = np.asarray(queries)
+    if not np.issubdtype(queries.dtype, np.floating):
+        raise TypeError(f"queries must be floating point, got {queries.dtype}")
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be 2-D (q, d), got shape {queries.shape}")
+    return np.ascontiguousarray(queries, dtype=np.float32)
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    return int(k)
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+
+
+def _id_array(ids: Iterable[int], what: str) -> np.ndarray:
+    array = np.asarray(list(ids) if isinstance(ids, (set, frozenset)) else ids)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{what} must hold integer row ids, got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _exclusion(exclude: Exclude, q: int) -> dict[str, object]:
+    if exclude is None:
+        return {}
+    if isinstance(exclude, np.ndarray) and exclude.ndim == 2:
+        exclude = list(exclude)
+    per_query = (
+        isinstance(exclude, Sequence)
+        and not isinstance(exclude, (str, bytes))
+        and len(exclude) > 0
+        and all(not isinstance(e, (int, np.integer)) for e in exclude)
+    )
+    if not per_query:
+        return {"exclude": _id_array(exclude, "exclude")}
+    if len(exclude) != q:
+        raise ValueError(f"exclude has {len(exclude)} per-query collections for {q} queries")
+    lists = [_id_array(e, f"exclude[{i}]") for i, e in enumerate(exclude)]
+    return {"exclude_per_query": lists}

@@ -1,0 +1,1075 @@
+//! Exact batched inner-product top-k over a row-major float16 or float32 database.
+//!
+//! The database is scanned in blocks of rows that are widened to f32 into a small
+//! scratch buffer (zero-padded to a multiple of the SIMD width), and every block is
+//! multiplied with all queries of the batch by a register-blocked micro-kernel
+//! (`MR` queries x `NR` rows per tile). One pass over the database therefore serves
+//! the whole batch: for a few queries the scan is bound by memory bandwidth and the
+//! database is read once; for hundreds of queries it is bound by FMA throughput and
+//! each loaded row is reused from registers across `MR` queries.
+//!
+//! Determinism: every (query, row) score is computed by the same sequence of
+//! operations whatever the tile it falls in or the thread that computes it, and hits
+//! are ranked by a total order (score descending, then id ascending), so results do
+//! not depend on the number of threads.
+
+use std::cmp::Ordering;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::cpu;
+
+/// The rows of a database as they lie in memory (a numpy array or a memory map).
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    /// IEEE float16 values given as their bits.
+    F16Bits(&'a [u16]),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rows::F32(v) => v.len(),
+            Rows::F16Bits(v) => v.len(),
+        }
+    }
+}
+
+/// A database of `n` rows of dimension `d`, borrowed.
+#[derive(Clone, Copy)]
+pub struct Database<'a> {
+    rows: Rows<'a>,
+    n: usize,
+    d: usize,
+}
+
+impl<'a> Database<'a> {
+    pub fn new(rows: Rows<'a>, d: usize) -> Result<Self, String> {
+        if d == 0 {
+            return Err("the dimension must be at least 1".into());
+        }
+        if !rows.len().is_multiple_of(d) {
+            return Err(format!(
+                "{} values do not make whole rows of dimension {d}",
+                rows.len()
+            ));
+        }
+        Ok(Self {
+            rows,
+            n: rows.len() / d,
+            d,
+        })
+    }
+}
+
+/// Row ids that must not be returned, applied inside the scan.
+pub enum Exclude {
+    Nothing,
+    /// The same ids for every query.
+    Global(Vec<i64>),
+    /// One list of ids per query.
+    PerQuery(Vec<Vec<i64>>),
+}
+
+impl Exclude {
+    /// Ids are sorted once here so that a lookup is a binary search.
+    pub fn global(mut ids: Vec<i64>) -> Self {
+        ids.sort_unstable();
+        ids.dedup();
+        Exclude::Global(ids)
+    }
+
+    pub fn per_query(lists: Vec<Vec<i64>>) -> Self {
+        Exclude::PerQuery(
+            lists
+                .into_iter()
+                .map(|mut ids| {
+                    ids.sort_unstable();
+                    ids.dedup();
+                    ids
+                })
+                .collect(),
+        )
+    }
+
+    #[inline]
+    fn contains(&self, query: usize, id: i64) -> bool {
+        match self {
+            Exclude::Nothing => false,
+            Exclude::Global(ids) => ids.binary_search(&id).is_ok(),
+            Exclude::PerQuery(lists) => lists[query].binary_search(&id).is_ok(),
+        }
+    }
+}
+
+/// `q` rows of `k` results: scores descending, ids (-1 and score -inf where fewer
+/// than `k` rows were eligible).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopK {
+    pub scores: Vec<f32>,
+    pub ids: Vec<i64>,
+    pub q: usize,
+    pub k: usize,
+}
+
+// ==== Ranking ====
+
+#[derive(Clone, Copy, Debug)]
+struct Hit {
+    score: f32,
+    id: i64,
+}
+
+/// NaN ranks below every number (tied with -inf, then by id), so the order is total.
+#[inline]
+fn rank_key(score: f32) -> f32 {
+    if score.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        score
+    }
+}
+
+#[inline]
+fn better(a: &Hit, b: &Hit) -> bool {
+    let (x, y) = (rank_key(a.score), rank_key(b.score));
+    x > y || (x == y && a.id < b.id)
+}
+
+fn order(a: &Hit, b: &Hit) -> Ordering {
+    if better(a, b) {
+        Ordering::Less
+    } else if better(b, a) {
+        Ordering::Greater
+    } else {
+        Ordering::Equal
+    }
+}
+
+/// The best `k` hits seen so far: a binary heap with the worst kept hit at the root.
+struct Best {
+    k: usize,
+    heap: Vec<Hit>,
+    /// A hit whose rank key is below this cannot enter; -inf until the heap is full.
+    floor: f32,
+}
+
+impl Best {
+    fn new(k: usize, capacity: usize) -> Self {
+        Self {
+            k,
+            heap: Vec::with_capacity(k.min(capacity)),
+            floor: f32::NEG_INFINITY,
+        }
+    }
+
+    #[inline]
+    fn admits(&self, score: f32) -> bool {
+        rank_key(score) >= self.floor
+    }
+
+    fn push(&mut self, hit: Hit) {
+        if self.heap.len() < self.k {
+            self.heap.push(hit);
+            let mut i = self.heap.len() - 1;
+            while i > 0 {
+                let parent = (i - 1) / 2;
+                if !better(&self.heap[parent], &self.heap[i]) {
+                    break;
+                }
+                self.heap.swap(parent, i);
+                i = parent;
+            }
+        } else if better(&hit, &self.heap[0]) {
+            self.heap[0] = hit;
+            let len = self.heap.len();
+            let mut i = 0;
+            loop {
+                let (l, r) = (2 * i + 1, 2 * i + 2);
+                let mut worst = i;
+                if l < len && better(&self.heap[worst], &self.heap[l]) {
+                    worst = l;
+                }
+                if r < len && better(&self.heap[worst], &self.heap[r]) {
+                    worst = r;
+                }
+                if worst == i {
+                    break;
+                }
+                self.heap.swap(i, worst);
+                i = worst;
+            }
+        } else {
+            return;
+        }
+        if self.heap.len() == self.k {
+            self.floor = rank_key(self.heap[0].score);
+        }
+    }
+}
+
+/// The best `k` of `hits` in rank order, padded with (-inf, -1) to exactly `k`.
+fn write_row(mut hits: Vec<Hit>, k: usize, scores: &mut [f32], ids: &mut [i64]) {
+    hits.sort_unstable_by(order);
+    hits.truncate(k);
+    for (i, (s, id)) in scores.iter_mut().zip(ids.iter_mut()).enumerate() {
+        match hits.get(i) {
+            Some(hit) => {
+                *s = hit.score;
+                *id = hit.id;
+            }
+            None => {
+                *s = f32::NEG_INFINITY;
+                *id = -1;
+            }
+        }
+    }
+}
+
+// ==== Search ====
+
+/// Zero padding to this many values per row serves every SIMD width used below.
+const PAD: usize = 16;
+/// Rows widened per block: the block stays in L2 while every query tile passes over it.
+const BLOCK_BYTES: usize = 256 * 1024;
+/// Smallest share of rows given to one task, so small searches are not split to dust.
+const MIN_CHUNK_ROWS: usize = 256;
+
+struct Job<'a> {
+    /// q rows of `dp` values, zero-padded.
+    queries: Vec<f32>,
+    q: usize,
+    dp: usize,
+    db: Database<'a>,
+    k: usize,
+    exclude: &'a Exclude,
+}
+
+/// The exact top-`k` rows of `db` by inner product with each of the `q` queries
+/// (`queries` is q x d, row-major), on `threads` workers (0 = all cores).
+pub fn search(
+    queries: &[f32],
+    db: &Database<'_>,
+    k: usize,
+    exclude: &Exclude,
+    threads: usize,
+) -> Result<TopK, String> {
+    let d = db.d;
+    if k == 0 {
+        return Err("k must be at least 1".into());
+    }
+    if !queries.len().is_multiple_of(d) {
+        return Err(format!(
+            "{} query values do not make whole rows of dimension {d}",
+            queries.len()
+        ));
+    }
+    let q = queries.len() / d;
+    if let Exclude::PerQuery(lists) = exclude {
+        if lists.len() != q {
+            return Err(format!(
+                "exclude has {} per-query lists for {q} queries",
+                lists.len()
+            ));
+        }
+    }
+    if q.checked_mul(k)
+        .is_none_or(|len| len > isize::MAX as usize / 8)
+    {
+        return Err(format!("{q} queries x k={k} results do not fit in memory"));
+    }
+    let dp = d.div_ceil(PAD) * PAD;
+    let mut padded = vec![0f32; q * dp];
+    for (dst, src) in padded.chunks_exact_mut(dp).zip(queries.chunks_exact(d)) {
+        dst[..d].copy_from_slice(src);
+    }
+    let job = Job {
+        queries: padded,
+        q,
+        dp,
+        db: *db,
+        k,
+        exclude,
+    };
+    let pool = cpu::pool(threads)?;
+    let workers = pool.current_num_threads();
+    let n = db.n;
+    let chunk = n.div_ceil(workers * 4).max(MIN_CHUNK_ROWS);
+    let ranges: Vec<Range<usize>> = (0..n)
+        .step_by(chunk)
+        .map(|s| s..(s + chunk).min(n))
+        .collect();
+    let parts: Vec<Vec<Best>> =
+        pool.install(|| ranges.into_par_iter().map(|r| scan(&job, r)).collect());
+
+    let mut scores = vec![0f32; q * k];
+    let mut ids = vec![0i64; q * k];
+    let rows = scores.chunks_exact_mut(k).zip(ids.chunks_exact_mut(k));
+    for (qi, (s, i)) in rows.enumerate() {
+        let hits: Vec<Hit> = parts
+            .iter()
+            .flat_map(|part| part[qi].heap.iter().copied())
+            .collect();
+        write_row(hits, k, s, i);
+    }
+    Ok(TopK { scores, ids, q, k })
+}
+
+/// Exact merge of per-part results: `scores` and `ids` are q x m (several parts' top
+/// lists side by side, ids already global, -1 for padding); returns the top `k`.
+pub fn merge(scores: &[f32], ids: &[i64], q: usize, m: usize, k: usize) -> Result<TopK, String> {
+    if k == 0 {
+        return Err("k must be at least 1".into());
+    }
+    if scores.len() != q * m || ids.len() != q * m {
+        return Err(format!("scores and ids must both hold {q} x {m} values"));
+    }
+    let mut out_scores = vec![f32::NEG_INFINITY; q * k];
+    let mut out_ids = vec![-1i64; q * k];
+    if m == 0 {
+        return Ok(TopK {
+            scores: out_scores,
+            ids: out_ids,
+            q,
+            k,
+        });
+    }
+    let rows = out_scores
+        .chunks_exact_mut(k)
+        .zip(out_ids.chunks_exact_mut(k));
+    let inputs = scores.chunks_exact(m).zip(ids.chunks_exact(m));
+    for ((s_out, i_out), (s_in, i_in)) in rows.zip(inputs) {
+        let hits = s_in
+            .iter()
+            .zip(i_in)
+            .filter(|(_, &id)| id >= 0)
+            .map(|(&score, &id)| Hit { score, id })
+            .collect();
+        write_row(hits, k, s_out, i_out);
+    }
+    Ok(TopK {
+        scores: out_scores,
+        ids: out_ids,
+        q,
+        k,
+    })
+}
+
+/// One share of the rows with the widest SIMD path this CPU has. The choice depends
+/// only on the CPU, so every share of one search computes scores the same way.
+fn scan(job: &Job<'_>, rows: Range<usize>) -> Vec<Best> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { scan_avx512(job, rows) };
+        }
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            // SAFETY: as above.
+            return unsafe { scan_avx2(job, rows) };
+        }
+    }
+    scan_rows::<Portable, 4, 4>(job, rows)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn scan_avx512(job: &Job<'_>, rows: Range<usize>) -> Vec<Best> {
+    // 4 x 6 accumulators + 6 rows + 1 query = 31 of the 32 zmm registers.
+    scan_rows::<x86::Avx512, 4, 6>(job, rows)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scan_avx2(job: &Job<'_>, rows: Range<usize>) -> Vec<Best> {
+    // 2 x 4 accumulators + 4 rows + 1 query fit the 16 ymm registers.
+    scan_rows::<x86::Avx2, 2, 4>(job, rows)
+}
+
+/// Batches up to this size stream rows straight from the database into the kernel
+/// (memory-bound: the prefetcher sees one continuous read); larger batches widen a
+/// block of rows once and reuse it, from L2, for every query tile (compute-bound).
+const STREAM_MAX_QUERIES: usize = 48;
+
+#[inline(always)]
+fn scan_rows<I: Isa, const MR: usize, const NR: usize>(
+    job: &Job<'_>,
+    rows: Range<usize>,
+) -> Vec<Best> {
+    let capacity = rows.len();
+    let mut best: Vec<Best> = (0..job.q).map(|_| Best::new(job.k, capacity)).collect();
+    if job.q <= STREAM_MAX_QUERIES {
+        match job.db.rows {
+            Rows::F32(v) => stream::<I, f32, MR, NR>(job, v, rows, &mut best),
+            Rows::F16Bits(v) => stream::<I, u16, MR, NR>(job, v, rows, &mut best),
+        }
+    } else {
+        blocked::<I, MR, NR>(job, rows, &mut best);
+    }
+    best
+}
+
+/// Rows-outer order: each tile of NR database rows is read once, from memory, and
+/// scored against every query of the batch while it sits in L1.
+#[inline(always)]
+fn stream<I: Isa, E: Elem, const MR: usize, const NR: usize>(
+    job: &Job<'_>,
+    values: &[E],
+    rows: Range<usize>,
+    best: &mut [Best],
+) {
+    let d = job.db.d;
+    let mut start = rows.start;
+    while start < rows.end {
+        let count = NR.min(rows.end - start);
+        let tile_rows = RowTile {
+            values: &values[start * d..(start + count) * d],
+            stride: d,
+            len: d,
+            // Streaming rows in lockstep defeats the hardware prefetcher; fetch the
+            // tile after next while this one is scored.
+            ahead: 2 * NR * d,
+            first_id: start,
+            count,
+        };
+        for_query_tiles::<I, E, MR, NR>(job, &tile_rows, best);
+        start += count;
+    }
+}
+
+/// Blocked order: a block of rows is widened into an L2-sized scratch buffer once
+/// and every query tile passes over it, so each loaded row serves MR queries from
+/// registers and the whole batch from cache.
+#[inline(always)]
+fn blocked<I: Isa, const MR: usize, const NR: usize>(
+    job: &Job<'_>,
+    rows: Range<usize>,
+    best: &mut [Best],
+) {
+    let dp = job.dp;
+    let block = (BLOCK_BYTES / (dp * 4)).max(NR) / NR * NR;
+    let mut scratch = vec![0f32; block * dp];
+    let mut start = rows.start;
+    while start < rows.end {
+        let count = block.min(rows.end - start);
+        widen_block::<I>(&job.db, start, count, dp, &mut scratch);
+        let mut qi = 0;
+        while qi < job.q {
+            let mr = MR.min(job.q - qi);
+            for r0 in (0..count).step_by(NR) {
+                let n_rows = NR.min(count - r0);
+                let tile_rows = RowTile {
+                    values: &scratch[r0 * dp..(r0 + n_rows) * dp],
+                    stride: dp,
+                    len: dp,
+                    ahead: 0,
+                    first_id: start + r0,
+                    count: n_rows,
+                };
+                one_query_tile::<I, f32, MR, NR>(job, &tile_rows, qi, mr, &mut best[qi..qi + mr]);
+            }
+            qi += mr;
+        }
+        start += count;
+    }
+}
+
+/// Up to NR rows of `len` values, `stride` apart (zero beyond `len` up to `dp`).
+struct RowTile<'a, E> {
+    values: &'a [E],
+    stride: usize,
+    len: usize,
+    /// Prefetch this many values ahead of each load (0: none).
+    ahead: usize,
+    first_id: usize,
+    count: usize,
+}
+
+#[inline(always)]
+fn for_query_tiles<I: Isa, E: Elem, const MR: usize, const NR: usize>(
+    job: &Job<'_>,
+    rows: &RowTile<'_, E>,
+    best: &mut [Best],
+) {
+    let mut qi = 0;
+    while qi < job.q {
+        let mr = MR.min(job.q - qi);
+        one_query_tile::<I, E, MR, NR>(job, rows, qi, mr, &mut best[qi..qi + mr]);
+        qi += mr;
+    }
+}
+
+#[inline(always)]
+fn one_query_tile<I: Isa, E: Elem, const MR: usize, const NR: usize>(
+    job: &Job<'_>,
+    rows: &RowTile<'_, E>,
+    qi: usize,
+    mr: usize,
+    best: &mut [Best],
+) {
+    match (mr, rows.count == NR) {
+        (1, true) => score_tile::<I, E, 1, NR>(job, rows, qi, best),
+        (2, true) => score_tile::<I, E, 2, NR>(job, rows, qi, best),
+        (3, true) => score_tile::<I, E, 3, NR>(job, rows, qi, best),
+        (_, true) => score_tile::<I, E, MR, NR>(job, rows, qi, best),
+        // The last rows of a range: one row at a time, same arithmetic per score.
+        _ => {
+            for r in 0..rows.count {
+                let one = RowTile {
+                    values: &rows.values[r * rows.stride..],
+                    stride: rows.stride,
+                    len: rows.len,
+                    ahead: 0,
+                    first_id: rows.first_id + r,
+                    count: 1,
+                };
+                for m in 0..mr {
+                    score_tile::<I, E, 1, 1>(job, &one, qi + m, &mut best[m..m + 1]);
+                }
+            }
+        }
+    }
+}
+
+/// Scores queries `qi..qi + M` against the NR rows of `rows` and offers the hits.
+#[inline(always)]
+fn score_tile<I: Isa, E: Elem, const M: usize, const NR: usize>(
+    job: &Job<'_>,
+    rows: &RowTile<'_, E>,
+    qi: usize,
+    best: &mut [Best],
+) {
+    let dp = job.dp;
+    let queries = &job.queries[qi * dp..(qi + M) * dp];
+    assert!(rows.values.len() >= (NR - 1) * rows.stride + rows.len.min(dp));
+    // SAFETY: `queries` holds M rows of dp values (dp a multiple of every lane
+    // count) and `rows` NR rows of `len` values `stride` apart, as asserted; the
+    // CPU supports I's features.
+    let scores = unsafe {
+        tile::<I, E, M, NR>(
+            queries.as_ptr(),
+            rows.values.as_ptr(),
+            rows.stride,
+            rows.len,
+            dp,
+            rows.ahead,
+        )
+    };
+    for (m, (row, best)) in scores.iter().zip(best.iter_mut()).enumerate() {
+        for (c, &score) in row.iter().enumerate() {
+            if !best.admits(score) {
+                continue;
+            }
+            let id = (rows.first_id + c) as i64;
+            if !job.exclude.contains(qi + m, id) {
+                best.push(Hit { score, id });
+            }
+        }
+    }
+}
+
+/// Copies (and widens) `count` rows from `start` into `scratch` with stride `dp`.
+#[inline(always)]
+fn widen_block<I: Isa>(
+    db: &Database<'_>,
+    start: usize,
+    count: usize,
+    dp: usize,
+    scratch: &mut [f32],
+) {
+    let d = db.d;
+    for (r, dst) in scratch.chunks_exact_mut(dp).take(count).enumerate() {
+        let at = (start + r) * d;
+        match db.rows {
+            Rows::F32(v) => dst[..d].copy_from_slice(&v[at..at + d]),
+            // SAFETY: `widen` is only called from functions compiled for I's features.
+            Rows::F16Bits(v) => unsafe { I::widen(&v[at..at + d], &mut dst[..d]) },
+        }
+        dst[d..].fill(0.0);
+    }
+}
+
+/// M x NR dot products: each accumulates lane-wise in order over the padded
+/// dimension `dp` and is then summed across lanes, the same way whatever the tile
+/// shape or the layout the rows come from, so every score is bit-identical.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn tile<I: Isa, E: Elem, const M: usize, const NR: usize>(
+    queries: *const f32,
+    rows: *const E,
+    stride: usize,
+    len: usize,
+    dp: usize,
+    ahead: usize,
+) -> [[f32; NR]; M] {
+    let mut acc = [[I::zero(); NR]; M];
+    let full = len / I::LANES * I::LANES;
+    let mut j = 0;
+    while j < full {
+        let mut r = [I::zero(); NR];
+        for c in 0..NR {
+            let p = rows.add(c * stride + j);
+            // Once per 64-byte line; a hint never faults, so running past the end
+            // of the rows is harmless.
+            if ahead > 0 && (j * size_of::<E>()).is_multiple_of(64) {
+                I::prefetch(p.wrapping_add(ahead).cast());
+            }
+            r[c] = E::load::<I>(p);
+        }
+        step::<I, M, NR>(&mut acc, &r, queries, j, dp);
+        j += I::LANES;
+    }
+    while j < dp {
+        let mut r = [I::zero(); NR];
+        let count = len.saturating_sub(j).min(I::LANES);
+        for c in 0..NR {
+            r[c] = E::load_partial::<I>(rows.add(c * stride + j), count);
+        }
+        step::<I, M, NR>(&mut acc, &r, queries, j, dp);
+        j += I::LANES;
+    }
+    let mut out = [[0f32; NR]; M];
+    for m in 0..M {
+        for c in 0..NR {
+            out[m][c] = I::sum(acc[m][c]);
+        }
+    }
+    out
+}
+
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn step<I: Isa, const M: usize, const NR: usize>(
+    acc: &mut [[I::V; NR]; M],
+    r: &[I::V; NR],
+    queries: *const f32,
+    j: usize,
+    dp: usize,
+) {
+    for m in 0..M {
+        let qv = I::load(queries.add(m * dp + j));
+        for c in 0..NR {
+            acc[m][c] = I::fma(r[c], qv, acc[m][c]);
+        }
+    }
+}
+
+/// A database value type: f32, or f16 given as its bits.
+trait Elem: Copy + Default {
+    unsafe fn load<I: Isa>(p: *const Self) -> I::V;
+    /// `count` values (0 to LANES), the rest of the lanes zero.
+    #[inline(always)]
+    unsafe fn load_partial<I: Isa>(p: *const Self, count: usize) -> I::V {
+        let mut buf = [Self::default(); 16];
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), count);
+        Self::load::<I>(buf.as_ptr())
+    }
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn load<I: Isa>(p: *const f32) -> I::V {
+        I::load(p)
+    }
+}
+
+impl Elem for u16 {
+    #[inline(always)]
+    unsafe fn load<I: Isa>(p: *const u16) -> I::V {
+        I::load_f16(p)
+    }
+}
+
+// ==== SIMD ====
+
+/// The few vector operations the kernel needs. Implementations are `inline(always)`
+/// so they compile into the `target_feature` function that instantiates the kernel.
+trait Isa {
+    type V: Copy;
+    const LANES: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// LANES float16 values (bits), widened.
+    unsafe fn load_f16(p: *const u16) -> Self::V;
+    /// `a * b + acc`
+    unsafe fn fma(a: Self::V, b: Self::V, acc: Self::V) -> Self::V;
+    unsafe fn sum(v: Self::V) -> f32;
+    /// Hint that the cache line at `p` will be read soon.
+    unsafe fn prefetch(p: *const i8);
+    /// float16 bits to f32, exactly.
+    unsafe fn widen(src: &[u16], dst: &mut [f32]);
+}
+
+/// Plain Rust for any CPU; LLVM vectorises the 8-lane arrays with the baseline SIMD
+/// (SSE2, NEON). Multiply and add are not fused, as the baseline may lack FMA.
+struct Portable;
+
+impl Isa for Portable {
+    type V = [f32; 8];
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> [f32; 8] {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> [f32; 8] {
+        p.cast::<[f32; 8]>().read_unaligned()
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> [f32; 8] {
+        let bits = p.cast::<[u16; 8]>().read_unaligned();
+        bits.map(f16_to_f32)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: [f32; 8], b: [f32; 8], acc: [f32; 8]) -> [f32; 8] {
+        let mut out = acc;
+        for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
+            *o += x * y;
+        }
+        out
+    }
+    #[inline(always)]
+    unsafe fn prefetch(_: *const i8) {}
+    #[inline(always)]
+    unsafe fn sum(v: [f32; 8]) -> f32 {
+        ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+    }
+    #[inline(always)]
+    unsafe fn widen(src: &[u16], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f16_to_f32(s);
+        }
+    }
+}
+
+/// IEEE binary16 to binary32 (exact: every f16 value is an f32 value).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match exp {
+        0 => {
+            // Zero or subnormal: man * 2^-24, exact in f32.
+            let magnitude = man as f32 * (1.0 / 16_777_216.0);
+            return f32::from_bits(magnitude.to_bits() | sign);
+        }
+        31 => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{f16_to_f32, Isa};
+    use std::arch::x86_64::*;
+
+    pub struct Avx2;
+
+    impl Isa for Avx2 {
+        type V = __m256;
+        const LANES: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, acc: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, acc)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const i8) {
+            _mm_prefetch::<_MM_HINT_T0>(p)
+        }
+        #[inline(always)]
+        unsafe fn sum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+        #[inline(always)]
+        unsafe fn widen(src: &[u16], dst: &mut [f32]) {
+            let n = src.len().min(dst.len());
+            let mut i = 0;
+            while i + 8 <= n {
+                let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                i += 8;
+            }
+            for j in i..n {
+                dst[j] = f16_to_f32(src[j]);
+            }
+        }
+    }
+
+    pub struct Avx512;
+
+    impl Isa for Avx512 {
+        type V = __m512;
+        const LANES: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, acc: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, acc)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const i8) {
+            _mm_prefetch::<_MM_HINT_T0>(p)
+        }
+        #[inline(always)]
+        unsafe fn sum(v: __m512) -> f32 {
+            let lo = _mm512_castps512_ps256(v);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            Avx2::sum(_mm256_add_ps(lo, hi))
+        }
+        #[inline(always)]
+        unsafe fn widen(src: &[u16], dst: &mut [f32]) {
+            let n = src.len().min(dst.len());
+            let mut i = 0;
+            while i + 16 <= n {
+                let h = _mm256_loadu_si256(src.as_ptr().add(i).cast());
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+                i += 16;
+            }
+            Avx2::widen(&src[i..n], &mut dst[i..n]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference: f64 dot products are not bit-equal to f32 ones, so the reference
+    /// ranks with the kernel's own scores and checks those against f64 separately.
+    fn brute(queries: &[f32], rows: &[f32], d: usize, k: usize, skip: &[i64]) -> Vec<Vec<i64>> {
+        let n = rows.len() / d;
+        queries
+            .chunks_exact(d)
+            .map(|q| {
+                let mut hits: Vec<(f64, i64)> = (0..n)
+                    .filter(|&i| !skip.contains(&(i as i64)))
+                    .map(|i| {
+                        let r = &rows[i * d..(i + 1) * d];
+                        let s: f64 = q.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        (s, i as i64)
+                    })
+                    .collect();
+                hits.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+                hits.into_iter().take(k).map(|h| h.1).collect()
+            })
+            .collect()
+    }
+
+    fn data(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        // Integers in [-8, 8): dot products are exact in f32, so rankings are exact.
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..n * d)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) % 16) as f32 - 8.0
+            })
+            .collect()
+    }
+
+    /// The f16 bits of values from `data` (integers in [-8, 8), all exact in f16).
+    fn to_f16(values: &[f32]) -> Vec<u16> {
+        let code = |v: f32| (0..0x7c00u16).find(|&h| f16_to_f32(h) == v.abs()).unwrap();
+        let table: Vec<u16> = (-8..8)
+            .map(|v| code(v as f32) | if v < 0 { 0x8000 } else { 0 })
+            .collect();
+        values.iter().map(|&v| table[(v + 8.0) as usize]).collect()
+    }
+
+    #[test]
+    fn matches_brute_force_for_odd_dimensions_and_batches() {
+        for &d in &[1, 7, 16, 33, 100] {
+            for &q in &[1, 2, 5, 9] {
+                let rows = data(700, d, d as u64);
+                let queries = data(q, d, 99);
+                let db = Database::new(Rows::F32(&rows), d).unwrap();
+                let got = search(&queries, &db, 5, &Exclude::Nothing, 2).unwrap();
+                let want = brute(&queries, &rows, d, 5, &[]);
+                for (qi, w) in want.iter().enumerate() {
+                    assert_eq!(
+                        &got.ids[qi * 5..qi * 5 + 5],
+                        &w[..],
+                        "d={d} q={q} qi={qi} {:?}",
+                        &queries
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn streamed_and_blocked_scans_give_identical_scores() {
+        // Random-ish non-integer data, so any difference in arithmetic would show.
+        for &d in &[7, 33, 64] {
+            let rows: Vec<f32> = data(900, d, 11).iter().map(|v| v * 0.37 + 0.011).collect();
+            let bits = to_f16(&data(900, d, 11));
+            let queries: Vec<f32> = data(STREAM_MAX_QUERIES + 13, d, 12)
+                .iter()
+                .map(|v| v * 0.29)
+                .collect();
+            for db in [Rows::F32(&rows), Rows::F16Bits(&bits)] {
+                let db = Database::new(db, d).unwrap();
+                let blocked = search(&queries, &db, 9, &Exclude::Nothing, 2).unwrap();
+                let streamed = search(&queries[..5 * d], &db, 9, &Exclude::Nothing, 1).unwrap();
+                assert_eq!(&blocked.ids[..45], &streamed.ids[..]);
+                let a: Vec<u32> = blocked.scores[..45].iter().map(|s| s.to_bits()).collect();
+                let b: Vec<u32> = streamed.scores.iter().map(|s| s.to_bits()).collect();
+                assert_eq!(a, b, "d={d}");
+            }
+        }
+    }
+
+    #[test]
+    fn float16_rows_give_the_float32_results() {
+        let d = 33;
+        let rows = data(500, d, 3);
+        let bits = to_f16(&rows);
+        let queries = data(4, d, 4);
+        let a = search(
+            &queries,
+            &Database::new(Rows::F32(&rows), d).unwrap(),
+            7,
+            &Exclude::Nothing,
+            1,
+        )
+        .unwrap();
+        let b = search(
+            &queries,
+            &Database::new(Rows::F16Bits(&bits), d).unwrap(),
+            7,
+            &Exclude::Nothing,
+            1,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn k_beyond_the_rows_is_padded() {
+        let rows = data(3, 4, 1);
+        let db = Database::new(Rows::F32(&rows), 4).unwrap();
+        let got = search(&[1.0, 0.0, 0.0, 0.0], &db, 5, &Exclude::Nothing, 1).unwrap();
+        assert_eq!(&got.ids[3..], &[-1, -1]);
+        assert!(got.scores[3..].iter().all(|s| *s == f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn exclusions_apply_inside_the_scan() {
+        let d = 8;
+        let rows = data(300, d, 5);
+        let queries = data(2, d, 6);
+        let db = Database::new(Rows::F32(&rows), d).unwrap();
+        let first = search(&queries, &db, 3, &Exclude::Nothing, 1).unwrap();
+        let skip = vec![first.ids[0], first.ids[1]];
+        let got = search(&queries, &db, 3, &Exclude::global(skip.clone()), 1).unwrap();
+        let want = brute(&queries, &rows, d, 3, &skip);
+        assert_eq!(&got.ids[..3], &want[0][..]);
+        let per = Exclude::per_query(vec![vec![], (0..300).collect()]);
+        let got = search(&queries, &db, 3, &per, 1).unwrap();
+        assert_eq!(&got.ids[..3], &first.ids[..3]);
+        assert_eq!(&got.ids[3..], &[-1, -1, -1]);
+    }
+
+    #[test]
+    fn ties_rank_lower_ids_first_whatever_the_threads() {
+        let d = 5;
+        let one = data(1, d, 7);
+        let rows: Vec<f32> = one.iter().copied().cycle().take(2000 * d).collect();
+        let db = Database::new(Rows::F32(&rows), d).unwrap();
+        for threads in [1, 2, 3] {
+            let got = search(&one, &db, 4, &Exclude::Nothing, threads).unwrap();
+            assert_eq!(got.ids, vec![0, 1, 2, 3]);
+        }
+    }
+
+    #[test]
+    fn merge_of_parts_equals_the_whole() {
+        let d = 12;
+        let rows = data(1000, d, 8);
+        let queries = data(3, d, 9);
+        let whole = search(
+            &queries,
+            &Database::new(Rows::F32(&rows), d).unwrap(),
+            6,
+            &Exclude::Nothing,
+            2,
+        )
+        .unwrap();
+        let (a, b) = rows.split_at(400 * d);
+        let pa = search(
+            &queries,
+            &Database::new(Rows::F32(a), d).unwrap(),
+            6,
+            &Exclude::Nothing,
+            1,
+        )
+        .unwrap();
+        let pb = search(
+            &queries,
+            &Database::new(Rows::F32(b), d).unwrap(),
+            6,
+            &Exclude::Nothing,
+            1,
+        )
+        .unwrap();
+        let (mut scores, mut ids) = (Vec::new(), Vec::new());
+        for qi in 0..3 {
+            scores.extend_from_slice(&pa.scores[qi * 6..qi * 6 + 6]);
+            scores.extend_from_slice(&pb.scores[qi * 6..qi * 6 + 6]);
+            ids.extend_from_slice(&pa.ids[qi * 6..qi * 6 + 6]);
+            ids.extend(pb.ids[qi * 6..qi * 6 + 6].iter().map(|i| i + 400));
+        }
+        assert_eq!(merge(&scores, &ids, 3, 12, 6).unwrap(), whole);
+    }
+
+    #[test]
+    fn f16_conversion_covers_special_values() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+        assert!(f16_to_f32(0x7e00).is_nan());
+        assert_eq!(f16_to_f32(0x8000).to_bits(), (-0.0f32).to_bits());
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let rows = [0f32; 6];
+        assert!(Database::new(Rows::F32(&rows), 4).is_err());
+        assert!(Database::new(Rows::F32(&rows), 0).is_err());
+        let db = Database::new(Rows::F32(&rows), 3).unwrap();
+        assert!(search(&[0.0; 3], &db, 0, &Exclude::Nothing, 1).is_err());
+        assert!(search(&[0.0; 4], &db, 1, &Exclude::Nothing, 1).is_err());
+        assert!(search(&[0.0; 3], &db, 1, &Exclude::per_query(vec![]), 1).is_err());
+    }
+}
