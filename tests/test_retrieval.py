@@ -310,3 +310,13 @@ def test_cli_build_index_and_search(db_dir, capsys):
     assert parsed[0]["query"] == "a cat" and len(parsed[0]["hits"]) == 5
     assert cli.main(["search", str(root.parent / "nothing"), "x"]) == 2
     assert "no embedded sources" in capsys.readouterr().err
+
+
+def test_autofaiss_that_cannot_fit_the_budget_is_a_clear_error(tmp_path, monkeypatch):
+    import starkret.index
+
+    write_source(tmp_path / "src", "x", _unit(np.random.default_rng(9), 400, 16))
+    # autofaiss refuses a memory budget larger than the memory it may use
+    monkeypatch.setattr(starkret.index, "_available_memory", lambda: "1G")
+    with pytest.raises(RuntimeError, match="autofaiss built no index"):
+        build_index(tmp_path / "src", kind="autofaiss", max_index_memory_usage="16GB")

@@ -275,6 +275,7 @@ def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
     order = sorted(range(len(files)), key=lambda i: str(files[i]))
     started = time.perf_counter()
     tmp_index = index_dir / ".knn.index.tmp"
+    tmp_index.unlink(missing_ok=True)
     _, af_infos = autofaiss_build(
         embeddings=str(source_dir / "img_emb"),
         index_path=str(tmp_index),
@@ -282,9 +283,15 @@ def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
         metric_type="ip",
         max_index_memory_usage=memory,
         max_index_query_time_ms=query_ms,
-        current_memory_available="16G",
+        current_memory_available=_available_memory(),
         verbose=logging.WARNING,
     )
+    if not tmp_index.exists():
+        raise RuntimeError(
+            f"autofaiss built no index for {source_dir} (memory budget {memory}, "
+            f"{_available_memory()} available; its log above says why): lower "
+            "max_index_memory_usage, or use kind='exact'"
+        )
     os.replace(tmp_index, index_dir / "knn.index")
     return {
         "faiss_order": order,
@@ -293,6 +300,15 @@ def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
         "build_seconds": round(time.perf_counter() - started, 2),
         "autofaiss": af_infos,
     }
+
+
+def _available_memory() -> str:
+    """Memory autofaiss may plan with: what the machine has free now (Linux), else 16G."""
+    try:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "16G"
+    return f"{max(1, free >> 30)}G"
 
 
 def _recall_at_10(index: SourceIndex, parts: _Parts, n: int, seed: int) -> float:

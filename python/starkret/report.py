@@ -26,7 +26,8 @@ _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 .m{border-bottom:1px solid #ddd;padding:.8em 0;display:flex;gap:1.2em}
 .d{width:26em}.s{font-size:.85em;color:#666}
-.c{display:flex;gap:.6em;flex-wrap:wrap}.c figure{margin:0;width:128px;font-size:.75em}
+.c{display:flex;gap:.6em;flex-wrap:wrap}
+.c figure{margin:0;width:128px;font-size:.75em;overflow-wrap:anywhere}
 .chosen img{outline:3px solid #2a7}.none{color:#b33;font-weight:600}
 img{width:128px;height:128px;object-fit:cover;background:#eee;display:block}
 .ph{width:128px;height:128px;background:#eee;display:flex;align-items:center;
