@@ -142,3 +142,24 @@ def merge_topk(
     k: int,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Top k of (q, m) lists laid side by side (ids global, -1 = padding), same rank order."""
+
+def select_images(
+    episodes: npt.NDArray[np.uint64],
+    ks: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    ids: npt.NDArray[np.uint64],
+    scores: npt.NDArray[np.float32],
+    vectors: npt.NDArray[np.float32],
+    *,
+    reuse: str,
+    threshold: float,
+    min_score: float,
+    used: npt.NDArray[np.uint64] | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """The aligner's greedy choice over flattened candidate lists (see rust/dedup.rs).
+
+    Moment ``m`` owns candidates ``offsets[m]:offsets[m + 1]`` (best first). Returns the
+    picked candidate indices (flat), the number picked per moment, and the outcome per
+    moment (0 chosen, 1 below threshold, 2 exhausted). ``used``: images already used
+    before these moments (for ``reuse="global"``).
+    """
