@@ -549,40 +549,42 @@ fn run_topk<'py>(
     topk_arrays(py, result)
 }
 
-/// Exact inner-product top-k of float32 queries against a float32 database.
+/// Exact inner-product top-k of float32 queries against a float32 database, or a
+/// float16 one given as its uint16 bits.
 #[pyfunction]
 #[pyo3(signature = (queries, database, k, *, exclude=None, exclude_per_query=None, threads=None))]
-fn topk_f32<'py>(
+fn topk_search<'py>(
     py: Python<'py>,
     queries: PyReadonlyArray2<'py, f32>,
-    database: PyReadonlyArray2<'py, f32>,
+    database: &Bound<'py, PyAny>,
     k: usize,
     exclude: Option<PyReadonlyArray1<'py, i64>>,
     exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
     threads: Option<usize>,
 ) -> PyResult<TopKArrays<'py>> {
-    let d = database.shape()[1];
-    let rows = topk::Rows::F32(database.as_slice()?);
     let exclude = exclusion(exclude, exclude_per_query)?;
-    run_topk(py, &queries, rows, d, k, exclude, threads)
-}
-
-/// As `topk_f32` for a float16 database given as its uint16 bits.
-#[pyfunction]
-#[pyo3(signature = (queries, database, k, *, exclude=None, exclude_per_query=None, threads=None))]
-fn topk_f16_bits<'py>(
-    py: Python<'py>,
-    queries: PyReadonlyArray2<'py, f32>,
-    database: PyReadonlyArray2<'py, u16>,
-    k: usize,
-    exclude: Option<PyReadonlyArray1<'py, i64>>,
-    exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
-    threads: Option<usize>,
-) -> PyResult<TopKArrays<'py>> {
-    let d = database.shape()[1];
-    let rows = topk::Rows::F16Bits(database.as_slice()?);
-    let exclude = exclusion(exclude, exclude_per_query)?;
-    run_topk(py, &queries, rows, d, k, exclude, threads)
+    if let Ok(db) = database.cast::<PyArray2<f32>>() {
+        let db = db.readonly();
+        let d = db.shape()[1];
+        return run_topk(
+            py,
+            &queries,
+            topk::Rows::F32(db.as_slice()?),
+            d,
+            k,
+            exclude,
+            threads,
+        );
+    }
+    if let Ok(db) = database.cast::<PyArray2<u16>>() {
+        let db = db.readonly();
+        let d = db.shape()[1];
+        let rows = topk::Rows::F16Bits(db.as_slice()?);
+        return run_topk(py, &queries, rows, d, k, exclude, threads);
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(
+        "database must be a 2-D float32 array or float16 bits (uint16)",
+    ))
 }
 
 /// Exact merge of top lists laid side by side: (q, m) scores and global ids (-1 = none).
@@ -618,8 +620,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(preprocess_images, m)?)?;
     m.add_function(wrap_pyfunction!(image_dimensions, m)?)?;
     m.add_function(wrap_pyfunction!(expand_shard_paths, m)?)?;
-    m.add_function(wrap_pyfunction!(topk_f32, m)?)?;
-    m.add_function(wrap_pyfunction!(topk_f16_bits, m)?)?;
+    m.add_function(wrap_pyfunction!(topk_search, m)?)?;
     m.add_function(wrap_pyfunction!(merge_topk, m)?)?;
     m.add_class::<PySample>()?;
     m.add_class::<PyShardReader>()?;

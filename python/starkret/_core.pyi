@@ -111,9 +111,9 @@ class ShardBatches:
 
 # ==== Top-k ====
 
-def topk_f32(
+def topk_search(
     queries: npt.NDArray[np.float32],
-    database: npt.NDArray[np.float32],
+    database: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
     k: int,
     *,
     exclude: npt.NDArray[np.int64] | None = None,
@@ -122,19 +122,9 @@ def topk_f32(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Exact inner-product top-k, (q, k) scores descending and ids (-inf / -1 padding).
 
-    Both arrays C-contiguous with equal d; ties rank the lower id first (GIL released).
+    ``database`` is float32, or float16 passed as its uint16 bits; both arrays
+    C-contiguous with equal d; ties rank the lower id first (GIL released).
     """
-
-def topk_f16_bits(
-    queries: npt.NDArray[np.float32],
-    database: npt.NDArray[np.uint16],
-    k: int,
-    *,
-    exclude: npt.NDArray[np.int64] | None = None,
-    exclude_per_query: list[npt.NDArray[np.int64]] | None = None,
-    threads: int | None = None,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """As topk_f32 for a float16 database passed as its uint16 bits."""
 
 def merge_topk(
     scores: npt.NDArray[np.float32],

@@ -72,8 +72,8 @@ def topk(
     _check_threads(threads)
     options = {"threads": threads, **_exclusion(exclude, q.shape[0])}
     if db.dtype == np.float16:
-        return _core.topk_f16_bits(q, db.view(np.uint16), k, **options)
-    return _core.topk_f32(q, db, k, **options)
+        return _core.topk_search(q, db.view(np.uint16), k, **options)
+    return _core.topk_search(q, db, k, **options)
 
 
 def merge_topk(
