@@ -496,10 +496,11 @@ impl Iterator for Prefetched {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+    /// A tar archive of `members` (path, bytes), as the tests of this module tree build it.
+    pub(crate) fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
         for (path, data) in members {
             let mut header = tar::Header::new_gnu();

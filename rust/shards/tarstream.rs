@@ -302,17 +302,7 @@ fn parse_pax(mut data: &[u8]) -> Result<PaxRecords, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (path, data) in members {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            builder.append_data(&mut header, path, *data).unwrap();
-        }
-        builder.into_inner().unwrap()
-    }
+    use crate::shards::tests::tar_of;
 
     fn all_members(bytes: &[u8]) -> (Vec<(String, Vec<u8>)>, Option<TarError>) {
         let mut stream = TarStream::new(bytes);
