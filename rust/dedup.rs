@@ -94,11 +94,12 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Episode state carried from one moment to the next.
+/// Episode state carried from one moment to the next. Episodes share few images, so
+/// a vector scanned linearly beats a hash set; buffers are reused across episodes.
 #[derive(Default)]
 struct Episode {
     id: Option<u64>,
-    used: HashSet<u64>,
+    used: Vec<u64>,
     chosen: Vec<f32>,
 }
 
@@ -110,10 +111,9 @@ pub fn select(moments: &[Moment<'_>], params: &Params) -> Vec<Choice> {
     let mut out = Vec::with_capacity(moments.len());
     for m in moments {
         if episode.id != Some(m.episode) {
-            episode = Episode {
-                id: Some(m.episode),
-                ..Episode::default()
-            };
+            episode.id = Some(m.episode);
+            episode.used.clear();
+            episode.chosen.clear();
         }
         let n = m
             .ids
@@ -142,19 +142,20 @@ pub fn select(moments: &[Moment<'_>], params: &Params) -> Vec<Choice> {
                 continue;
             }
             let v = row(i);
-            let shadowed = (0..i).any(|j| dot(row(j), v) >= params.threshold);
             // With reuse allowed, showing an image again is fine, and so is a near copy.
             let repeats = params.reuse != Reuse::None
                 && episode
                     .chosen
                     .chunks_exact(d.max(1))
                     .any(|c| dot(c, v) >= params.threshold);
-            if shadowed || repeats {
+            if repeats || (0..i).any(|j| dot(row(j), v) >= params.threshold) {
                 continue;
             }
             picked.push(i);
-            episode.used.insert(id);
-            used_globally.insert(id);
+            episode.used.push(id);
+            if params.reuse == Reuse::Global {
+                used_globally.insert(id);
+            }
             episode.chosen.extend_from_slice(v);
         }
         if picked.len() >= m.k {
