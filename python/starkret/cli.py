@@ -143,19 +143,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_index(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .index import build_index, source_dirs
 
-    from .index import build_index
-
-    root = Path(args.path)
-    dirs = (
-        [root]
-        if (root / "starkret.json").exists()
-        else sorted(p.parent for p in root.glob("*/starkret.json"))
-    )
-    if not dirs:
-        raise FileNotFoundError(f"no embedded sources (*/starkret.json) under {root}")
-    for source_dir in dirs:
+    for source_dir in source_dirs(args.path):
         infos = build_index(
             source_dir,
             kind=args.kind,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import SourceIndex, torch_exact_search
+from .index import SourceIndex, source_dirs, torch_exact_search
 
 __all__ = ["Hit", "ImageDB"]
 
@@ -96,12 +96,7 @@ class ImageDB:
     def open(cls, path: str | os.PathLike, *, embedder=None) -> ImageDB:
         """Open every embedded source under ``path`` (or ``path`` itself if it is one)."""
         root = Path(path)
-        if (root / "starkret.json").exists():
-            dirs = [root]
-        else:
-            dirs = sorted(p.parent for p in root.glob("*/starkret.json"))
-        if not dirs:
-            raise FileNotFoundError(f"no embedded sources (*/starkret.json) under {root}")
+        dirs = source_dirs(root)
         indices = [SourceIndex.open(d) for d in dirs]
         first = indices[0].manifest
         for idx in indices[1:]:
@@ -236,12 +231,13 @@ class ImageDB:
     def source_dir(self, source: str) -> Path:
         return self._sources[source].index.source_dir
 
+    def source_manifest(self, source: str) -> dict:
+        """The ``starkret.json`` manifest of ``source`` (as loaded when the DB was opened)."""
+        return self._sources[source].index.manifest
+
     def vectors(self, source: str, rows: Sequence[int]) -> np.ndarray:
         """Image embeddings (float32) of ``rows`` of ``source``."""
         return self._sources[source].index.parts.rows(np.asarray(rows, dtype=np.int64))
-
-    def source_size(self, source: str) -> int:
-        return self._sources[source].index.count
 
 
 def _per_query_keys(exclude, n_queries: int) -> list[set[str]] | None:

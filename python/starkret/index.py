@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AUTO_EXACT_MAX_ROWS", "SourceIndex", "build_index", "embedding_parts"]
+__all__ = ["AUTO_EXACT_MAX_ROWS", "SourceIndex", "build_index", "embedding_parts", "source_dirs"]
 
 #: ``kind="auto"`` builds AutoFaiss above this many rows and searches exactly below it.
 #: Exact float16 search streams the whole source once per query batch; at ~10 GB/s per
@@ -43,6 +43,17 @@ def embedding_parts(source_dir: str | os.PathLike) -> list[Path]:
     if not parts:
         raise FileNotFoundError(f"no embeddings in {folder}: run embed-shards first")
     return parts
+
+
+def source_dirs(path: str | os.PathLike) -> list[Path]:
+    """The embedded sources at ``path``: itself if it is one, else its sub-folders that are."""
+    root = Path(path)
+    if (root / "starkret.json").exists():
+        return [root]
+    dirs = sorted(p.parent for p in root.glob("*/starkret.json"))
+    if not dirs:
+        raise FileNotFoundError(f"no embedded sources (*/starkret.json) under {root}")
+    return dirs
 
 
 def _manifest(source_dir: Path) -> dict:

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -383,7 +383,3 @@ def _tick(bar, images: int, failed: int) -> None:
         bar.update(images)
         if failed:
             bar.set_postfix_str(f"{failed} failed in the last batch", refresh=False)
-
-
-def report_json(report: EmbedReport) -> str:
-    return json.dumps({**asdict(report), "images_per_second": report.images_per_second})

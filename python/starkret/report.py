@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,8 +48,7 @@ def _image_bytes(db: ImageDB, wanted: list[Candidate]) -> dict[str, bytes]:
         by_part.setdefault((c.source, part), {})[sample_key] = c.key
     found: dict[str, bytes] = {}
     for (source, part), keys in by_part.items():
-        manifest = json.loads((db.source_dir(source) / "starkret.json").read_text())
-        inputs = manifest.get("part_inputs") or []
+        inputs = db.source_manifest(source).get("part_inputs") or []
         if part >= len(inputs):
             continue
         kind, path = inputs[part]["kind"], inputs[part]["path"]

@@ -40,6 +40,17 @@ class PreprocessOptions:
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
+    def preprocess_kwargs(self) -> dict:
+        """The keyword arguments ``preprocess`` and ``preprocess_shards`` share."""
+        return {
+            "size": self.size,
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "threads": self.threads,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
 
 @dataclass(frozen=True)
 class Part:
@@ -67,13 +78,8 @@ class Part:
                 preprocess_shards(
                     self.path,
                     batch_size=options.batch_size,
-                    size=options.size,
-                    mode=options.mode,
-                    dtype=options.dtype,
-                    threads=options.threads,
                     per_shard=True,
-                    mean=options.mean,
-                    std=options.std,
+                    **options.preprocess_kwargs(),
                 )
             )
         return _prefetched(self._raw_batches(options.batch_size), options)
@@ -310,15 +316,7 @@ def _prefetched(
     from concurrent.futures import ThreadPoolExecutor
 
     def work(batch: _RawBatch) -> ShardBatch:
-        out = preprocess(
-            batch.images,
-            size=options.size,
-            mode=options.mode,
-            dtype=options.dtype,
-            threads=options.threads,
-            mean=options.mean,
-            std=options.std,
-        )
+        out = preprocess(batch.images, **options.preprocess_kwargs())
         idx = out.index.tolist()
         sizes = [_core.image_dimensions(batch.images[i]) or (None, None) for i in idx]
         failures = list(batch.failures)
