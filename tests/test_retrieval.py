@@ -320,3 +320,14 @@ def test_autofaiss_that_cannot_fit_the_budget_is_a_clear_error(tmp_path, monkeyp
     monkeypatch.setattr(starkret.index, "_available_memory", lambda: "1G")
     with pytest.raises(RuntimeError, match="autofaiss built no index"):
         build_index(tmp_path / "src", kind="autofaiss", max_index_memory_usage="16GB")
+
+
+def test_autofaiss_plans_with_available_not_free_memory(tmp_path):
+    # A machine with 21 GB available but 2 GB free (the rest is page cache) must plan with 21 GB.
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        "MemTotal:       24000000 kB\nMemFree:         2097152 kB\n"
+        "MemAvailable:   22020096 kB\nBuffers:           1000 kB\n"
+    )
+    assert starkret.index._available_memory(str(meminfo)) == "21G"
+    assert starkret.index._available_memory(str(tmp_path / "missing")) == "16G"

@@ -313,13 +313,21 @@ def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
     }
 
 
-def _available_memory() -> str:
-    """Memory autofaiss may plan with: what the machine has free now (Linux), else 16G."""
+def _available_memory(meminfo: str = "/proc/meminfo") -> str:
+    """Memory autofaiss may plan with: what the kernel says is available now, else 16G.
+
+    ``MemAvailable`` counts the page cache the kernel would drop for a new allocation;
+    ``MemFree`` (what ``SC_AVPHYS_PAGES`` reports) leaves it out, and on a machine that
+    has read a few GB of embeddings it is far below what an index build can really use.
+    """
     try:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return "16G"
-    return f"{max(1, free >> 30)}G"
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return f"{max(1, int(line.split()[1]) >> 20)}G"
+    except (OSError, ValueError, IndexError):
+        pass
+    return "16G"
 
 
 def _recall_at_10(index: SourceIndex, parts: _Parts, n: int, seed: int) -> float:
