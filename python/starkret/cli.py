@@ -184,11 +184,26 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_starkret_report(path: Path) -> bool:
+    from .report import _STYLE
+
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"<!doctype html>") and _STYLE.encode() in head
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
     from .aligner import Aligner
     from .db import ImageDB
-    from .dialogue import align_file
+    from .dialogue import STATE_SUFFIX, align_file, check_writable_output
 
+    if args.report:
+        output = Path(args.output)
+        written = [output, output.with_name(output.name + ".images.jsonl")]
+        written.append(output.with_name(output.name + STATE_SUFFIX))
+        check_writable_output(
+            Path(args.report), [Path(args.dialogues), *written], _is_starkret_report
+        )
     db = ImageDB.open(args.db)
     aligner = Aligner(
         db,
@@ -329,7 +344,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except _USER_ERRORS as exc:
-        print(f"starkret {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).splitlines())
+        print(f"starkret {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"starkret {args.command}: interrupted", file=sys.stderr)
