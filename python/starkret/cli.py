@@ -139,6 +139,18 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(report.summary())
+    # Design rule: a run that produced nothing exits non-zero.
+    if report.total_embedded == 0 or (report.parts_done and not report.embedded):
+        if report.failed:
+            what = f"all {report.failed:,} samples of its {report.parts_done} parts failed"
+        elif report.total_failed:
+            what = f"all {report.total_failed:,} samples failed"
+        else:
+            what = "the inputs hold no samples"
+        raise ValueError(
+            f"nothing was embedded into {args.output}: {what} "
+            f"(reasons in {Path(args.output) / 'failures'})"
+        )
     return 0
 
 
