@@ -98,7 +98,8 @@ def test_align_refuses_an_existing_file_it_did_not_write(tmp_path, run_align):
     precious.write_text('{"my": "data"}\nnot even json\n')
     code, _, err = run_align(source, "-o", precious)
     _one_line_error(code, err)
-    assert "was not written by starkret" in err and str(precious) in err
+    assert "is not a starkret align output (no notes.jsonl.starkret" in err
+    assert str(precious) in err
     assert precious.read_text() == '{"my": "data"}\nnot even json\n'
     # the same for the image records file beside the output
     images = tmp_path / "out.jsonl.images.jsonl"

@@ -214,7 +214,10 @@ def _cmd_align(args: argparse.Namespace) -> int:
         written = [output, output.with_name(output.name + ".images.jsonl")]
         written.append(output.with_name(output.name + STATE_SUFFIX))
         check_writable_output(
-            Path(args.report), [Path(args.dialogues), *written], _is_starkret_report
+            Path(args.report),
+            [Path(args.dialogues), *written],
+            _is_starkret_report,
+            "a starkret report",
         )
     db = ImageDB.open(args.db)
     aligner = Aligner(

@@ -126,12 +126,15 @@ def _moments_of(episode: Episode) -> list[dict]:
 # ==== Guarded outputs ====
 
 
-def check_writable_output(path: Path, inputs: list[Path], is_ours) -> None:
+def check_writable_output(
+    path: Path, inputs: list[Path], is_ours, mark: str = "written by starkret"
+) -> None:
     """Refuse to write ``path`` if it is one of ``inputs`` or an existing file not ours.
 
     ``is_ours(path)`` tells whether an existing non-empty regular file was written by
-    this command. Identity is checked on the file (``st_dev``/``st_ino``), so a symlink
-    or hard link to an input is caught too.
+    this command; ``mark`` says how that is told, for the error message. Identity is
+    checked on the file (``st_dev``/``st_ino``), so a symlink or hard link to an input
+    is caught too.
     """
     try:
         info = os.stat(path)
@@ -150,7 +153,7 @@ def check_writable_output(path: Path, inputs: list[Path], is_ours) -> None:
         raise FileExistsError(f"{path} exists and is not a regular file: refusing to write it")
     if info.st_size > 0 and not is_ours(path):
         raise FileExistsError(
-            f"{path} exists and was not written by starkret: refusing to overwrite it "
+            f"{path} exists and is not {mark}: refusing to overwrite it "
             "(choose another output or remove the file)"
         )
 
@@ -176,7 +179,12 @@ def _claim_outputs(input_path: Path, output: Path, records: Path) -> None:
     ours = _read_state(state_path) is not None
     written = [state_path, output, records]
     for n, path in enumerate(written):
-        check_writable_output(path, [input_path, *written[:n]], lambda _p: ours)
+        check_writable_output(
+            path,
+            [input_path, *written[:n]],
+            lambda _p: ours,
+            f"a starkret align output (no {state_path.name} beside it)",
+        )
     if not ours:
         state = {
             "written_by": _STATE_MARK,
