@@ -11,6 +11,7 @@ near-duplicate checks runs in Rust over all moments at once.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -19,7 +20,12 @@ import numpy as np
 from . import _core
 from .db import Hit, ImageDB
 
-__all__ = ["Aligner", "Alignment", "Candidate", "Moment"]
+__all__ = ["MAX_IMAGES_PER_MOMENT", "Aligner", "Alignment", "Candidate", "Moment"]
+
+#: Most images one moment may ask for (``k``): a sharing turn shows a few images, and the
+#: search behind a moment fetches ``k * overfetch`` candidates per source, so ``k`` is
+#: bounded to keep one moment's memory small (``k = 10**9`` once asked for 32 GB).
+MAX_IMAGES_PER_MOMENT = 32
 
 _OUTCOMES = ("ok", "below_threshold", "exhausted")
 #: Sources whose images Stark refers to by URL (`url:` keys).
@@ -57,8 +63,22 @@ class Moment:
             raise ValueError(
                 f"moment {position} ({moment.moment_id}) has neither a description nor a vector"
             )
-        if not isinstance(moment.k, int) or moment.k < 1:
-            raise ValueError(f"moment {position} ({moment.moment_id}): k must be >= 1")
+        k = moment.k
+        if not _is_integer(k) or not 1 <= k <= MAX_IMAGES_PER_MOMENT:
+            raise ValueError(
+                f"moment {position} ({moment.moment_id}): k must be an integer from 1 to "
+                f"{MAX_IMAGES_PER_MOMENT} (MAX_IMAGES_PER_MOMENT), got {k!r}"[:200]
+            )
+        if moment.description is not None and not isinstance(moment.description, str):
+            raise ValueError(
+                f"moment {position} ({moment.moment_id}): description must be a str, "
+                f"got {type(moment.description).__name__}"
+            )
+        if not _is_integer(moment.session):
+            raise ValueError(
+                f"moment {position} ({moment.moment_id}): session must be an int, "
+                f"got {type(moment.session).__name__}"
+            )
         return moment
 
 
@@ -291,6 +311,10 @@ class Aligner:
             if len(out[h.source]) < self.k_per_source:
                 out[h.source].append(_candidate(h))
         return out
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _candidate(hit: Hit) -> Candidate:

@@ -139,6 +139,18 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(report.summary())
+    # Design rule: a run that produced nothing exits non-zero.
+    if report.total_embedded == 0 or (report.parts_done and not report.embedded):
+        if report.failed:
+            what = f"all {report.failed:,} samples of its {report.parts_done} parts failed"
+        elif report.total_failed:
+            what = f"all {report.total_failed:,} samples failed"
+        else:
+            what = "the inputs hold no samples"
+        raise ValueError(
+            f"nothing was embedded into {args.output}: {what} "
+            f"(reasons in {Path(args.output) / 'failures'})"
+        )
     return 0
 
 
@@ -184,11 +196,29 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_starkret_report(path: Path) -> bool:
+    from .report import _STYLE
+
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"<!doctype html>") and _STYLE.encode() in head
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
     from .aligner import Aligner
     from .db import ImageDB
-    from .dialogue import align_file
+    from .dialogue import STATE_SUFFIX, align_file, check_writable_output
 
+    if args.report:
+        output = Path(args.output)
+        written = [output, output.with_name(output.name + ".images.jsonl")]
+        written.append(output.with_name(output.name + STATE_SUFFIX))
+        check_writable_output(
+            Path(args.report),
+            [Path(args.dialogues), *written],
+            _is_starkret_report,
+            "a starkret report",
+        )
     db = ImageDB.open(args.db)
     aligner = Aligner(
         db,
@@ -329,7 +359,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except _USER_ERRORS as exc:
-        print(f"starkret {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).splitlines())
+        print(f"starkret {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"starkret {args.command}: interrupted", file=sys.stderr)

@@ -8,22 +8,40 @@ per episode, appended as episodes finish: Stark episodes come back with
 episodes already in the output (a half-written last line is dropped first). Image
 records ``{image_source, image_url, index}`` of every chosen image go to
 ``OUTPUT.images.jsonl``.
+
+Outputs are guarded, because ``-o`` names a file the job appends to and may cut:
+
+- ``OUTPUT.starkret`` (a small JSON state file) is written before the first line and
+  marks ``OUTPUT`` and ``OUTPUT.images.jsonl`` as this command's. An existing non-empty
+  output without it is somebody else's file and is refused, never truncated. An output
+  that is the input file (also through a symlink or hard link) is refused.
+- On resume only a damaged *last* line (no newline at the end, or not a line this
+  command writes) is dropped. A damaged line anywhere else is refused with its file and
+  line: nothing is truncated.
+- Every input line is checked before it is used (JSON, UTF-8, nesting, field types,
+  ``k`` between 1 and :data:`~starkret.aligner.MAX_IMAGES_PER_MOMENT`); a bad one
+  raises :class:`~starkret.formats.FormatError` naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .aligner import Aligner, Alignment
+from .aligner import MAX_IMAGES_PER_MOMENT, Aligner, Alignment
 from .db import ImageDB
-from .formats import Episode, FormatError, iter_jsonl, read_episodes, stark_fields
+from .formats import Episode, FormatError, iter_jsonl, parse_json, read_episodes, stark_fields
 
-__all__ = ["AlignReport", "align_file"]
+__all__ = ["STATE_SUFFIX", "AlignReport", "align_file", "check_writable_output"]
+
+#: ``OUTPUT + STATE_SUFFIX`` marks OUTPUT (and OUTPUT.images.jsonl) as written by align.
+STATE_SUFFIX = ".starkret"
+_STATE_MARK = "starkret align"
 
 
 @dataclass
@@ -49,65 +67,170 @@ class AlignReport:
 
 def _plain_episodes(path: Path) -> Iterator[Episode] | None:
     """Plain moment JSONL grouped into episodes, or None if the file is not of that kind."""
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
     try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        return None
+        record = parse_json(first, str(path))
+    except FormatError:
+        return None  # not plain moments; read_episodes names the error
     if not isinstance(record, dict) or "description" not in record or "sessions" in record:
         return None
 
     def generate() -> Iterator[Episode]:
         current: Episode | None = None
         for number, r in iter_jsonl(path):
-            missing = [k for k in ("episode_id", "moment_id", "description") if k not in r]
-            if missing:
-                raise FormatError(f"{path}:{number}: moment lacks {', '.join(missing)}")
-            episode_id = str(r["episode_id"])
-            if current is None or current.episode_id != episode_id:
+            moment = _plain_moment(r, f"{path}:{number}")
+            if current is None or current.episode_id != moment["episode_id"]:
                 if current is not None:
                     yield current
-                current = Episode(episode_id, {}, {"moments": []})
-            current.raw["moments"].append(r)
+                current = Episode(moment["episode_id"], {}, {"moments": []}, f"{path}:{number}")
+            current.raw["moments"].append(moment)
         if current is not None:
             yield current
 
     return generate()
 
 
+def _plain_moment(record: object, where: str) -> dict:
+    """A plain moment line checked field by field, as the Aligner takes it."""
+    if not isinstance(record, dict):
+        raise FormatError(f"{where}: expected a JSON object (a moment)")
+    missing = [k for k in ("episode_id", "moment_id", "description") if k not in record]
+    if missing:
+        raise FormatError(f"{where}: moment lacks {', '.join(missing)}")
+    ids = {}
+    for name in ("episode_id", "moment_id"):
+        value = record[name]
+        if not (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))):
+            raise FormatError(f"{where}: {name} must be a string or an integer")
+        ids[name] = str(value)
+    if not isinstance(record["description"], str):
+        raise FormatError(f"{where}: description must be a string")
+    session, k = record.get("session", 0), record.get("k", 1)
+    if not isinstance(session, int) or isinstance(session, bool):
+        raise FormatError(f"{where}: session must be an integer")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_IMAGES_PER_MOMENT:
+        raise FormatError(
+            f"{where}: k must be an integer from 1 to {MAX_IMAGES_PER_MOMENT} "
+            f"(images shared by the moment), got {json.dumps(k)[:40]}"
+        )
+    return {**ids, "session": session, "description": record["description"], "k": k}
+
+
 def _moments_of(episode: Episode) -> list[dict]:
     if "moments" in episode.raw and not episode.sessions:
-        return [
-            {
-                "episode_id": episode.episode_id,
-                "session": int(m.get("session", 0)),
-                "moment_id": str(m["moment_id"]),
-                "description": m["description"],
-                "k": int(m.get("k", 1)),
-            }
-            for m in episode.raw["moments"]
-        ]
+        return episode.raw["moments"]
     return episode.moments()
 
 
-def _done_episodes(output: Path) -> tuple[set[str], int]:
-    """Episode ids already written; drops a half-written last line. Returns (ids, bytes)."""
-    if not output.exists():
-        return set(), 0
-    done, good = set(), 0
-    with open(output, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                done.add(str(json.loads(line)["episode_id"]))
-            except (json.JSONDecodeError, KeyError):
-                break
-            good += len(line)
-    with open(output, "r+b") as f:
-        f.truncate(good)
-    return done, good
+# ==== Guarded outputs ====
+
+
+def check_writable_output(
+    path: Path, inputs: list[Path], is_ours, mark: str = "written by starkret"
+) -> None:
+    """Refuse to write ``path`` if it is one of ``inputs`` or an existing file not ours.
+
+    ``is_ours(path)`` tells whether an existing non-empty regular file was written by
+    this command; ``mark`` says how that is told, for the error message. Identity is
+    checked on the file (``st_dev``/``st_ino``), so a symlink or hard link to an input
+    is caught too.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"{path}: folder {path.parent} does not exist") from None
+        return
+    for other in inputs:
+        try:
+            other_info = os.stat(other)
+        except FileNotFoundError:
+            continue
+        if (info.st_dev, info.st_ino) == (other_info.st_dev, other_info.st_ino):
+            raise ValueError(f"{path} is the same file as {other}: refusing to write over it")
+    if not stat.S_ISREG(info.st_mode):
+        raise FileExistsError(f"{path} exists and is not a regular file: refusing to write it")
+    if info.st_size > 0 and not is_ours(path):
+        raise FileExistsError(
+            f"{path} exists and is not {mark}: refusing to overwrite it "
+            "(choose another output or remove the file)"
+        )
+
+
+def _state_path(output: Path) -> Path:
+    return output.with_name(output.name + STATE_SUFFIX)
+
+
+def _read_state(path: Path) -> dict | None:
+    """The state file's content if it is a starkret align state file, else None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+        state = json.loads(data)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return state if isinstance(state, dict) and state.get("written_by") == _STATE_MARK else None
+
+
+def _claim_outputs(input_path: Path, output: Path, records: Path) -> None:
+    """Check the three files ``align`` writes, then write the state file (see the module doc)."""
+    state_path = _state_path(output)
+    ours = _read_state(state_path) is not None
+    written = [state_path, output, records]
+    for n, path in enumerate(written):
+        check_writable_output(
+            path,
+            [input_path, *written[:n]],
+            lambda _p: ours,
+            f"a starkret align output (no {state_path.name} beside it)",
+        )
+    if not ours:
+        state = {
+            "written_by": _STATE_MARK,
+            "format": 1,
+            "output": output.name,
+            "images": records.name,
+            "input": os.path.abspath(input_path),
+        }
+        tmp = state_path.with_name(f".{state_path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        os.replace(tmp, state_path)
+
+
+def _resume_lines(path: Path, field_name: str) -> Iterator[str]:
+    """``record[field_name]`` of every line of one of align's own JSONL outputs.
+
+    A damaged last line (cut by a kill: no newline, or not a JSON object with
+    ``field_name``) is dropped from the file; a damaged line before the last is a
+    :class:`FormatError` and nothing is changed.
+    """
+    if not path.exists():
+        return
+    offset, bad = 0, None  # bad: (line number, offset, why) of a damaged line
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if bad is not None:
+                raise FormatError(
+                    f"{bad[0]}: {bad[2]}: the file is damaged before its last line; "
+                    "fix or remove that line, nothing was changed"
+                )
+            value, why = None, "no newline at the end"
+            if line.endswith(b"\n"):
+                try:
+                    record = parse_json(line, str(path), number)
+                    value = record.get(field_name) if isinstance(record, dict) else None
+                    why = f"not an object with {field_name!r}"
+                except FormatError as exc:
+                    why = str(exc).split(": ", 1)[-1]
+            if value is None or isinstance(value, (dict, list)):
+                bad = (f"{path}:{number}", offset, why)
+            else:
+                yield str(value)
+            offset += len(line)
+    if bad is not None:
+        with open(path, "r+b") as f:
+            f.truncate(bad[1])
 
 
 def align_file(
@@ -125,11 +248,14 @@ def align_file(
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
         raise FileNotFoundError(f"dialogue file not found: {input_path}")
+    if not input_path.is_file():
+        raise ValueError(f"{input_path} is not a file")
     aligner = aligner or Aligner(db)
-    episodes = _plain_episodes(input_path) or read_episodes(input_path)
-    done, _ = _done_episodes(output_path)
     records_path = output_path.with_name(output_path.name + ".images.jsonl")
-    seen_images = _seen_images(records_path)
+    _claim_outputs(input_path, output_path, records_path)
+    episodes = _plain_episodes(input_path) or read_episodes(input_path)
+    done = set(_resume_lines(output_path, "episode_id"))
+    seen_images = set(_resume_lines(records_path, "key"))
     report = AlignReport()
     bar = None
     if progress:
@@ -137,37 +263,26 @@ def align_file(
 
         bar = tqdm(unit="moment", desc="aligning", dynamic_ncols=True, mininterval=0.5)
     batch: list[Episode] = []
-    with (
-        open(output_path, "a", encoding="utf-8") as out,
-        open(records_path, "a", encoding="utf-8") as records,
-    ):
-        for episode in episodes:
-            if episode.episode_id in done:
-                report.skipped_episodes += 1
-                continue
-            batch.append(episode)
-            if len(batch) >= batch_episodes:
+    try:
+        with (
+            open(output_path, "a", encoding="utf-8") as out,
+            open(records_path, "a", encoding="utf-8") as records,
+        ):
+            for episode in episodes:
+                if episode.episode_id in done:
+                    report.skipped_episodes += 1
+                    continue
+                batch.append(episode)
+                if len(batch) >= batch_episodes:
+                    _flush(batch, aligner, out, records, seen_images, report, bar, keep)
+                    batch = []
+            if batch:
                 _flush(batch, aligner, out, records, seen_images, report, bar, keep)
-                batch = []
-        if batch:
-            _flush(batch, aligner, out, records, seen_images, report, bar, keep)
-    if bar is not None:
-        bar.close()
+    finally:
+        if bar is not None:
+            bar.close()
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _seen_images(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    seen = set()
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                seen.add(json.loads(line)["key"])
-            except (json.JSONDecodeError, KeyError):
-                continue
-    return seen
 
 
 def _flush(batch, aligner, out, records, seen_images, report, bar, keep) -> None:
@@ -196,7 +311,11 @@ def _flush(batch, aligner, out, records, seen_images, report, bar, keep) -> None
         else:
             line = {**episode.raw, "episode_id": episode.episode_id, **stark_fields(episode, mine)}
         line["alignments"] = [a.to_dict() for a in mine]
-        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+        try:
+            text = json.dumps(line, ensure_ascii=False)
+        except RecursionError:
+            raise FormatError(f"{episode.where}: JSON nested too deeply") from None
+        out.write(text + "\n")
         report.episodes += 1
     out.flush()
     records.flush()

@@ -1,8 +1,9 @@
 """Parts of ``starkret.embed`` run on Ray actors: one per GPU, on one machine or a cluster.
 
 Each actor builds its own embedder from the driver's model spec and writes its parts
-straight into the shared output folder, with the same atomic writes as a single
-process, so resume works the same whatever ran the parts.
+straight into the shared output folder, with the same atomic writes, part claims and
+duplicate-key check as a single process, so resume works the same whatever ran the
+parts.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ class PartWorker:
             seed=spec["seed"],
             image_size=spec["image_size"],
         )
-        self.out, self.options, self.source = Path(out), options, source
+        from .pipeline import PartRunner
 
-    def run(self, index: int, part: Part) -> tuple[int, list]:
-        from .pipeline import embed_part
+        self.runner = PartRunner(Path(out), self.embedder, options, source)
 
-        return embed_part(part, index, self.out, self.embedder, self.options, self.source)
+    def run(self, index: int, part: Part) -> tuple[int, list] | None:
+        """(embedded, failures), or None if another worker has the part."""
+        return self.runner.run(index, part)
 
 
 def run_on_ray(
@@ -45,8 +47,11 @@ def run_on_ray(
     workers: int,
     address: str | None,
     on_part: Callable[[int, int], None],
-) -> Iterator[tuple[int, list]]:
-    """Run ``pending`` parts on ``workers`` actors (all GPUs of the cluster if 1 is asked)."""
+) -> Iterator[tuple[int, list] | None]:
+    """Run ``pending`` parts on ``workers`` actors (all GPUs of the cluster if 1 is asked).
+
+    Yields each part's (embedded, failures), or None for a part another worker had.
+    """
     try:
         import ray
         from ray.util import ActorPool
@@ -70,8 +75,9 @@ def run_on_ray(
     actors = [actor.remote(spec, str(out), options, source) for _ in range(count)]
     pool = ActorPool(actors)
     results = pool.map_unordered(lambda a, item: a.run.remote(*item), pending)
-    for n, failures in results:
-        on_part(n, len(failures))
-        yield n, failures
+    for result in results:
+        if result is not None:
+            on_part(result[0], len(result[1]))
+        yield result
     for a in actors:
         ray.kill(a)

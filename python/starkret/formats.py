@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "FormatError",
     "SharingMoment",
     "find_sharing_moments",
+    "parse_json",
     "parse_ultron_output",
     "read_episodes",
     "stark_fields",
@@ -54,6 +56,130 @@ _SHARING = re.compile(r"\[\s*sharing\s+image\s*\]", re.IGNORECASE)
 
 class FormatError(ValueError):
     """Malformed dialogue data; the message names the file, line and episode."""
+
+
+# ==== Untrusted JSON ====
+
+# A \uD800-\uDFFF escape: the only way JSON text can carry a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONG_NUMBER = re.compile(r"\d{4301,}")  # Python refuses to convert these
+
+
+def _line_of(text: str, position: int) -> int:
+    return text.count("\n", 0, position) + 1
+
+
+def _nesting_line(text: str, limit: int) -> int:
+    """The line where ``[``/``{`` nesting first goes deeper than ``limit`` (1 if never)."""
+    depth, in_string, escaped, line = 0, False, False, 1
+    for char in text:
+        if char == "\n":
+            line += 1
+        elif in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return line
+        elif char in "]}":
+            depth -= 1
+    return 1
+
+
+def parse_json(data: bytes, where: str, first_line: int = 1) -> object:
+    """One JSON document from untrusted bytes, or :class:`FormatError` naming ``where``.
+
+    ``where`` is the file (and line) the bytes came from; for a document spanning lines
+    the error names the offending line, counted from ``first_line``. Invalid UTF-8,
+    invalid JSON, nesting deeper than Python's recursion limit, numbers too long to
+    convert and lone surrogates (text no UTF-8 file can hold) are all ``FormatError``.
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = first_line - 1 + data.count(b"\n", 0, exc.start) + 1
+        raise FormatError(f"{where}:{line}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # an error at the very end (a cut document) is on its last line, not after it
+        line = first_line - 1 + min(exc.lineno, _line_of(text.rstrip(), len(text)))
+        raise FormatError(f"{where}:{line}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        line = first_line - 1 + _nesting_line(text, max(1, sys.getrecursionlimit() - 200))
+        raise FormatError(f"{where}:{line}: JSON nested too deeply") from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        found = _LONG_NUMBER.search(text)
+        line = first_line - 1 + (_line_of(text, found.start()) if found else 1)
+        why = "a number of more than 4300 digits" if found else str(exc)[:100]
+        raise FormatError(f"{where}:{line}: invalid JSON ({why})") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            found = _SURROGATE_ESCAPE.search(text)
+            line = first_line - 1 + _line_of(text, found.start() if found else 0)
+            raise FormatError(
+                f"{where}:{line}: a string holds a lone surrogate (\\uD800-\\uDFFF), "
+                "which is not Unicode text"
+            ) from None
+        except RecursionError:
+            raise FormatError(f"{where}:{first_line}: JSON nested too deeply") from None
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _identifier(value: object, what: str, where: str) -> str:
+    """An episode or moment id: a JSON string or integer, as a string."""
+    if isinstance(value, str) or _is_int(value):
+        return str(value)
+    raise FormatError(f"{where}: {what} must be a string or an integer, got {_json_type(value)}")
+
+
+def _optional_text(value: object, what: str, where: str) -> str | None:
+    """A description or source: a string, or null / "" for none."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    raise FormatError(f"{where}: {what} must be a string, got {_json_type(value)}")
+
+
+def _utterance(value: object, where: str) -> str:
+    """An utterance's text: a string (numbers are written out, null is empty)."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise FormatError(f"{where} must be a string, got {_json_type(value)}")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"[:60]
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def parse_ultron_output(text: str) -> str | None:
@@ -136,6 +262,8 @@ class Episode:
     episode_id: str
     sessions: dict[int, list[Utterance]]
     raw: dict = field(default_factory=dict, repr=False)
+    #: Where the episode was read from (``file:line`` or ``file episode #i``), for errors.
+    where: str = ""
 
     def moments(self) -> list[dict]:
         """The image-sharing moments, as the Aligner takes them (session order)."""
@@ -154,11 +282,13 @@ class Episode:
         return out
 
 
-_SESSION_KEY = re.compile(r"^session(\d+):(.+)$")
+_SESSION_KEY = re.compile(r"^session([0-9]{1,9}):(.+)$")
 
 
 def _nested(record: dict, where: str) -> Episode:
-    episode_id = str(record.get("episode_id", record.get("unique_id", "")))
+    episode_id = _identifier(
+        record.get("episode_id", record.get("unique_id", "")), "episode_id", where
+    )
     if not episode_id:
         raise FormatError(f"{where}: no episode_id")
     sessions: dict[int, list[Utterance]] = {}
@@ -170,7 +300,12 @@ def _nested(record: dict, where: str) -> Episode:
             raise FormatError(
                 f"{where} (episode {episode_id}): session {n} needs a 'dialogue' list"
             )
-        number = int(session.get("session", n))
+        number = session.get("session", n)
+        if not _is_int(number):
+            raise FormatError(
+                f"{where} (episode {episode_id}): session {n}: 'session' must be an integer, "
+                f"got {_json_type(number)}"
+            )
         turns = []
         for t, turn in enumerate(session["dialogue"]):
             if not isinstance(turn, dict):
@@ -183,20 +318,23 @@ def _nested(record: dict, where: str) -> Episode:
                     f"{where} (episode {episode_id}): session {number} turn {t}: "
                     "'sharing_info' must be an object"
                 )
+            at = f"{where} (episode {episode_id}): session {number} turn {t}"
             turns.append(
                 Utterance(
                     turn.get("speaker"),
-                    str(turn.get("utterance", "")),
-                    info.get("image_description") or None,
-                    info.get("image_source") or None,
+                    _utterance(turn.get("utterance"), f"{at}: utterance"),
+                    _optional_text(info.get("image_description"), "image_description", at),
+                    _optional_text(info.get("image_source"), "image_source", at),
                 )
             )
         sessions[number] = turns
-    return Episode(episode_id, sessions, record)
+    return Episode(episode_id, sessions, record, where)
 
 
 def _flat(record: dict, where: str) -> Episode:
-    episode_id = str(record.get("unique_id", record.get("episode_id", "")))
+    episode_id = _identifier(
+        record.get("unique_id", record.get("episode_id", "")), "unique_id", where
+    )
     if not episode_id:
         raise FormatError(f"{where}: no unique_id")
     fields: dict[int, dict[str, object]] = {}
@@ -224,11 +362,19 @@ def _flat(record: dict, where: str) -> Episode:
 
         speakers, descriptions = column("speakers"), column("image_descriptions")
         sources = column("image_sources")
+        at = f"{where} (episode {episode_id}): session{number}"
         sessions[number] = [
-            Utterance(s, str(u), d or None, src or None)
-            for s, u, d, src in zip(speakers, dialogue, descriptions, sources, strict=True)
+            Utterance(
+                s,
+                _utterance(u, f"{at}: dialogue[{t}]"),
+                _optional_text(d, f"image_descriptions[{t}]", at),
+                _optional_text(src, f"image_sources[{t}]", at),
+            )
+            for t, (s, u, d, src) in enumerate(
+                zip(speakers, dialogue, descriptions, sources, strict=True)
+            )
         ]
-    return Episode(episode_id, sessions, record)
+    return Episode(episode_id, sessions, record, where)
 
 
 def _episode(record, where: str) -> Episode:
@@ -244,16 +390,14 @@ def _episode(record, where: str) -> Episode:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
     """``(line number, record)`` for every non-blank line of a JSONL file.
 
-    Raises :class:`FormatError` naming the file and line of invalid JSON.
+    Raises :class:`FormatError` naming the file and line of anything that is not a
+    JSON value (see :func:`parse_json`).
     """
-    with open(Path(path), encoding="utf-8") as f:
+    with open(Path(path), "rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            yield number, parse_json(line, str(path), number)
 
 
 def read_episodes(path: str | os.PathLike) -> Iterator[Episode]:
@@ -262,17 +406,14 @@ def read_episodes(path: str | os.PathLike) -> Iterator[Episode]:
     Raises :class:`FormatError` naming the file, line and episode of malformed data.
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         first = f.read(1)
         while first and first.isspace():
             first = f.read(1)
-        f.seek(0)
-        if first == "[":
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-            for i, record in enumerate(records):
+        if first == b"[":
+            f.seek(0)
+            records = parse_json(f.read(), str(path))
+            for i, record in enumerate(records):  # type: ignore[arg-type]
                 yield _episode(record, f"{path} episode #{i}")
             return
     for number, record in iter_jsonl(path):

@@ -11,12 +11,21 @@ Part ``i`` is one input shard or one fixed-size chunk of a folder or table. Each
 is written under a temporary name and renamed; the metadata file is renamed last and
 marks the part done, so a killed run (even ``kill -9``) redoes only unfinished parts
 and never duplicates or drops a sample.
+
+Several runs with the same arguments can share one output folder (one per GPU of a
+machine): each part is claimed by one worker (:mod:`starkret.claims`), a run that
+finds all remaining parts claimed waits for them, and a run with other settings is
+refused while another is live. A sample key met a second time (in another part, or
+twice in one part) is not embedded again: the later one is recorded in the failures
+as ``duplicate key: K (first in part N)``, where "later" means committed later (part
+order in a single run; :mod:`starkret.keyset`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .claims import WorkFolder
 from .embed import DEFAULT_MODEL, MODEL_DEFAULT, ClipEmbedder
+from .keyset import MAX_PARTS, KeySet
 from .sources import Part, PreprocessOptions, plan_parts
 
 __all__ = ["EmbedReport", "embed"]
@@ -43,9 +54,14 @@ class EmbedReport:
     failed: int = 0
     parts_done: int = 0
     parts_skipped: int = 0
+    #: Parts another worker on the same folder finished while this run was going.
+    parts_elsewhere: int = 0
     seconds: float = 0.0
     embed_seconds: float = 0.0
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    #: Embedded and failed samples in the whole output folder after the run.
+    total_embedded: int = 0
+    total_failed: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -57,7 +73,9 @@ class EmbedReport:
         return (
             f"embedded {self.embedded:,} images, failed {self.failed:,}"
             f"{f' ({reasons})' if reasons else ''}, parts written {self.parts_done}, "
-            f"skipped as done {self.parts_skipped}, {self.images_per_second:,.1f} images/s, "
+            f"skipped as done {self.parts_skipped}"
+            f"{f', done by other workers {self.parts_elsewhere}' if self.parts_elsewhere else ''}"
+            f", {self.images_per_second:,.1f} images/s, "
             f"wall {self.seconds:,.1f} s -> {self.output_dir}"
         )
 
@@ -71,6 +89,10 @@ def _paths(out: Path, i: int) -> tuple[Path, Path, Path]:
         out / "metadata" / f"metadata_{i}.parquet",
         out / "failures" / f"failures_{i}.parquet",
     )
+
+
+#: A temporary file of part N: ``.img_emb_N.npy.tmp-PID`` and the like.
+_PART_TEMP = re.compile(r"^\.(?:img_emb|metadata|failures)_(\d+)\.(?:npy|parquet)\.tmp-\d+$")
 
 
 def _atomic(path: Path, write) -> None:
@@ -114,22 +136,33 @@ _MUST_MATCH = (
 )
 
 
-def _check_manifest(out: Path, identity: dict, plan: list[str]) -> dict:
+def _check_manifest(out: Path, identity: dict, plan: list[str], others_running: bool) -> dict:
     path = out / MANIFEST
     if not path.exists():
         return {}
     try:
         old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is unreadable ({exc}); use --overwrite to start over") from exc
+    running = f"another embed is running on {out} with different arguments"
     for key in _MUST_MATCH:
         if old.get(key) != identity[key]:
+            if others_running:
+                raise ValueError(
+                    f"{running} ({key}={old.get(key)!r}, this run has {identity[key]!r}); "
+                    "wait for it to finish or use another output folder"
+                )
             raise ValueError(
                 f"{out} was embedded with {key}={old.get(key)!r}, this run has "
                 f"{identity[key]!r}: embeddings would not be comparable. Use another output "
                 "folder, or --overwrite to start over"
             )
     old_plan = old.get("parts", [])
+    if others_running and plan != old_plan:
+        raise ValueError(
+            f"{running} (other inputs); give it the same inputs to help it, "
+            "or wait for it to finish"
+        )
     if plan[: len(old_plan)] != old_plan:
         raise ValueError(
             f"the inputs differ from the first run into {out} (part lists disagree); "
@@ -166,6 +199,88 @@ def _count_done(out: Path) -> tuple[int, int]:
 # ==== One part ====
 
 
+class PartRunner:
+    """Embeds parts into one output folder, claiming each part first (see the module doc).
+
+    One per worker process: the driver's, or each Ray actor's.
+    """
+
+    def __init__(
+        self, out: Path, embedder: ClipEmbedder, options: PreprocessOptions, source: str
+    ) -> None:
+        self.out, self.embedder, self.options, self.source = Path(out), embedder, options, source
+        self.folder = WorkFolder(self.out)
+        self.keys = KeySet(self.out / "metadata")
+
+    def run(self, index: int, part: Part, *, wait: bool = False, progress=None):
+        """Embed part ``index`` and return (embedded, failures); None if another worker
+        holds it (``wait``: wait for that worker instead) or it is already done."""
+        claim = self.folder.claim(index, wait=wait)
+        if claim is None:
+            return None
+        with claim:
+            if _paths(self.out, index)[1].exists():
+                return None
+            _remove_temps(self.out, index)
+            return embed_part(
+                part,
+                index,
+                self.out,
+                self.embedder,
+                self.options,
+                self.source,
+                progress=progress,
+                commit=self._commit,
+            )
+
+    def _commit(self, index: int, keys: list[str], write) -> dict[int, str]:
+        """Under the folder lock: find duplicate keys, then ``write(drop)`` the part."""
+        with self.folder.locked():
+            self.keys.refresh()
+            drop = _duplicates(keys, index, self.keys)
+            write(drop)
+            self.keys.add(index, [k for i, k in enumerate(keys) if i not in drop])
+        return drop
+
+
+def _duplicates(keys: list[str], index: int, known: KeySet) -> dict[int, str]:
+    """Positions of ``keys`` already in a finished part or earlier in this part -> reason."""
+    drop: dict[int, str] = {}
+    first_in_part: dict[str, int] = {}
+    for position, key in enumerate(keys):
+        if first_in_part.setdefault(key, position) != position:
+            drop[position] = f"duplicate key: {key} (first in part {index})"
+    for position, part in enumerate(known.first_parts(keys)):
+        if part is not None:
+            drop[position] = f"duplicate key: {keys[position]} (first in part {part})"
+    return drop
+
+
+def _remove_temps(out: Path, index: int) -> None:
+    """Remove part ``index``'s temporary files (call only while holding its claim)."""
+    for sub in ("img_emb", "metadata", "failures"):
+        for stale in (out / sub).glob(f".{sub}_{index}.*.tmp-*"):
+            match = _PART_TEMP.match(stale.name)
+            if match is not None and int(match.group(1)) == index:
+                stale.unlink(missing_ok=True)
+
+
+def _remove_unclaimed_temps(out: Path, folder: WorkFolder) -> None:
+    """Remove temporary files of parts nobody is working on (left by a killed run)."""
+    parts = set()
+    for stale in out.glob("*/.*.tmp-*"):
+        match = _PART_TEMP.match(stale.name)
+        if match is not None:
+            parts.add(int(match.group(1)))
+    for index in sorted(parts):
+        claim = folder.claim(index)
+        if claim is not None:
+            with claim:
+                _remove_temps(out, index)
+    for stale in out.glob(f".{MANIFEST}.tmp-*"):  # manifests are written under the lock
+        stale.unlink(missing_ok=True)
+
+
 def embed_part(
     part: Part,
     index: int,
@@ -174,8 +289,13 @@ def embed_part(
     options: PreprocessOptions,
     source: str,
     progress=None,
+    commit=None,
 ) -> tuple[int, list]:
-    """Embed one part and write its three files; returns (embedded, failures)."""
+    """Embed one part and write its three files; returns (embedded, failures).
+
+    ``commit(index, keys, write)`` decides which rows are duplicates and calls
+    ``write(drop)`` (see :class:`PartRunner`); without it every row is written.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -196,35 +316,50 @@ def embed_part(
         meta["shard"] += batch.shards
         if progress is not None:
             progress(len(batch), len(batch.failures))
-    n = len(meta["sample_key"])
     emb = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float16)
     emb_path, meta_path, fail_path = _paths(out, index)
-    table = pa.table(
-        {
-            "key": pa.array([f"{source}/{k}" for k in meta["sample_key"]], pa.string()),
-            "sample_key": pa.array(meta["sample_key"], pa.string()),
-            "source": pa.array([source] * n, pa.string()),
-            "url": pa.array(meta["url"], pa.string()),
-            "caption": pa.array(meta["caption"], pa.string()),
-            "width": pa.array(meta["width"], pa.int32()),
-            "height": pa.array(meta["height"], pa.int32()),
-            "shard": pa.array(meta["shard"], pa.string()),
-            "id": pa.array((np.int64(index) << ID_PART_SHIFT) + np.arange(n, dtype=np.int64)),
-        }
-    )
-    fails = pa.table(
-        {
-            "source": pa.array([source] * len(failures), pa.string()),
-            "shard": pa.array([f[0] for f in failures], pa.string()),
-            "key": pa.array([f[1] for f in failures], pa.string()),
-            "reason": pa.array([f[2] for f in failures], pa.string()),
-        }
-    )
-    _atomic(emb_path, lambda f: np.save(f, emb))
-    _atomic(fail_path, lambda f: pq.write_table(fails, f))
-    # Written last: its presence marks the part as done.
-    _atomic(meta_path, lambda f: pq.write_table(table, f))
-    return n, failures
+    kept = len(meta["sample_key"])
+
+    def write(drop: dict[int, str]) -> None:
+        nonlocal emb, kept
+        if drop:
+            rows = [i for i in range(len(meta["sample_key"])) if i not in drop]
+            failures.extend((meta["shard"][i], meta["sample_key"][i], drop[i]) for i in drop)
+            emb = emb[rows]
+            for name in meta:
+                meta[name] = [meta[name][i] for i in rows]
+        n = kept = len(meta["sample_key"])
+        table = pa.table(
+            {
+                "key": pa.array([f"{source}/{k}" for k in meta["sample_key"]], pa.string()),
+                "sample_key": pa.array(meta["sample_key"], pa.string()),
+                "source": pa.array([source] * n, pa.string()),
+                "url": pa.array(meta["url"], pa.string()),
+                "caption": pa.array(meta["caption"], pa.string()),
+                "width": pa.array(meta["width"], pa.int32()),
+                "height": pa.array(meta["height"], pa.int32()),
+                "shard": pa.array(meta["shard"], pa.string()),
+                "id": pa.array((np.int64(index) << ID_PART_SHIFT) + np.arange(n, dtype=np.int64)),
+            }
+        )
+        fails = pa.table(
+            {
+                "source": pa.array([source] * len(failures), pa.string()),
+                "shard": pa.array([f[0] for f in failures], pa.string()),
+                "key": pa.array([f[1] for f in failures], pa.string()),
+                "reason": pa.array([f[2] for f in failures], pa.string()),
+            }
+        )
+        _atomic(emb_path, lambda f: np.save(f, emb))
+        _atomic(fail_path, lambda f: pq.write_table(fails, f))
+        # Written last: its presence marks the part as done.
+        _atomic(meta_path, lambda f: pq.write_table(table, f))
+
+    if commit is None:
+        write({})
+    else:
+        commit(index, list(meta["sample_key"]), write)
+    return kept, failures
 
 
 # ==== Driver ====
@@ -279,6 +414,11 @@ def embed(
         key_column=key_column,
     )
     plan = [p.describe() for p in parts]
+    if len(parts) > MAX_PARTS:
+        raise ValueError(
+            f"{len(parts):,} parts: at most {MAX_PARTS:,} fit one output folder; "
+            "use a larger chunk_size or split the inputs over several folders"
+        )
     if embedder is None:
         embedder = ClipEmbedder(model, pretrained, device=device)
     cfg = embedder.preprocess_config
@@ -295,64 +435,92 @@ def embed(
     identity = _manifest_identity(embedder, options, source_name)
     # Where each part's images live, so reports can show them later.
     identity["part_inputs"] = [{"kind": p.kind, "path": p.path} for p in parts]
-    if overwrite:
-        _clean(out)
-    _check_manifest(out, identity, plan)
-    for sub in ("img_emb", "metadata", "failures"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*/.*.tmp-*"):
-        stale.unlink(missing_ok=True)
-    _write_manifest(out, identity, plan, {"complete": False})
+    folder = WorkFolder(out)
+    with folder.locked():
+        others_running = folder.join()
+        try:
+            if overwrite:
+                if others_running:
+                    raise ValueError(
+                        f"another embed is running on {out}: --overwrite would delete its "
+                        "work; wait for it to finish or use another output folder"
+                    )
+                _clean(out)
+            _check_manifest(out, identity, plan, others_running)
+            for sub in ("img_emb", "metadata", "failures"):
+                (out / sub).mkdir(parents=True, exist_ok=True)
+            _remove_unclaimed_temps(out, folder)
+            _write_manifest(out, identity, plan, {"complete": False})
+        except BaseException:
+            folder.leave()
+            raise
+    try:
+        report = _run_parts(
+            parts, out, embedder, options, source_name, workers, ray_address, progress
+        )
+        with folder.locked():
+            report.total_embedded, report.total_failed = _count_done(out)
+            if all(_paths(out, i)[1].exists() for i in range(len(parts))):
+                totals = {"count": report.total_embedded, "failed": report.total_failed}
+                _write_manifest(out, identity, plan, {"complete": True, **totals})
+    finally:
+        folder.leave()
+    report.seconds = time.perf_counter() - started
+    return report
 
+
+def _run_parts(
+    parts: list[Part],
+    out: Path,
+    embedder: ClipEmbedder,
+    options: PreprocessOptions,
+    source: str,
+    workers: int,
+    ray_address: str | None,
+    progress: bool,
+) -> EmbedReport:
+    """Embed every unfinished part; returns when all are done (here or by other workers)."""
     pending = [(i, p) for i, p in enumerate(parts) if not _paths(out, i)[1].exists()]
     report = EmbedReport(str(out), parts_skipped=len(parts) - len(pending))
     bar = _progress_bar(progress, len(pending), report.parts_skipped)
-    loop_started = time.perf_counter()
-    if workers > 1 or ray_address is not None:
-        from .distributed import run_on_ray
+    runner = PartRunner(out, embedder, options, source)
+    started = time.perf_counter()
 
-        results = run_on_ray(
-            pending,
-            out,
-            embedder,
-            options,
-            source_name,
-            workers,
-            ray_address,
-            on_part=lambda n, f: _tick(bar, n, f),
-        )
-        for n, failures in results:
-            _account(report, n, failures)
-    else:
-        for i, part in pending:
-            n, failures = embed_part(
-                part,
-                i,
+    def finish(result) -> None:
+        if result is None:
+            return
+        _account(report, *result)
+        if bar is not None:
+            bar.update(0)
+            bar.set_postfix_str(f"parts {report.parts_done}/{len(pending)}")
+
+    try:
+        if workers > 1 or ray_address is not None:
+            from .distributed import run_on_ray
+
+            for result in run_on_ray(
+                pending,
                 out,
                 embedder,
                 options,
-                source_name,
-                progress=lambda n, f: _tick(bar, n, f),
-            )
-            _account(report, n, failures)
-            if bar is not None:
-                bar.update(0)
-                bar.set_postfix_str(f"parts {report.parts_done}/{len(pending)}")
-    report.embed_seconds = time.perf_counter() - loop_started
-    if bar is not None:
-        bar.close()
-    embedded_total, failed_total = _count_done(out)
-    _write_manifest(
-        out,
-        identity,
-        plan,
-        {
-            "complete": True,
-            "count": embedded_total,
-            "failed": failed_total,
-        },
-    )
-    report.seconds = time.perf_counter() - started
+                source,
+                workers,
+                ray_address,
+                on_part=lambda n, f: _tick(bar, n, f),
+            ):
+                finish(result)
+        else:
+            for i, part in pending:
+                finish(runner.run(i, part, progress=lambda n, f: _tick(bar, n, f)))
+        # Parts other workers held: wait for each; redo it if its worker died.
+        for i, part in pending:
+            if not _paths(out, i)[1].exists():
+                finish(runner.run(i, part, wait=True, progress=lambda n, f: _tick(bar, n, f)))
+    finally:
+        if bar is not None:
+            bar.close()
+    report.embed_seconds = time.perf_counter() - started
+    report.parts_elsewhere = len(pending) - report.parts_done
     return report
 
 

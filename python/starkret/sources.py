@@ -5,18 +5,25 @@ A *part* is the unit of work of ``starkret.embed``: it becomes one output file p
 resumed run skips or redoes. A shard is one part; folders and tables are cut into
 parts of ``chunk_size`` images, in a stable order, so part ``i`` always means the
 same images.
+
+Table cells are untrusted: a Hugging Face image struct ``{"bytes": null, "path": P}``
+is read only if ``P`` (relative to the table file's folder, or absolute) resolves,
+symlinks included, to a regular file inside the dataset's own folder (the folder given
+as input, or the table file's folder); anything else is a per-row failure
+``unsafe path: ...`` and the file is never opened.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import _core
 from .preprocess import ShardBatch, preprocess, preprocess_shards
-from .shards import expand_shard_paths
+from .shards import DEFAULT_MAX_MEMBER_BYTES, expand_shard_paths
 
 __all__ = ["IMAGE_SUFFIXES", "Part", "PreprocessOptions", "plan_parts"]
 
@@ -62,6 +69,7 @@ class Part:
     members: tuple[str, ...] = ()  # files: relative paths
     start: int = 0  # table: first row
     stop: int = 0  # table: one past the last row
+    root: str = ""  # table: the dataset folder its image paths must stay inside
 
     def describe(self) -> str:
         """A stable one-line identity, recorded in the manifest to detect changed inputs."""
@@ -133,11 +141,11 @@ def plan_parts(
             tables = sorted(p for p in path.rglob("*") if p.suffix in _TABLE_SUFFIXES)
             if tables:
                 for table in tables:
-                    parts.extend(_table_parts(table, chunk_size, columns))
+                    parts.extend(_table_parts(table, chunk_size, columns, root=path))
             else:
                 parts.extend(_folder_parts(path, chunk_size))
         elif path.suffix in _TABLE_SUFFIXES and path.is_file():
-            parts.extend(_table_parts(path, chunk_size, columns))
+            parts.extend(_table_parts(path, chunk_size, columns, root=path.parent))
         else:
             for shard in expand_shard_paths(text):
                 parts.append(Part("shard", os.path.abspath(shard), Path(shard).name))
@@ -236,7 +244,9 @@ def _pick(
     return None
 
 
-def _table_parts(path: Path, chunk_size: int, columns: dict[str, str | None]) -> list[Part]:
+def _table_parts(
+    path: Path, chunk_size: int, columns: dict[str, str | None], *, root: Path
+) -> list[Part]:
     import pyarrow.parquet as pq
 
     if path.suffix == ".parquet":
@@ -255,13 +265,15 @@ def _table_parts(path: Path, chunk_size: int, columns: dict[str, str | None]) ->
             f"{stem}/{i // chunk_size:05d}",
             start=i,
             stop=min(i + chunk_size, rows),
+            root=os.path.abspath(root),
         )
         for i in range(0, rows, chunk_size)
     ]
 
 
-def _image_bytes(value) -> bytes | None:
-    """A cell of an image column: raw bytes, or Hugging Face's {"bytes", "path"} struct."""
+def _image_bytes(value, table_dir: str, root: str) -> bytes | str:
+    """A cell of an image column (raw bytes, or Hugging Face's {"bytes", "path"} struct)
+    as its image bytes, or the failure reason."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, dict):
@@ -269,14 +281,40 @@ def _image_bytes(value) -> bytes | None:
         if data:
             return bytes(data)
         path = value.get("path")
-        if path and os.path.isfile(path):
-            return Path(path).read_bytes()
-    return None
+        if path:
+            return _read_inside(path, table_dir, root)
+    return "empty: no image bytes in the row"
+
+
+def _read_inside(path: object, table_dir: str, root: str) -> bytes | str:
+    """The bytes of the file ``path`` names if it lies inside ``root``, else the reason."""
+    if not isinstance(path, str) or "\0" in path:
+        return f"unsafe path: {str(path)[:200]!r} is not a file path"
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(table_dir, path))
+    if os.path.commonpath([real, real_root]) != real_root:
+        return f"unsafe path: {path[:200]!r} is outside the dataset folder {root}"
+    try:
+        # No symlink left to follow (realpath resolved them); O_NONBLOCK: a FIFO never hangs.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"unreadable: {path[:200]}: {exc.strerror or exc}"
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return f"unreadable: {path[:200]} is not a regular file"
+        if info.st_size > DEFAULT_MAX_MEMBER_BYTES:
+            return (
+                f"too large: {path[:200]} has {info.st_size:,} bytes "
+                f"(limit {DEFAULT_MAX_MEMBER_BYTES:,})"
+            )
+        return f.read(DEFAULT_MAX_MEMBER_BYTES + 1)
 
 
 def _table_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
-    file, image_col, caption_col, key_col = part.path.split("#")
+    file, image_col, caption_col, key_col = part.path.rsplit("#", 3)
     path = Path(file)
+    table_dir, root = str(path.parent), part.root or str(path.parent)
     table = _open_table(path).slice(part.start, part.stop - part.start)
     names = table.column_names
     image_col = _pick(names, image_col or None, _IMAGE_COLUMNS, "image", path, required=True)
@@ -293,9 +331,9 @@ def _table_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
         )
         batch = _RawBatch([], [], [], part.name, [])
         for key, value, caption in zip(keys, images, captions, strict=True):
-            data = _image_bytes(value)
-            if data is None:
-                batch.failures.append((part.name, key, "empty: no image bytes in the row"))
+            data = _image_bytes(value, table_dir, root)
+            if isinstance(data, str):
+                batch.failures.append((part.name, key, data))
                 continue
             batch.images.append(data)
             batch.keys.append(key)

@@ -1,0 +1,116 @@
+"""The sample keys already written to an output folder, for duplicate detection.
+
+Each key costs 8 bytes: one ``uint64`` holding the top 40 bits of the key's hash and,
+in the low 24 bits, the part that holds it (96 MB at 12M keys, no Python object per
+key; a merge briefly needs 64 MB more). The values live in a few sorted arrays, merged
+as they grow up to :data:`MERGE_CAP` keys, and searched with ``np.searchsorted``. A
+hash match is confirmed against the real keys of that part, read from its metadata
+file, so a hash collision never turns a good sample into a "duplicate". The set is
+rebuilt from the finished parts' ``sample_key`` columns, so it survives a resume and
+sees parts written by other workers on the same folder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["MAX_PARTS", "KeySet"]
+
+PART_BITS = 24
+#: Parts one output folder can hold (part numbers are stored in ``PART_BITS`` bits).
+MAX_PARTS = 1 << PART_BITS
+_PART_MASK = np.uint64(MAX_PARTS - 1)
+_HASH_MASK = ~_PART_MASK
+_METADATA = re.compile(r"^metadata_(\d+)\.parquet$")
+#: Runs are not merged beyond this many keys (32 MB), which bounds the extra memory
+#: a merge needs; a folder of 12M keys then holds about eight runs.
+MERGE_CAP = 1 << 22
+
+
+def key_hashes(keys: Sequence[str]) -> np.ndarray:
+    """64-bit hashes of ``keys`` (Python's string hash: fast, and stable within a process,
+    which is all this needs since the set is rebuilt by every process)."""
+    return np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys)).view(np.uint64)
+
+
+class KeySet:
+    """Which finished part holds a key, for the parts under ``metadata_dir``."""
+
+    def __init__(self, metadata_dir: Path) -> None:
+        self.metadata_dir = Path(metadata_dir)
+        self._runs: list[np.ndarray] = []
+        self._loaded: set[int] = set()
+
+    def __len__(self) -> int:
+        return sum(len(run) for run in self._runs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(run.nbytes for run in self._runs)
+
+    def refresh(self) -> None:
+        """Take in the keys of parts finished since the last call (by any worker)."""
+        for path in sorted(self.metadata_dir.glob("metadata_*.parquet")):
+            match = _METADATA.match(path.name)
+            if match is None or int(match.group(1)) in self._loaded:
+                continue
+            part = int(match.group(1))
+            self.add(part, self._keys_of(part))
+
+    def add(self, part: int, keys: Sequence[str]) -> None:
+        """Record the keys of ``part``, just written by this worker."""
+        self._loaded.add(part)
+        if len(keys):
+            self._push(self._packed(key_hashes(keys), part))
+
+    def first_parts(self, keys: Sequence[str]) -> list[int | None]:
+        """For every key, the lowest finished part that holds it, or None."""
+        found: list[int | None] = [None] * len(keys)
+        if not self._runs or not len(keys):
+            return found
+        wanted = key_hashes(keys) & _HASH_MASK
+        candidates: dict[int, set[int]] = {}  # part -> positions in keys
+        for run in self._runs:
+            lo = np.searchsorted(run, wanted, side="left")
+            hi = np.searchsorted(run, wanted | _PART_MASK, side="right")
+            for position in np.flatnonzero(hi > lo).tolist():
+                for value in run[lo[position] : hi[position]].tolist():
+                    candidates.setdefault(value & int(_PART_MASK), set()).add(position)
+        for part in sorted(candidates):
+            real = set(self._keys_of(part))
+            for position in candidates[part]:
+                if found[position] is None and keys[position] in real:
+                    found[position] = part
+        return found
+
+    # ==== internals ====
+
+    def _keys_of(self, part: int) -> list[str]:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(
+            self.metadata_dir / f"metadata_{part}.parquet", columns=["sample_key"]
+        )
+        return table.column("sample_key").to_pylist()
+
+    @staticmethod
+    def _packed(hashes: np.ndarray, part: int) -> np.ndarray:
+        if not 0 <= part < MAX_PARTS:
+            raise ValueError(f"part {part} is beyond the {MAX_PARTS:,} parts a folder can hold")
+        return (hashes & _HASH_MASK) | np.uint64(part)
+
+    def _push(self, values: np.ndarray) -> None:
+        self._runs.append(np.sort(values))
+        # Keep run sizes decreasing geometrically: O(log n) runs, O(n log n) merging.
+        while (
+            len(self._runs) > 1
+            and len(self._runs[-2]) <= 2 * len(self._runs[-1])
+            and len(self._runs[-2]) + len(self._runs[-1]) <= MERGE_CAP
+        ):
+            merged = np.concatenate([self._runs.pop(-2), self._runs.pop()])
+            merged.sort(kind="stable")  # timsort: a linear merge of the two sorted runs
+            self._runs.append(merged)
