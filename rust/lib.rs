@@ -264,10 +264,12 @@ impl PyShardReader {
         });
         let item = match item {
             None => return Ok(None),
-            Some(shards::ShardItem::Sample(s)) => {
+            // The reader thread panicked: raise rather than end as if the data were done.
+            Some(Err(failed)) => return Err(PyRuntimeError::new_err(failed.to_string())),
+            Some(Ok(shards::ShardItem::Sample(s))) => {
                 Py::new(py, PySample::from_sample(py, s))?.into_any()
             }
-            Some(shards::ShardItem::Issue(i)) => (i.shard, i.key, i.reason)
+            Some(Ok(shards::ShardItem::Issue(i))) => (i.shard, i.key, i.reason)
                 .into_pyobject(py)?
                 .into_any()
                 .unbind(),

@@ -79,7 +79,11 @@ class ShardReader:
     def __init__(self, paths: list[str], *, max_member_bytes: int, prefetch: int) -> None: ...
     def __iter__(self) -> ShardReader: ...
     def __next__(self) -> Sample | tuple[str, str | None, str]:
-        """The next sample, or ``(shard, key_or_None, reason)`` for what could not be one."""
+        """The next sample, or ``(shard, key_or_None, reason)`` for what could not be one.
+
+        Raises ``RuntimeError`` (naming the shard) if the reader thread panicked; the
+        data after that point is unknown, so it must not be taken as complete.
+        """
 
 class ShardBatches:
     """Preprocessed batches straight from shards, prepared ahead on background threads.
@@ -107,7 +111,8 @@ class ShardBatches:
         threads: int | None = None,
     ) -> None: ...
     def __iter__(self) -> ShardBatches: ...
-    def __next__(self) -> dict[str, object]: ...
+    def __next__(self) -> dict[str, object]:
+        """The next batch; ``RuntimeError`` (naming the shard) if a background thread panicked."""
 
 # ==== Top-k ====
 

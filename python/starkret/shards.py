@@ -57,6 +57,10 @@ class ShardIterator(Iterator[Sample]):
     oversized member) is not yielded: it is appended to :attr:`failures` as
     ``(shard, key_or_None, reason)`` and logged on the ``starkret`` logger at
     WARNING, and reading goes on.
+
+    A failure of the reader thread itself (a bug, never bad input) raises
+    ``RuntimeError`` naming the shard: the iteration is then incomplete and must
+    not be mistaken for the end of the data.
     """
 
     def __init__(self, shards: list[str], *, max_member_bytes: int, prefetch: int) -> None:
@@ -98,8 +102,13 @@ def read_shards(
     ``width`` and ``height`` are taken.
 
     Reading happens on a Rust thread with the GIL released, ``prefetch`` samples
-    ahead. Broken input never stops the iteration; it is recorded in
-    ``.failures`` (a truncated shard still gives up the samples before the cut).
+    ahead. Shards may be gzip-compressed (``.tar.gz``, ``.tgz``; the magic bytes
+    decide, not the name); nothing is extracted to disk. Broken input never stops
+    the iteration; it is recorded in ``.failures``: a truncated or corrupt shard
+    still gives up every sample whose members were read whole; links, devices and
+    members without a key or extension are recorded (``unsupported member: ...``),
+    and a key that comes back later in the same shard is recorded as
+    ``duplicate key: K (already in this shard)`` instead of being yielded twice.
 
     >>> import io, tarfile
     >>> with tarfile.open("demo-000.tar", "w") as tar:
@@ -122,6 +131,7 @@ def read_shards(
     Raises:
         FileNotFoundError: a shard path does not exist or a glob matches nothing.
         ValueError: a malformed pattern, no paths, or a non-positive size.
+        RuntimeError: while iterating, if the Rust reader thread fails (a bug).
     """
     if max_member_bytes < 1:
         raise ValueError(f"max_member_bytes must be at least 1, got {max_member_bytes}")
