@@ -58,6 +58,11 @@ pub enum DecodeError {
     Corrupt(String),
     /// Format or mode without a bit-exact decoder here: decode it with Pillow instead.
     Fallback(String),
+    /// Over a size bound other than `max_pixels`; the text says which.
+    TooLargeFor(String),
+    /// A recognised format in a variant that neither this decoder nor Pillow reads
+    /// (a 12-bit JPEG): a failure, not a fallback.
+    Unsupported(String),
 }
 
 impl std::fmt::Display for DecodeError {
@@ -74,8 +79,11 @@ impl std::fmt::Display for DecodeError {
                 f,
                 "too large: {width}x{height} exceeds max_pixels ({max_pixels})"
             ),
+            DecodeError::TooLargeFor(detail) => write!(f, "too large: {detail}"),
             DecodeError::Corrupt(detail) => write!(f, "corrupt: {detail}"),
-            DecodeError::Fallback(detail) => write!(f, "unsupported format: {detail}"),
+            DecodeError::Fallback(detail) | DecodeError::Unsupported(detail) => {
+                write!(f, "unsupported format: {detail}")
+            }
         }
     }
 }
@@ -211,10 +219,30 @@ extern "C" {
     fn tjDestroy(handle: *mut c_void) -> c_int;
 }
 
-/// One TurboJPEG decompressor per thread: creating one costs more than a small decode.
+/// A TurboJPEG decompressor for one image.
+///
+/// libjpeg keeps quantisation and Huffman tables in the decompressor from one image to
+/// the next (for "abbreviated" JPEG streams), and TurboJPEG never resets a handle after
+/// an error. A handle shared between images therefore lets one image change how the
+/// next decodes: a JPEG without its DQT decodes with an earlier image's tables, and a
+/// header error can leave the handle failing every later image. Each image gets its
+/// own handle, dropped with it; creating one costs about a microsecond.
 struct TjHandle(*mut c_void);
 
 impl TjHandle {
+    fn new() -> Result<TjHandle, DecodeError> {
+        // SAFETY: plain constructor; a null result is handled below.
+        let handle = unsafe { tjInitDecompress() };
+        if handle.is_null() {
+            return Err(DecodeError::Corrupt(
+                "libjpeg-turbo could not create a decompressor".into(),
+            ));
+        }
+        Ok(TjHandle(handle))
+    }
+
+    /// The last call's error: whether it was only a warning, and libjpeg's message
+    /// (for warnings, TurboJPEG keeps the first one).
     fn error(&self) -> (bool, String) {
         // SAFETY: the handle is valid for the lifetime of self; the returned string is
         // owned by the handle and copied before the next call.
@@ -229,21 +257,46 @@ impl TjHandle {
             (warning, text)
         }
     }
+
+    fn header(&self, data: &[u8]) -> Result<JpegHeader, DecodeError> {
+        let size = c_ulong::try_from(data.len())
+            .map_err(|_| DecodeError::Corrupt("JPEG larger than the decoder can address".into()))?;
+        let (mut w, mut h, mut sub, mut cs) = (0, 0, 0, 0);
+        // SAFETY: data outlives the call; the out-pointers are valid locals.
+        let rc = unsafe {
+            tjDecompressHeader3(
+                self.0,
+                data.as_ptr(),
+                size,
+                &mut w,
+                &mut h,
+                &mut sub,
+                &mut cs,
+            )
+        };
+        if rc != 0 {
+            // A warning ("N extraneous bytes before marker") still fills in the
+            // header, and Pillow decodes such files: only errors stop here.
+            let (warning, msg) = self.error();
+            if !warning || msg.contains("Premature end") {
+                return Err(classify_jpeg_error(&msg));
+            }
+        }
+        Ok(JpegHeader {
+            width: usize::try_from(w).unwrap_or(0),
+            height: usize::try_from(h).unwrap_or(0),
+            colorspace: cs,
+        })
+    }
 }
 
 impl Drop for TjHandle {
     fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: created by tjInitDecompress and destroyed once.
-            unsafe {
-                tjDestroy(self.0);
-            }
+        // SAFETY: created by tjInitDecompress (never null, see `new`), destroyed once.
+        unsafe {
+            tjDestroy(self.0);
         }
     }
-}
-
-thread_local! {
-    static TJ: TjHandle = TjHandle(unsafe { tjInitDecompress() });
 }
 
 /// DCT-domain downscaling factor `num/8` for JPEG decoding (8 = none).
@@ -277,50 +330,174 @@ pub struct JpegHeader {
     colorspace: c_int,
 }
 
-fn with_tj<T>(f: impl FnOnce(&TjHandle) -> Result<T, DecodeError>) -> Result<T, DecodeError> {
-    TJ.with(|tj| {
-        if tj.0.is_null() {
-            return Err(DecodeError::Corrupt(
-                "libjpeg-turbo could not create a decompressor".into(),
-            ));
-        }
-        f(tj)
-    })
+/// Most scans a JPEG may have. Baseline files have one scan per component group,
+/// libjpeg's and mozjpeg's progressive scripts use 6 to about 20, and libjpeg-turbo's
+/// own fuzzers cap scans at 500. Every scan makes libjpeg walk all of its
+/// component's blocks, so thousands of (nearly empty) scans are a cheap way to make
+/// a small file cost seconds or minutes of CPU: they are refused instead.
+pub const MAX_JPEG_SCANS: usize = 500;
+
+/// What a walk over a JPEG's marker segments finds, without decoding anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct JpegLayout {
+    /// SOS markers seen.
+    scans: usize,
+    /// The first frame header's marker (0xC0..=0xCF) and sample precision.
+    frame: Option<(u8, u8)>,
+    /// Width and height in the first frame header.
+    frame_size: Option<(usize, usize)>,
+    /// Whether an EOI marker was reached.
+    eoi: bool,
 }
 
-pub fn jpeg_header(data: &[u8]) -> Result<JpegHeader, DecodeError> {
-    let size = c_ulong::try_from(data.len())
-        .map_err(|_| DecodeError::Corrupt("JPEG larger than the decoder can address".into()))?;
-    with_tj(|tj| {
-        let (mut w, mut h, mut sub, mut cs) = (0, 0, 0, 0);
-        // SAFETY: data outlives the call; the out-pointers are valid locals.
-        let rc = unsafe {
-            tjDecompressHeader3(tj.0, data.as_ptr(), size, &mut w, &mut h, &mut sub, &mut cs)
+/// Walk the marker segments of `data` (which starts with SOI), skipping entropy-coded
+/// data (where 0xFF is followed by a stuffed 0x00 or an RSTn marker), up to EOI or the
+/// end of the data. Stops early once more than `MAX_JPEG_SCANS` scans are seen.
+fn jpeg_layout(data: &[u8]) -> JpegLayout {
+    let mut layout = JpegLayout::default();
+    let n = data.len();
+    let mut pos = 2;
+    loop {
+        // Bytes before the next marker are "extraneous": libjpeg skips them with a
+        // warning. Any number of 0xFF fill bytes may precede a marker.
+        while pos < n && data[pos] != 0xFF {
+            pos += 1;
+        }
+        while pos < n && data[pos] == 0xFF {
+            pos += 1;
+        }
+        let Some(&marker) = data.get(pos) else {
+            return layout;
         };
-        if rc != 0 {
-            let (_, msg) = tj.error();
-            return Err(classify_jpeg_header_error(&msg));
+        pos += 1;
+        match marker {
+            0xD9 => {
+                layout.eoi = true;
+                return layout;
+            }
+            // Markers without a length field (0x00 is not a marker: skip it as data).
+            0x00 | 0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
         }
-        Ok(JpegHeader {
-            width: usize::try_from(w).unwrap_or(0),
-            height: usize::try_from(h).unwrap_or(0),
-            colorspace: cs,
-        })
-    })
+        let Some(len) = data
+            .get(pos..pos + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        else {
+            return layout;
+        };
+        let body = &data[(pos + 2).min(n)..(pos + len as usize).min(n)];
+        let is_frame = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        if is_frame && layout.frame.is_none() {
+            if let Some(&precision) = body.first() {
+                layout.frame = Some((marker, precision));
+            }
+            if let Some(b) = body.get(1..5) {
+                let h = u16::from_be_bytes([b[0], b[1]]) as usize;
+                let w = u16::from_be_bytes([b[2], b[3]]) as usize;
+                layout.frame_size = Some((w, h));
+            }
+        }
+        pos += (len as usize).max(2);
+        if marker == 0xDA {
+            layout.scans += 1;
+            if layout.scans > MAX_JPEG_SCANS {
+                return layout;
+            }
+            pos = skip_entropy_data(data, pos);
+        }
+    }
 }
 
-fn classify_jpeg_header_error(msg: &str) -> DecodeError {
+/// The position of the first marker after entropy-coded data starting at `pos` (or
+/// the end of the data): the 0xFF of a marker that is neither a stuffed 0x00 nor RSTn.
+fn skip_entropy_data(data: &[u8], mut pos: usize) -> usize {
+    while pos < data.len() {
+        match data[pos..].iter().position(|&b| b == 0xFF) {
+            None => return data.len(),
+            Some(at) => pos += at,
+        }
+        match data.get(pos + 1) {
+            None => return data.len(),
+            Some(0x00 | 0xD0..=0xD7) => pos += 2,
+            // A fill byte: the marker (or stuffing) follows it.
+            Some(0xFF) => pos += 1,
+            Some(_) => return pos,
+        }
+    }
+    data.len()
+}
+
+/// Header facts libjpeg-turbo does not report well: scan bombs, precisions other
+/// than 8 bits, data that ends before the frame header.
+fn check_jpeg_layout(layout: &JpegLayout) -> Result<(), DecodeError> {
+    if layout.scans > MAX_JPEG_SCANS {
+        return Err(DecodeError::Corrupt(format!(
+            "JPEG has more than {MAX_JPEG_SCANS} scans (limit {MAX_JPEG_SCANS})"
+        )));
+    }
+    match layout.frame {
+        // Pillow's decoder reads 8-bit samples only (libjpeg-turbo's 12- and 16-bit
+        // paths are separate APIs), so it fails on these too.
+        Some((_, precision)) if precision != 8 => {
+            Err(DecodeError::Unsupported(format!("{precision}-bit JPEG")))
+        }
+        None if !layout.eoi => Err(DecodeError::Truncated(
+            "JPEG data ends before its frame header".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Read a JPEG's header with a fresh decompressor.
+pub fn jpeg_header(data: &[u8]) -> Result<JpegHeader, DecodeError> {
+    let layout = jpeg_layout(data);
+    check_jpeg_layout(&layout)?;
+    let header = TjHandle::new()?.header(data)?;
+    checked_header(header, &layout)
+}
+
+/// A header libjpeg accepted but that has no pixels (a tables-only stream).
+fn checked_header(header: JpegHeader, layout: &JpegLayout) -> Result<JpegHeader, DecodeError> {
+    if header.width == 0 || header.height == 0 {
+        return Err(match layout.frame {
+            None => DecodeError::Corrupt("JPEG has no frame header".into()),
+            Some(_) => DecodeError::Corrupt(format!(
+                "JPEG frame header gives zero size ({}x{})",
+                header.width, header.height
+            )),
+        });
+    }
+    Ok(header)
+}
+
+fn classify_jpeg_error(msg: &str) -> DecodeError {
     if msg.contains("Premature end") || msg.contains("insufficient data") {
-        DecodeError::Truncated(format!("JPEG header: {msg}"))
-    } else if msg.contains("precision") || msg.contains("Unsupported") {
+        DecodeError::Truncated(format!("JPEG: {msg}"))
+    } else if msg.contains("Unsupported JPEG process") {
+        // Lossless and hierarchical JPEGs: Pillow's newer libjpeg-turbo may decode
+        // them, so the reference decides.
         DecodeError::Fallback(format!("JPEG: {msg}"))
+    } else if msg.contains("precision") || msg.contains("Unsupported") {
+        DecodeError::Unsupported(format!("JPEG: {msg}"))
     } else {
-        DecodeError::Corrupt(format!("JPEG header: {msg}"))
+        DecodeError::Corrupt(format!("JPEG: {msg}"))
     }
 }
 
 fn decode_jpeg(data: &[u8], max_pixels: u64, scale: JpegScale) -> Result<Decoded, DecodeError> {
-    let header = jpeg_header(data)?;
+    let layout = jpeg_layout(data);
+    check_jpeg_layout(&layout)?;
+    if !layout.eoi {
+        // Pillow's decoder reads up to EOI (libjpeg's memory source here would
+        // invent one and only warn): without it the file is truncated.
+        return Err(DecodeError::Truncated(if layout.scans == 0 {
+            "JPEG data ends before its first scan".into()
+        } else {
+            "JPEG data ends before its end marker".into()
+        }));
+    }
+    let tj = TjHandle::new()?;
+    let header = checked_header(tj.header(data)?, &layout)?;
     check_size(header.width, header.height, max_pixels)?;
     let (format, channels) = match header.colorspace {
         TJCS_YCBCR | TJCS_RGB => (TJPF_RGB, 3),
@@ -332,35 +509,32 @@ fn decode_jpeg(data: &[u8], max_pixels: u64, scale: JpegScale) -> Result<Decoded
     let height = scale.apply(header.height);
     let mut out = vec![0u8; width * height * channels];
     let size = data.len() as c_ulong;
-    with_tj(|tj| {
-        // SAFETY: `out` holds width*height*channels bytes, which is what TurboJPEG
-        // writes for these dimensions and pixel format with pitch 0 (= packed rows).
-        let rc = unsafe {
-            tjDecompress2(
-                tj.0,
-                data.as_ptr(),
-                size,
-                out.as_mut_ptr(),
-                width as c_int,
-                0,
-                height as c_int,
-                format,
-                0,
-            )
-        };
-        if rc != 0 {
-            let (warning, msg) = tj.error();
-            // Pillow fails on data that ends early ("image file is truncated") but,
-            // like libjpeg, decodes through other recoverable corruption.
-            if msg.contains("Premature end of JPEG file") {
-                return Err(DecodeError::Truncated(format!("JPEG: {msg}")));
-            }
-            if !warning {
-                return Err(DecodeError::Corrupt(format!("JPEG: {msg}")));
-            }
+    // SAFETY: `out` holds width*height*channels bytes, which is what TurboJPEG writes
+    // for these dimensions and pixel format with pitch 0 (= packed rows).
+    let rc = unsafe {
+        tjDecompress2(
+            tj.0,
+            data.as_ptr(),
+            size,
+            out.as_mut_ptr(),
+            width as c_int,
+            0,
+            height as c_int,
+            format,
+            0,
+        )
+    };
+    if rc != 0 {
+        let (warning, msg) = tj.error();
+        // Pillow fails on data that ends early ("image file is truncated") but, like
+        // libjpeg, decodes through other recoverable corruption.
+        if msg.contains("Premature end of JPEG file") {
+            return Err(DecodeError::Truncated(format!("JPEG: {msg}")));
         }
-        Ok(())
-    })?;
+        if !warning {
+            return Err(classify_jpeg_error(&msg));
+        }
+    }
     Ok(Decoded {
         width,
         height,
@@ -382,13 +556,289 @@ fn png_error(err: png::DecodingError) -> DecodeError {
         png::DecodingError::LimitsExceeded => {
             DecodeError::Corrupt("PNG chunk exceeds the decoder's memory limit".into())
         }
-        other => DecodeError::Corrupt(format!("PNG: {other}")),
+        other => DecodeError::Corrupt(format!("PNG: {}", tidy_png_message(other.to_string()))),
     }
 }
 
+/// Pillow's largest decompressed iCCP, zTXt or iTXt payload (`MAX_TEXT_CHUNK`).
+const PNG_MAX_TEXT_CHUNK: usize = 1 << 20;
+/// Pillow's budget for all text of one PNG (`MAX_TEXT_MEMORY`).
+const PNG_MAX_TEXT_MEMORY: usize = 64 * PNG_MAX_TEXT_CHUNK;
+
+/// A chunk type for messages: its four letters, or escaped bytes when not letters.
+fn chunk_name(cid: &[u8]) -> String {
+    cid.iter()
+        .flat_map(|&b| std::ascii::escape_default(b))
+        .map(char::from)
+        .collect()
+}
+
+/// Inflate a zlib stream up to `limit` bytes: `Some(len)` of what it gives (a broken
+/// stream gives what came out before the break, as Python's zlib does), `None` if it
+/// holds more than `limit` bytes.
+fn inflated_len(data: &[u8], limit: usize) -> Option<usize> {
+    use miniz_oxide::inflate::{decompress_to_vec_zlib_with_limit, TINFLStatus};
+    match decompress_to_vec_zlib_with_limit(data, limit) {
+        Ok(out) => Some(out.len()),
+        Err(e) if e.status == TINFLStatus::HasMoreOutput => None,
+        Err(e) => Some(e.output.len()),
+    }
+}
+
+/// Where Pillow reads a PNG's chunks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PngPart {
+    /// `Image.open`: every chunk is checked, checksums included.
+    Header,
+    /// After the image data (`load_end`): handlers run, checksums are not checked.
+    Trailer,
+}
+
+/// The checks Pillow makes on a PNG's chunks that the `png` crate does not make the
+/// same way, so that PNGs Pillow rejects are rejected here too: checksums of the
+/// chunks before the image data (Pillow ignores those of IDAT and later chunks, the
+/// `png` crate checks all of them), compression methods and decompressed sizes of
+/// iCCP and text chunks (text bombs), APNG frame sequence numbers and frame bounds.
+///
+/// Also returns the repairs that make the `png` crate accept what Pillow accepts.
+fn check_png_chunks(data: &[u8]) -> Result<PngRepairs, DecodeError> {
+    let corrupt = |msg: String| Err(DecodeError::Corrupt(format!("PNG: {msg}")));
+    let mut repairs = PngRepairs::default();
+    let mut pos = 8;
+    let mut part = PngPart::Header;
+    let mut text_memory = 0usize;
+    let mut seq: Option<u32> = None;
+    let mut size = (0u64, 0u64);
+    let mut animated = false;
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    while let Some(head) = data.get(pos..pos + 8) {
+        let length = be32(&head[..4]) as usize;
+        let cid = &head[4..8];
+        if !cid.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_') {
+            if part == PngPart::Header {
+                return corrupt(format!("chunk type '{}' is not a name", chunk_name(cid)));
+            }
+            return Ok(repairs);
+        }
+        let start = pos + 8;
+        pos = start.saturating_add(length).saturating_add(4);
+        if cid == b"IEND" || (part == PngPart::Trailer && cid == b"fcTL" && animated) {
+            return Ok(repairs);
+        }
+        if cid == b"IDAT" {
+            part = PngPart::Trailer;
+        }
+        if pos == data.len() && part == PngPart::Trailer {
+            // The last chunk ends with the data, and it is not IEND: Pillow stops
+            // reading there without complaint; the crate wants the IEND.
+            repairs.append_iend = true;
+        }
+        if cid == b"IDAT" {
+            continue;
+        }
+        // The rest is for the `png` crate to report as truncated.
+        let Some(body) = data.get(start..start + length) else {
+            return Ok(repairs);
+        };
+        let name = chunk_name(cid);
+        match cid {
+            b"IHDR" => {
+                if length < 13 {
+                    return corrupt("IHDR chunk is too short".into());
+                }
+                size = (be32(&body[..4]) as u64, be32(&body[4..8]) as u64);
+                if body[10] != 0 {
+                    // Pillow does not read the compression method (only 0 exists).
+                    repairs.ihdr_compression = Some(start + 10);
+                }
+                if body[11] != 0 {
+                    return corrupt(format!("unknown filter method {}", body[11]));
+                }
+            }
+            b"PLTE" if length == 0 => {
+                // Pillow reads an empty palette as all black.
+                repairs.empty_plte = Some(start - 8);
+            }
+            b"iCCP" => {
+                let split = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+                let Some(&method) = body.get(split + 1) else {
+                    return corrupt("iCCP chunk has no compression method".into());
+                };
+                if method != 0 {
+                    return corrupt(format!("unknown compression method {method} in iCCP chunk"));
+                }
+                if inflated_len(&body[split + 2..], PNG_MAX_TEXT_CHUNK).is_none() {
+                    return corrupt("iCCP profile decompresses to more than 1 MiB".into());
+                }
+            }
+            b"tEXt" => {
+                if let Some(split) = body.iter().position(|&b| b == 0) {
+                    if split > 0 {
+                        text_memory += body.len() - split - 1;
+                    }
+                }
+            }
+            b"zTXt" => {
+                let split = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+                let value = body.get(split + 1..).unwrap_or_default();
+                let method = value.first().copied().unwrap_or(0);
+                if method != 0 {
+                    return corrupt(format!("unknown compression method {method} in zTXt chunk"));
+                }
+                let Some(len) =
+                    inflated_len(value.get(1..).unwrap_or_default(), PNG_MAX_TEXT_CHUNK)
+                else {
+                    return corrupt("zTXt text decompresses to more than 1 MiB".into());
+                };
+                if split > 0 {
+                    text_memory += len;
+                }
+            }
+            b"iTXt" => {
+                // keyword \0 flag method language \0 translated keyword \0 text
+                let fields = body
+                    .iter()
+                    .position(|&b| b == 0)
+                    .and_then(|k| body.get(k + 1..))
+                    .filter(|r| r.len() >= 2);
+                if let Some(r) = fields {
+                    let (flag, method, rest) = (r[0], r[1], &r[2..]);
+                    let mut parts = rest.splitn(3, |&b| b == 0);
+                    let (_lang, _tk, text) = (parts.next(), parts.next(), parts.next());
+                    if let Some(text) = text {
+                        if flag != 0 && method == 0 {
+                            match inflated_len(text, PNG_MAX_TEXT_CHUNK) {
+                                None => {
+                                    return corrupt(
+                                        "iTXt text decompresses to more than 1 MiB".into(),
+                                    )
+                                }
+                                Some(len) => text_memory += len,
+                            }
+                        } else if flag == 0 {
+                            text_memory += text.len();
+                        }
+                    }
+                }
+            }
+            b"acTL" => {
+                if length < 8 {
+                    return corrupt("APNG acTL chunk is too short".into());
+                }
+                let frames = be32(body);
+                animated = frames > 1 && frames <= 0x8000_0000;
+            }
+            b"fcTL" | b"fdAT" => {
+                let short = if cid == b"fcTL" { 26 } else { 4 };
+                if length < short {
+                    return corrupt(format!("APNG {name} chunk is too short"));
+                }
+                let n = be32(body);
+                if seq.map_or(n != 0 || cid == b"fdAT", |s| n != s.wrapping_add(1)) {
+                    return corrupt("APNG contains frame sequence errors".into());
+                }
+                seq = Some(n);
+                if cid == b"fcTL" {
+                    let (w, h) = (be32(&body[4..]) as u64, be32(&body[8..]) as u64);
+                    let (x, y) = (be32(&body[12..]) as u64, be32(&body[16..]) as u64);
+                    if x + w > size.0 || y + h > size.1 {
+                        return corrupt("APNG contains invalid frames".into());
+                    }
+                } else {
+                    // Frame data: Pillow's image data starts here when it has no IDAT.
+                    part = PngPart::Trailer;
+                }
+            }
+            _ => {}
+        }
+        if text_memory > PNG_MAX_TEXT_MEMORY {
+            return corrupt(format!(
+                "text chunks hold more than {} MiB",
+                PNG_MAX_TEXT_MEMORY >> 20
+            ));
+        }
+        if part == PngPart::Header {
+            match data.get(start + length..start + length + 4) {
+                Some(crc) if be32(crc) != crc32(cid, body) => {
+                    return corrupt(format!("bad checksum in {name} chunk"));
+                }
+                None => {
+                    return Err(DecodeError::Truncated(format!(
+                        "PNG {name} chunk ends early"
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(repairs)
+}
+
+/// Changes to a PNG's bytes after which the `png` crate decodes it as Pillow does.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PngRepairs {
+    /// Offset of a nonzero IHDR compression method byte, to be set to 0.
+    ihdr_compression: Option<usize>,
+    /// Offset of an empty PLTE chunk, to be given one black entry.
+    empty_plte: Option<usize>,
+    /// No IEND after the last complete chunk: add one.
+    append_iend: bool,
+}
+
+impl PngRepairs {
+    fn apply<'a>(&self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        if *self == PngRepairs::default() {
+            return std::borrow::Cow::Borrowed(data);
+        }
+        let mut out = data.to_vec();
+        if let Some(at) = self.ihdr_compression {
+            out[at] = 0;
+        }
+        if self.append_iend {
+            out.extend_from_slice(b"\0\0\0\0IEND\xAE\x42\x60\x82");
+        }
+        if let Some(at) = self.empty_plte {
+            // Checksums are not checked by the crate (see `decode_png`).
+            out.splice(at..at + 12, *b"\0\0\0\x03PLTE\0\0\0\0\0\0\0");
+        }
+        std::borrow::Cow::Owned(out)
+    }
+}
+
+/// A `png` crate message without the crate's debug formatting of chunk types
+/// (`ChunkType { type: IDAT, critical: true, ... }` becomes `IDAT`).
+fn tidy_png_message(msg: String) -> String {
+    const OPEN: &str = "ChunkType { type: ";
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg.as_str();
+    while let Some(at) = rest.find(OPEN) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + OPEN.len()..];
+        let name_end = after.find(',').unwrap_or(after.len());
+        out.push_str(&after[..name_end]);
+        rest = after.find('}').map_or("", |close| &after[close + 1..]);
+    }
+    out.push_str(rest);
+    out
+}
+
+fn crc32(cid: &[u8], body: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(cid);
+    hasher.update(body);
+    hasher.finalize()
+}
+
 fn decode_png(data: &[u8], max_pixels: u64) -> Result<Decoded, DecodeError> {
-    let mut decoder = png::Decoder::new(Cursor::new(data));
+    let repaired = check_png_chunks(data)?.apply(data);
+    let mut decoder = png::Decoder::new(Cursor::new(&*repaired));
     decoder.set_transformations(png::Transformations::IDENTITY);
+    // Checksums and ancillary chunks were checked above the way Pillow checks them;
+    // the crate must not keep ICC profiles or text in memory (a 1 MB file can hold a
+    // 1 GB profile), nor reject the IDAT checksums Pillow ignores.
+    decoder.set_ignore_iccp_chunk(true);
+    decoder.set_ignore_text_chunk(true);
+    decoder.ignore_checksums(true);
     // The pixel budget is enforced below, before the frame buffer is allocated; this
     // limit only has to admit every image under it (8 bytes per pixel at most).
     decoder.set_limits(png::Limits {
