@@ -241,21 +241,27 @@ impl TjHandle {
         Ok(TjHandle(handle))
     }
 
-    /// The last call's error: whether it was only a warning, and libjpeg's message
-    /// (for warnings, TurboJPEG keeps the first one).
+    /// The last call's error: whether it was only a warning, and libjpeg's message.
+    ///
+    /// TurboJPEG 2.x reports any call during which a warning was emitted as a
+    /// warning, even when a fatal error followed (its flag is never cleared), but its
+    /// message is the fatal error's in that case (for warnings alone it is the first
+    /// warning's). So a failure counts as a warning only if its message is one of
+    /// libjpeg's warning messages.
     fn error(&self) -> (bool, String) {
         // SAFETY: the handle is valid for the lifetime of self; the returned string is
         // owned by the handle and copied before the next call.
-        unsafe {
-            let warning = tjGetErrorCode(self.0) == TJERR_WARNING;
+        let (flagged, text) = unsafe {
+            let flagged = tjGetErrorCode(self.0) == TJERR_WARNING;
             let msg = tjGetErrorStr2(self.0);
             let text = if msg.is_null() {
                 String::from("unknown libjpeg-turbo error")
             } else {
                 CStr::from_ptr(msg).to_string_lossy().into_owned()
             };
-            (warning, text)
-        }
+            (flagged, text)
+        };
+        (flagged && is_libjpeg_warning(&text), text)
     }
 
     fn header(&self, data: &[u8]) -> Result<JpegHeader, DecodeError> {
@@ -288,6 +294,21 @@ impl TjHandle {
             colorspace: cs,
         })
     }
+}
+
+/// Whether `msg` is one of libjpeg's warning (JWRN_*) messages, after which decoding
+/// goes on (and Pillow decodes the image).
+fn is_libjpeg_warning(msg: &str) -> bool {
+    const WARNINGS: [&str; 7] = [
+        "Corrupt JPEG data",
+        "Premature end of JPEG file",
+        "Inconsistent progression sequence",
+        "Invalid SOS parameters for sequential JPEG",
+        "Unknown Adobe color transform code",
+        "Warning: unknown JFIF revision number",
+        "Application transferred too many scanlines",
+    ];
+    WARNINGS.iter().any(|w| msg.starts_with(w))
 }
 
 impl Drop for TjHandle {
@@ -385,7 +406,9 @@ fn jpeg_layout(data: &[u8]) -> JpegLayout {
         else {
             return layout;
         };
-        let body = &data[(pos + 2).min(n)..(pos + len as usize).min(n)];
+        let body = data
+            .get(pos + 2..(pos + len as usize).min(n))
+            .unwrap_or_default();
         let is_frame = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
         if is_frame && layout.frame.is_none() {
             if let Some(&precision) = body.first() {
@@ -438,9 +461,12 @@ fn check_jpeg_layout(layout: &JpegLayout) -> Result<(), DecodeError> {
     match layout.frame {
         // Pillow's decoder reads 8-bit samples only (libjpeg-turbo's 12- and 16-bit
         // paths are separate APIs), so it fails on these too.
-        Some((_, precision)) if precision != 8 => {
+        Some((_, precision @ (12 | 16))) => {
             Err(DecodeError::Unsupported(format!("{precision}-bit JPEG")))
         }
+        Some((_, precision)) if precision != 8 => Err(DecodeError::Corrupt(format!(
+            "JPEG frame header gives a sample precision of {precision} bits"
+        ))),
         None if !layout.eoi => Err(DecodeError::Truncated(
             "JPEG data ends before its frame header".into(),
         )),
@@ -477,7 +503,7 @@ fn classify_jpeg_error(msg: &str) -> DecodeError {
         // Lossless and hierarchical JPEGs: Pillow's newer libjpeg-turbo may decode
         // them, so the reference decides.
         DecodeError::Fallback(format!("JPEG: {msg}"))
-    } else if msg.contains("precision") || msg.contains("Unsupported") {
+    } else if msg.contains("Unsupported color conversion") {
         DecodeError::Unsupported(format!("JPEG: {msg}"))
     } else {
         DecodeError::Corrupt(format!("JPEG: {msg}"))
@@ -496,8 +522,7 @@ fn decode_jpeg(data: &[u8], max_pixels: u64, scale: JpegScale) -> Result<Decoded
             "JPEG data ends before its end marker".into()
         }));
     }
-    let tj = TjHandle::new()?;
-    let header = checked_header(tj.header(data)?, &layout)?;
+    let header = checked_header(TjHandle::new()?.header(data)?, &layout)?;
     check_size(header.width, header.height, max_pixels)?;
     let (format, channels) = match header.colorspace {
         TJCS_YCBCR | TJCS_RGB => (TJPF_RGB, 3),
@@ -509,6 +534,9 @@ fn decode_jpeg(data: &[u8], max_pixels: u64, scale: JpegScale) -> Result<Decoded
     let height = scale.apply(header.height);
     let mut out = vec![0u8; width * height * channels];
     let size = data.len() as c_ulong;
+    // A second handle: TurboJPEG 2.x never clears a handle's warning flag, so after
+    // a header warning a fatal decode error would read as a warning.
+    let tj = TjHandle::new()?;
     // SAFETY: `out` holds width*height*channels bytes, which is what TurboJPEG writes
     // for these dimensions and pixel format with pitch 0 (= packed rows).
     let rc = unsafe {
@@ -611,7 +639,14 @@ fn check_png_chunks(data: &[u8]) -> Result<PngRepairs, DecodeError> {
     let mut size = (0u64, 0u64);
     let mut animated = false;
     let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    while let Some(head) = data.get(pos..pos + 8) {
+    // End of the last IDAT body: Pillow has the whole image once its data is read and
+    // stops without complaint where the data after it (CRC, chunks, IEND) is cut.
+    let mut image_end = None;
+    while pos < data.len() {
+        let Some(head) = data.get(pos..pos + 8) else {
+            repairs.end_image_at = image_end;
+            return Ok(repairs);
+        };
         let length = be32(&head[..4]) as usize;
         let cid = &head[4..8];
         if !cid.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_') {
@@ -620,20 +655,28 @@ fn check_png_chunks(data: &[u8]) -> Result<PngRepairs, DecodeError> {
             }
             return Ok(repairs);
         }
+        let chunk_start = pos;
         let start = pos + 8;
         pos = start.saturating_add(length).saturating_add(4);
         if cid == b"IEND" || (part == PngPart::Trailer && cid == b"fcTL" && animated) {
+            if pos > data.len() {
+                repairs.end_image_at = image_end;
+            }
             return Ok(repairs);
         }
         if cid == b"IDAT" {
             part = PngPart::Trailer;
-        }
-        if pos == data.len() && part == PngPart::Trailer {
-            // The last chunk ends with the data, and it is not IEND: Pillow stops
-            // reading there without complaint; the crate wants the IEND.
-            repairs.append_iend = true;
-        }
-        if cid == b"IDAT" {
+            if start + length > data.len() {
+                // Cut inside the image data: Pillow decodes it if the rows are all
+                // there (zlib checks the Adler-32 only once it reaches it).
+                repairs.cut_idat = Some(chunk_start);
+                return Ok(repairs);
+            }
+            image_end = Some(start + length);
+            if pos >= data.len() {
+                repairs.end_image_at = image_end;
+                return Ok(repairs);
+            }
             continue;
         }
         // The rest is for the `png` crate to report as truncated.
@@ -757,6 +800,12 @@ fn check_png_chunks(data: &[u8]) -> Result<PngRepairs, DecodeError> {
                 PNG_MAX_TEXT_MEMORY >> 20
             ));
         }
+        if part == PngPart::Trailer && pos >= data.len() {
+            // The last chunk after the image data is complete but its CRC or the
+            // IEND is missing: Pillow stops reading there.
+            repairs.end_image_at = image_end;
+            return Ok(repairs);
+        }
         if part == PngPart::Header {
             match data.get(start + length..start + length + 4) {
                 Some(crc) if be32(crc) != crc32(cid, body) => {
@@ -781,9 +830,14 @@ struct PngRepairs {
     ihdr_compression: Option<usize>,
     /// Offset of an empty PLTE chunk, to be given one black entry.
     empty_plte: Option<usize>,
-    /// No IEND after the last complete chunk: add one.
-    append_iend: bool,
+    /// The image data is complete up to here, what follows is cut: end the file there.
+    end_image_at: Option<usize>,
+    /// The data ends inside the IDAT chunk starting here: end it with the data.
+    cut_idat: Option<usize>,
 }
+
+/// An IEND chunk, preceded by the (unchecked) CRC of the chunk before it.
+const CRC_AND_IEND: &[u8; 16] = b"\0\0\0\0\0\0\0\0IEND\xAE\x42\x60\x82";
 
 impl PngRepairs {
     fn apply<'a>(&self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
@@ -794,8 +848,14 @@ impl PngRepairs {
         if let Some(at) = self.ihdr_compression {
             out[at] = 0;
         }
-        if self.append_iend {
-            out.extend_from_slice(b"\0\0\0\0IEND\xAE\x42\x60\x82");
+        if let Some(end) = self.end_image_at {
+            out.truncate(end);
+            out.extend_from_slice(CRC_AND_IEND);
+        }
+        if let Some(at) = self.cut_idat {
+            let len = (data.len() - at - 8) as u32;
+            out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(CRC_AND_IEND);
         }
         if let Some(at) = self.empty_plte {
             // Checksums are not checked by the crate (see `decode_png`).
@@ -830,15 +890,35 @@ fn crc32(cid: &[u8], body: &[u8]) -> u32 {
 }
 
 fn decode_png(data: &[u8], max_pixels: u64) -> Result<Decoded, DecodeError> {
-    let repaired = check_png_chunks(data)?.apply(data);
-    let mut decoder = png::Decoder::new(Cursor::new(&*repaired));
+    let repairs = check_png_chunks(data)?;
+    let repaired = repairs.apply(data);
+    let Some(_) = repairs.cut_idat else {
+        return read_png(&repaired, max_pixels, false);
+    };
+    // The file ends inside the image data. Pillow decodes it if every row is there;
+    // zlib checks the Adler-32 only if the data reaches it (a mismatch is corrupt).
+    match read_png(&repaired, max_pixels, false) {
+        Err(DecodeError::Corrupt(msg)) if msg.contains("WrongChecksum") => {
+            Err(DecodeError::Corrupt(msg))
+        }
+        Err(_) => read_png(&repaired, max_pixels, true)
+            .map_err(|_| DecodeError::Truncated("PNG data ends inside the image data".into())),
+        done => done,
+    }
+}
+
+fn read_png(data: &[u8], max_pixels: u64, ignore_adler32: bool) -> Result<Decoded, DecodeError> {
+    // Checksums of the chunks before the image data and ancillary chunks were
+    // checked the way Pillow checks them (`check_png_chunks`). Like Pillow (zlib),
+    // the crate checks the image data's Adler-32 but not the IDAT CRCs, and it must
+    // not keep ICC profiles or text in memory (a 1 MB file can hold a 1 GB profile).
+    let mut options = png::DecodeOptions::default();
+    options.set_ignore_adler32(ignore_adler32);
+    options.set_ignore_crc(true);
+    options.set_ignore_iccp_chunk(true);
+    options.set_ignore_text_chunk(true);
+    let mut decoder = png::Decoder::new_with_options(Cursor::new(data), options);
     decoder.set_transformations(png::Transformations::IDENTITY);
-    // Checksums and ancillary chunks were checked above the way Pillow checks them;
-    // the crate must not keep ICC profiles or text in memory (a 1 MB file can hold a
-    // 1 GB profile), nor reject the IDAT checksums Pillow ignores.
-    decoder.set_ignore_iccp_chunk(true);
-    decoder.set_ignore_text_chunk(true);
-    decoder.ignore_checksums(true);
     // The pixel budget is enforced below, before the frame buffer is allocated; this
     // limit only has to admit every image under it (8 bytes per pixel at most).
     decoder.set_limits(png::Limits {
