@@ -513,15 +513,19 @@ fn classify_jpeg_error(msg: &str) -> DecodeError {
 fn decode_jpeg(data: &[u8], max_pixels: u64, scale: JpegScale) -> Result<Decoded, DecodeError> {
     let layout = jpeg_layout(data);
     check_jpeg_layout(&layout)?;
-    if !layout.eoi {
-        // Pillow's decoder reads up to EOI (libjpeg's memory source here would
-        // invent one and only warn): without it the file is truncated.
+    if !layout.eoi && layout.scans != 1 {
+        // libjpeg reads every scan of a multi-scan JPEG, up to EOI, before the first
+        // output row, so Pillow's decoder runs out of data and reports the file as
+        // truncated (libjpeg's memory source here would invent an EOI and warn).
         return Err(DecodeError::Truncated(if layout.scans == 0 {
             "JPEG data ends before its first scan".into()
         } else {
-            "JPEG data ends before its end marker".into()
+            "JPEG data ends before its last scan does".into()
         }));
     }
+    // A single scan without EOI is truncated where libjpeg runs out of data (its
+    // first warning says so, below); Pillow stops after the last row and does not
+    // need the EOI otherwise.
     let header = checked_header(TjHandle::new()?.header(data)?, &layout)?;
     check_size(header.width, header.height, max_pixels)?;
     let (format, channels) = match header.colorspace {
