@@ -1224,4 +1224,51 @@ mod tests {
         data.extend(std::iter::repeat_n(0x42, 100));
         assert!(decode(&data, 1 << 20, JpegScale::NONE).is_err());
     }
+
+    #[test]
+    fn jpeg_layout_skips_stuffing_and_restart_markers() {
+        // SOI, SOF0 (8-bit, 2x3), SOS, entropy data holding FF00 and RST0, a second
+        // SOS, EOI.
+        let mut data = vec![0xFF, 0xD8];
+        data.extend([0xFF, 0xC0, 0, 11, 8, 0, 3, 0, 2, 1, 1, 0x11, 0]);
+        data.extend([0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0]);
+        data.extend([0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56, 0xFF, 0xFF, 0xDA]);
+        data.extend([0, 8, 1, 1, 0, 0, 63, 0, 0x78, 0xFF, 0xD9]);
+        let layout = jpeg_layout(&data);
+        assert_eq!(layout.scans, 2);
+        assert_eq!(layout.frame, Some((0xC0, 8)));
+        assert_eq!(layout.frame_size, Some((2, 3)));
+        assert!(layout.eoi);
+        // cut anywhere: never a panic, never an EOI
+        for cut in 0..data.len() - 1 {
+            assert!(!jpeg_layout(&data[..cut]).eoi, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn jpeg_with_too_many_scans_is_refused() {
+        let mut data = vec![0xFF, 0xD8, 0xFF, 0xC2, 0, 11, 8, 0, 3, 0, 2, 1, 1, 0x11, 0];
+        for _ in 0..=MAX_JPEG_SCANS {
+            data.extend([0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0x00]);
+        }
+        data.extend([0xFF, 0xD9]);
+        assert_eq!(
+            decode(&data, 1 << 20, JpegScale::NONE),
+            Err(DecodeError::Corrupt(format!(
+                "JPEG has more than {MAX_JPEG_SCANS} scans (limit {MAX_JPEG_SCANS})"
+            )))
+        );
+    }
+
+    #[test]
+    fn png_messages_lose_the_crates_debug_formatting() {
+        let msg = "CRC error: expected 0x0 have 0x1 while decoding ChunkType { type: IDAT, \
+                   critical: true, private: false, reserved: false, safecopy: false } chunk."
+            .to_string();
+        assert_eq!(
+            tidy_png_message(msg),
+            "CRC error: expected 0x0 have 0x1 while decoding IDAT chunk."
+        );
+        assert_eq!(tidy_png_message("plain".into()), "plain");
+    }
 }

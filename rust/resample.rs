@@ -608,6 +608,41 @@ mod tests {
     }
 
     #[test]
+    fn window_taps_equal_the_same_rows_of_full_taps() {
+        for (i, o, range) in [(640, 448, 56..392), (3, 336, 100..336), (1000, 7, 2..5)] {
+            let full = Taps::bicubic(i, o, 0..o);
+            let part = Taps::bicubic(i, o, range.clone());
+            assert_eq!(full.ksize, part.ksize);
+            for xx in range {
+                assert_eq!(full.bound(xx), part.bound(xx));
+                let k = full.ksize;
+                assert_eq!(
+                    full.weights[xx * k..][..k],
+                    part.weights[(xx - part.first) * k..][..k]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn thin_image_needs_taps_for_the_window_only() {
+        // 1 x 65535 resized to 336 x 22,019,760: taps for the whole long axis would
+        // take about a gigabyte; the 336-row window needs a few kilobytes.
+        let src = vec![200u8; 65535];
+        let (ow, oh) = (336, 22_019_760);
+        let win = Window {
+            left: 0,
+            top: (oh - 336) / 2,
+            width: 336,
+            height: 336,
+        };
+        let vert = Taps::bicubic(65535, oh, win.top..win.top + win.height);
+        assert_eq!(vert.weights.len(), 336 * vert.ksize);
+        let out = bicubic_u8(&src, (1, 65535), 1, (ow, oh), win);
+        assert!(out.len() == 336 * 336 && out.iter().all(|&v| v == 200));
+    }
+
+    #[test]
     fn constant_images_stay_constant() {
         let src = vec![77u8; 50 * 30 * 3];
         let out = bicubic_u8(&src, (50, 30), 3, (336, 201), full(336, 201));

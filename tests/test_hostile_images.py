@@ -15,8 +15,7 @@ import PIL.Image
 import pytest
 
 import starkret
-from starkret.preprocess import OPENAI_MEAN, OPENAI_STD, normalisation_table
-from starkret.preprocess import reference_crop
+from starkret.preprocess import OPENAI_MEAN, OPENAI_STD, normalisation_table, reference_crop
 from starkret.testing import encode, synthetic_photo
 
 SIZE = 16  # small crops keep thousands of decodes fast
@@ -95,7 +94,7 @@ def _outcomes(batch, n: int) -> list:
     out: list = [None] * n
     for pos, reason in batch.failures:
         out[pos] = reason
-    for pos, pixels in zip(batch.index.tolist(), batch.pixels):
+    for pos, pixels in zip(batch.index.tolist(), batch.pixels, strict=True):
         out[pos] = pixels.tobytes()
     return out
 
@@ -105,7 +104,7 @@ def _pillow_decodes(data: bytes) -> bool:
         with PIL.Image.open(io.BytesIO(data)) as image:
             image.load()
         return True
-    except Exception:  # noqa: BLE001 - any failure is a rejection
+    except Exception:  # any failure is a rejection
         return False
 
 
@@ -219,7 +218,7 @@ def test_mutants_decode_the_same_alone_and_in_mixed_batches():
         batch = starkret.preprocess(mixed, threads=threads, size=SIZE, dtype="uint8")
         got = _outcomes(batch, len(mixed))
         assert got[1::2] == [good] * len(mutants), f"a good image failed with {threads} threads"
-        differ = [i for i, (a, b) in enumerate(zip(alone, got[0::2])) if a != b]
+        differ = [i for i, (a, b) in enumerate(zip(alone, got[0::2], strict=True)) if a != b]
         assert differ == [], f"{len(differ)} mutants differ in a batch, e.g. #{differ[:5]}"
     reasons = {r.split(":")[0] for r in alone if isinstance(r, str)}
     assert reasons <= {
@@ -394,7 +393,8 @@ def test_pillow_failures_never_escape(monkeypatch):
 def test_pillow_fallback_does_not_import_torch():
     code = (
         "import sys, starkret; from starkret.testing import encode, synthetic_photo; "
-        "import PIL.Image; gif = encode(PIL.Image.fromarray(synthetic_photo(40, 30)).quantize(9), 'GIF'); "
+        "import PIL.Image; "
+        "gif = encode(PIL.Image.fromarray(synthetic_photo(40, 30)).quantize(9), 'GIF'); "
         "b = starkret.preprocess([gif]); b16 = starkret.preprocess([gif], dtype='float16'); "
         "assert b.fallbacks == [0] and b16.fallbacks == [0], (b.failures, b16.failures); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
