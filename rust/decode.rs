@@ -358,6 +358,22 @@ pub struct JpegHeader {
 /// a small file cost seconds or minutes of CPU: they are refused instead.
 pub const MAX_JPEG_SCANS: usize = 500;
 
+/// Scans times pixels a JPEG may cost: each scan is a pass over all of its
+/// component's blocks, so large images get fewer scans than [`MAX_JPEG_SCANS`]. 2^33
+/// is about a second of decoding; it allows 500 scans up to 17 megapixels.
+pub const JPEG_SCAN_PIXEL_BUDGET: u64 = 1 << 33;
+
+/// Fewest scans allowed at any size: more than any progressive script in use.
+pub const MIN_JPEG_SCAN_LIMIT: usize = 64;
+
+/// Most scans a `w` x `h` JPEG may have: [`MAX_JPEG_SCANS`], fewer for images over
+/// 17 megapixels (64 at Pillow's 179-megapixel bomb limit).
+pub fn scan_limit(w: usize, h: usize) -> usize {
+    let pixels = (w as u64).saturating_mul(h as u64).max(1);
+    let by_budget = usize::try_from(JPEG_SCAN_PIXEL_BUDGET / pixels).unwrap_or(usize::MAX);
+    by_budget.clamp(MIN_JPEG_SCAN_LIMIT, MAX_JPEG_SCANS)
+}
+
 /// What a walk over a JPEG's marker segments finds, without decoding anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct JpegLayout {
@@ -457,6 +473,15 @@ fn check_jpeg_layout(layout: &JpegLayout) -> Result<(), DecodeError> {
         return Err(DecodeError::Corrupt(format!(
             "JPEG has more than {MAX_JPEG_SCANS} scans (limit {MAX_JPEG_SCANS})"
         )));
+    }
+    if let Some((w, h)) = layout.frame_size {
+        let limit = scan_limit(w, h);
+        if layout.scans > limit {
+            return Err(DecodeError::Corrupt(format!(
+                "JPEG has {} scans (limit {limit} for {w}x{h} pixels)",
+                layout.scans
+            )));
+        }
     }
     match layout.frame {
         // Pillow's decoder reads 8-bit samples only (libjpeg-turbo's 12- and 16-bit
@@ -883,6 +908,18 @@ fn tidy_png_message(msg: String) -> String {
         rest = after.find('}').map_or("", |close| &after[close + 1..]);
     }
     out.push_str(rest);
+    // fdeflate's error names: "Corrupt deflate stream. InvalidCodeLengthRepeat"
+    const DEFLATE: &str = "Corrupt deflate stream. ";
+    if let Some(name) = out.strip_prefix(DEFLATE) {
+        let mut words = String::new();
+        for c in name.trim_end_matches('.').chars() {
+            if c.is_ascii_uppercase() && !words.is_empty() {
+                words.push(' ');
+            }
+            words.push(c.to_ascii_lowercase());
+        }
+        return format!("image data is not valid deflate data ({words})");
+    }
     out
 }
 
@@ -902,7 +939,7 @@ fn decode_png(data: &[u8], max_pixels: u64) -> Result<Decoded, DecodeError> {
     // The file ends inside the image data. Pillow decodes it if every row is there;
     // zlib checks the Adler-32 only if the data reaches it (a mismatch is corrupt).
     match read_png(&repaired, max_pixels, false) {
-        Err(DecodeError::Corrupt(msg)) if msg.contains("WrongChecksum") => {
+        Err(DecodeError::Corrupt(msg)) if msg.contains("(wrong checksum)") => {
             Err(DecodeError::Corrupt(msg))
         }
         Err(_) => read_png(&repaired, max_pixels, true)
@@ -1261,6 +1298,26 @@ mod tests {
     }
 
     #[test]
+    fn large_jpegs_get_fewer_scans() {
+        assert_eq!(scan_limit(2, 3), MAX_JPEG_SCANS);
+        assert_eq!(scan_limit(4096, 4096), 512.min(MAX_JPEG_SCANS));
+        assert_eq!(scan_limit(8192, 8192), 128);
+        assert_eq!(scan_limit(13_000, 13_000), MIN_JPEG_SCAN_LIMIT);
+        let layout = JpegLayout {
+            scans: 129,
+            frame: Some((0xC2, 8)),
+            frame_size: Some((8192, 8192)),
+            eoi: true,
+        };
+        assert_eq!(
+            check_jpeg_layout(&layout),
+            Err(DecodeError::Corrupt(
+                "JPEG has 129 scans (limit 128 for 8192x8192 pixels)".into()
+            ))
+        );
+    }
+
+    #[test]
     fn png_messages_lose_the_crates_debug_formatting() {
         let msg = "CRC error: expected 0x0 have 0x1 while decoding ChunkType { type: IDAT, \
                    critical: true, private: false, reserved: false, safecopy: false } chunk."
@@ -1270,5 +1327,9 @@ mod tests {
             "CRC error: expected 0x0 have 0x1 while decoding IDAT chunk."
         );
         assert_eq!(tidy_png_message("plain".into()), "plain");
+        assert_eq!(
+            tidy_png_message("Corrupt deflate stream. WrongChecksum".into()),
+            "image data is not valid deflate data (wrong checksum)"
+        );
     }
 }

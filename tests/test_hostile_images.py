@@ -517,7 +517,7 @@ PNG_PILLOW_REJECTS = {
     ),
     "IDAT Adler-32 wrong": (
         lambda k, b, c: _same(k, b[:-1] + bytes([b[-1] ^ 1]) if k == b"IDAT" else b, c),
-        "corrupt: PNG: Corrupt deflate stream. WrongChecksum",
+        "corrupt: PNG: image data is not valid deflate data (wrong checksum)",
     ),
 }
 
