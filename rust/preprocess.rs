@@ -3,7 +3,7 @@
 //! The reference is `Resize(size, BICUBIC)` of the shortest side, `CenterCrop(size)`,
 //! then `convert("RGB")`, `ToTensor` and `Normalize`. Each step is reproduced in the
 //! order and the pixel mode Pillow uses (see `decode` and `resample`). Normalisation
-//! goes through a per-channel 256-entry table the caller computes with torch itself,
+//! goes through a per-channel 256-entry table the caller computes as torchvision does,
 //! so normalised values equal the reference's to the last bit by construction.
 
 use rayon::prelude::*;
