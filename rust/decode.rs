@@ -58,6 +58,11 @@ pub enum DecodeError {
     Corrupt(String),
     /// Format or mode without a bit-exact decoder here: decode it with Pillow instead.
     Fallback(String),
+    /// Over a size bound other than `max_pixels`; the text says which.
+    TooLargeFor(String),
+    /// A recognised format in a variant that neither this decoder nor Pillow reads
+    /// (a 12-bit JPEG): a failure, not a fallback.
+    Unsupported(String),
 }
 
 impl std::fmt::Display for DecodeError {
@@ -74,8 +79,11 @@ impl std::fmt::Display for DecodeError {
                 f,
                 "too large: {width}x{height} exceeds max_pixels ({max_pixels})"
             ),
+            DecodeError::TooLargeFor(detail) => write!(f, "too large: {detail}"),
             DecodeError::Corrupt(detail) => write!(f, "corrupt: {detail}"),
-            DecodeError::Fallback(detail) => write!(f, "unsupported format: {detail}"),
+            DecodeError::Fallback(detail) | DecodeError::Unsupported(detail) => {
+                write!(f, "unsupported format: {detail}")
+            }
         }
     }
 }
@@ -211,39 +219,105 @@ extern "C" {
     fn tjDestroy(handle: *mut c_void) -> c_int;
 }
 
-/// One TurboJPEG decompressor per thread: creating one costs more than a small decode.
+/// A TurboJPEG decompressor for one image.
+///
+/// libjpeg keeps quantisation and Huffman tables in the decompressor from one image to
+/// the next (for "abbreviated" JPEG streams), and TurboJPEG never resets a handle after
+/// an error. A handle shared between images therefore lets one image change how the
+/// next decodes: a JPEG without its DQT decodes with an earlier image's tables, and a
+/// header error can leave the handle failing every later image. Each image gets its
+/// own handle, dropped with it; creating one costs about a microsecond.
 struct TjHandle(*mut c_void);
 
 impl TjHandle {
+    fn new() -> Result<TjHandle, DecodeError> {
+        // SAFETY: plain constructor; a null result is handled below.
+        let handle = unsafe { tjInitDecompress() };
+        if handle.is_null() {
+            return Err(DecodeError::Corrupt(
+                "libjpeg-turbo could not create a decompressor".into(),
+            ));
+        }
+        Ok(TjHandle(handle))
+    }
+
+    /// The last call's error: whether it was only a warning, and libjpeg's message.
+    ///
+    /// TurboJPEG 2.x reports any call during which a warning was emitted as a
+    /// warning, even when a fatal error followed (its flag is never cleared), but its
+    /// message is the fatal error's in that case (for warnings alone it is the first
+    /// warning's). So a failure counts as a warning only if its message is one of
+    /// libjpeg's warning messages.
     fn error(&self) -> (bool, String) {
         // SAFETY: the handle is valid for the lifetime of self; the returned string is
         // owned by the handle and copied before the next call.
-        unsafe {
-            let warning = tjGetErrorCode(self.0) == TJERR_WARNING;
+        let (flagged, text) = unsafe {
+            let flagged = tjGetErrorCode(self.0) == TJERR_WARNING;
             let msg = tjGetErrorStr2(self.0);
             let text = if msg.is_null() {
                 String::from("unknown libjpeg-turbo error")
             } else {
                 CStr::from_ptr(msg).to_string_lossy().into_owned()
             };
-            (warning, text)
-        }
+            (flagged, text)
+        };
+        (flagged && is_libjpeg_warning(&text), text)
     }
+
+    fn header(&self, data: &[u8]) -> Result<JpegHeader, DecodeError> {
+        let size = c_ulong::try_from(data.len())
+            .map_err(|_| DecodeError::Corrupt("JPEG larger than the decoder can address".into()))?;
+        let (mut w, mut h, mut sub, mut cs) = (0, 0, 0, 0);
+        // SAFETY: data outlives the call; the out-pointers are valid locals.
+        let rc = unsafe {
+            tjDecompressHeader3(
+                self.0,
+                data.as_ptr(),
+                size,
+                &mut w,
+                &mut h,
+                &mut sub,
+                &mut cs,
+            )
+        };
+        if rc != 0 {
+            // A warning ("N extraneous bytes before marker") still fills in the
+            // header, and Pillow decodes such files: only errors stop here.
+            let (warning, msg) = self.error();
+            if !warning || msg.contains("Premature end") {
+                return Err(classify_jpeg_error(&msg));
+            }
+        }
+        Ok(JpegHeader {
+            width: usize::try_from(w).unwrap_or(0),
+            height: usize::try_from(h).unwrap_or(0),
+            colorspace: cs,
+        })
+    }
+}
+
+/// Whether `msg` is one of libjpeg's warning (JWRN_*) messages, after which decoding
+/// goes on (and Pillow decodes the image).
+fn is_libjpeg_warning(msg: &str) -> bool {
+    const WARNINGS: [&str; 7] = [
+        "Corrupt JPEG data",
+        "Premature end of JPEG file",
+        "Inconsistent progression sequence",
+        "Invalid SOS parameters for sequential JPEG",
+        "Unknown Adobe color transform code",
+        "Warning: unknown JFIF revision number",
+        "Application transferred too many scanlines",
+    ];
+    WARNINGS.iter().any(|w| msg.starts_with(w))
 }
 
 impl Drop for TjHandle {
     fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: created by tjInitDecompress and destroyed once.
-            unsafe {
-                tjDestroy(self.0);
-            }
+        // SAFETY: created by tjInitDecompress (never null, see `new`), destroyed once.
+        unsafe {
+            tjDestroy(self.0);
         }
     }
-}
-
-thread_local! {
-    static TJ: TjHandle = TjHandle(unsafe { tjInitDecompress() });
 }
 
 /// DCT-domain downscaling factor `num/8` for JPEG decoding (8 = none).
@@ -277,50 +351,207 @@ pub struct JpegHeader {
     colorspace: c_int,
 }
 
-fn with_tj<T>(f: impl FnOnce(&TjHandle) -> Result<T, DecodeError>) -> Result<T, DecodeError> {
-    TJ.with(|tj| {
-        if tj.0.is_null() {
-            return Err(DecodeError::Corrupt(
-                "libjpeg-turbo could not create a decompressor".into(),
-            ));
-        }
-        f(tj)
-    })
+/// Most scans a JPEG may have. Baseline files have one scan per component group,
+/// libjpeg's and mozjpeg's progressive scripts use 6 to about 20, and libjpeg-turbo's
+/// own fuzzers cap scans at 500. Every scan makes libjpeg walk all of its
+/// component's blocks, so thousands of (nearly empty) scans are a cheap way to make
+/// a small file cost seconds or minutes of CPU: they are refused instead.
+pub const MAX_JPEG_SCANS: usize = 500;
+
+/// Scans times pixels a JPEG may cost: each scan is a pass over all of its
+/// component's blocks, so large images get fewer scans than [`MAX_JPEG_SCANS`]. 2^33
+/// is about a second of decoding; it allows 500 scans up to 17 megapixels.
+pub const JPEG_SCAN_PIXEL_BUDGET: u64 = 1 << 33;
+
+/// Fewest scans allowed at any size: more than any progressive script in use.
+pub const MIN_JPEG_SCAN_LIMIT: usize = 64;
+
+/// Most scans a `w` x `h` JPEG may have: [`MAX_JPEG_SCANS`], fewer for images over
+/// 17 megapixels (64 at Pillow's 179-megapixel bomb limit).
+pub fn scan_limit(w: usize, h: usize) -> usize {
+    let pixels = (w as u64).saturating_mul(h as u64).max(1);
+    let by_budget = usize::try_from(JPEG_SCAN_PIXEL_BUDGET / pixels).unwrap_or(usize::MAX);
+    by_budget.clamp(MIN_JPEG_SCAN_LIMIT, MAX_JPEG_SCANS)
 }
 
-pub fn jpeg_header(data: &[u8]) -> Result<JpegHeader, DecodeError> {
-    let size = c_ulong::try_from(data.len())
-        .map_err(|_| DecodeError::Corrupt("JPEG larger than the decoder can address".into()))?;
-    with_tj(|tj| {
-        let (mut w, mut h, mut sub, mut cs) = (0, 0, 0, 0);
-        // SAFETY: data outlives the call; the out-pointers are valid locals.
-        let rc = unsafe {
-            tjDecompressHeader3(tj.0, data.as_ptr(), size, &mut w, &mut h, &mut sub, &mut cs)
+/// What a walk over a JPEG's marker segments finds, without decoding anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct JpegLayout {
+    /// SOS markers seen.
+    scans: usize,
+    /// The first frame header's marker (0xC0..=0xCF) and sample precision.
+    frame: Option<(u8, u8)>,
+    /// Width and height in the first frame header.
+    frame_size: Option<(usize, usize)>,
+    /// Whether an EOI marker was reached.
+    eoi: bool,
+}
+
+/// Walk the marker segments of `data` (which starts with SOI), skipping entropy-coded
+/// data (where 0xFF is followed by a stuffed 0x00 or an RSTn marker), up to EOI or the
+/// end of the data. Stops early once more than `MAX_JPEG_SCANS` scans are seen.
+fn jpeg_layout(data: &[u8]) -> JpegLayout {
+    let mut layout = JpegLayout::default();
+    let n = data.len();
+    let mut pos = 2;
+    loop {
+        // Bytes before the next marker are "extraneous": libjpeg skips them with a
+        // warning. Any number of 0xFF fill bytes may precede a marker.
+        while pos < n && data[pos] != 0xFF {
+            pos += 1;
+        }
+        while pos < n && data[pos] == 0xFF {
+            pos += 1;
+        }
+        let Some(&marker) = data.get(pos) else {
+            return layout;
         };
-        if rc != 0 {
-            let (_, msg) = tj.error();
-            return Err(classify_jpeg_header_error(&msg));
+        pos += 1;
+        match marker {
+            0xD9 => {
+                layout.eoi = true;
+                return layout;
+            }
+            // Markers without a length field (0x00 is not a marker: skip it as data).
+            0x00 | 0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
         }
-        Ok(JpegHeader {
-            width: usize::try_from(w).unwrap_or(0),
-            height: usize::try_from(h).unwrap_or(0),
-            colorspace: cs,
-        })
-    })
+        let Some(len) = data
+            .get(pos..pos + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        else {
+            return layout;
+        };
+        let body = data
+            .get(pos + 2..(pos + len as usize).min(n))
+            .unwrap_or_default();
+        let is_frame = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        if is_frame && layout.frame.is_none() {
+            if let Some(&precision) = body.first() {
+                layout.frame = Some((marker, precision));
+            }
+            if let Some(b) = body.get(1..5) {
+                let h = u16::from_be_bytes([b[0], b[1]]) as usize;
+                let w = u16::from_be_bytes([b[2], b[3]]) as usize;
+                layout.frame_size = Some((w, h));
+            }
+        }
+        pos += (len as usize).max(2);
+        if marker == 0xDA {
+            layout.scans += 1;
+            if layout.scans > MAX_JPEG_SCANS {
+                return layout;
+            }
+            pos = skip_entropy_data(data, pos);
+        }
+    }
 }
 
-fn classify_jpeg_header_error(msg: &str) -> DecodeError {
+/// The position of the first marker after entropy-coded data starting at `pos` (or
+/// the end of the data): the 0xFF of a marker that is neither a stuffed 0x00 nor RSTn.
+fn skip_entropy_data(data: &[u8], mut pos: usize) -> usize {
+    while pos < data.len() {
+        match data[pos..].iter().position(|&b| b == 0xFF) {
+            None => return data.len(),
+            Some(at) => pos += at,
+        }
+        match data.get(pos + 1) {
+            None => return data.len(),
+            Some(0x00 | 0xD0..=0xD7) => pos += 2,
+            // A fill byte: the marker (or stuffing) follows it.
+            Some(0xFF) => pos += 1,
+            Some(_) => return pos,
+        }
+    }
+    data.len()
+}
+
+/// Header facts libjpeg-turbo does not report well: scan bombs, precisions other
+/// than 8 bits, data that ends before the frame header.
+fn check_jpeg_layout(layout: &JpegLayout) -> Result<(), DecodeError> {
+    if layout.scans > MAX_JPEG_SCANS {
+        return Err(DecodeError::Corrupt(format!(
+            "JPEG has more than {MAX_JPEG_SCANS} scans (limit {MAX_JPEG_SCANS})"
+        )));
+    }
+    if let Some((w, h)) = layout.frame_size {
+        let limit = scan_limit(w, h);
+        if layout.scans > limit {
+            return Err(DecodeError::Corrupt(format!(
+                "JPEG has {} scans (limit {limit} for {w}x{h} pixels)",
+                layout.scans
+            )));
+        }
+    }
+    match layout.frame {
+        // Pillow's decoder reads 8-bit samples only (libjpeg-turbo's 12- and 16-bit
+        // paths are separate APIs), so it fails on these too.
+        Some((_, precision @ (12 | 16))) => {
+            Err(DecodeError::Unsupported(format!("{precision}-bit JPEG")))
+        }
+        Some((_, precision)) if precision != 8 => Err(DecodeError::Corrupt(format!(
+            "JPEG frame header gives a sample precision of {precision} bits"
+        ))),
+        None if !layout.eoi => Err(DecodeError::Truncated(
+            "JPEG data ends before its frame header".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Read a JPEG's header with a fresh decompressor.
+pub fn jpeg_header(data: &[u8]) -> Result<JpegHeader, DecodeError> {
+    let layout = jpeg_layout(data);
+    check_jpeg_layout(&layout)?;
+    let header = TjHandle::new()?.header(data)?;
+    checked_header(header, &layout)
+}
+
+/// A header libjpeg accepted but that has no pixels (a tables-only stream).
+fn checked_header(header: JpegHeader, layout: &JpegLayout) -> Result<JpegHeader, DecodeError> {
+    if header.width == 0 || header.height == 0 {
+        return Err(match layout.frame {
+            None => DecodeError::Corrupt("JPEG has no frame header".into()),
+            Some(_) => DecodeError::Corrupt(format!(
+                "JPEG frame header gives zero size ({}x{})",
+                header.width, header.height
+            )),
+        });
+    }
+    Ok(header)
+}
+
+fn classify_jpeg_error(msg: &str) -> DecodeError {
     if msg.contains("Premature end") || msg.contains("insufficient data") {
-        DecodeError::Truncated(format!("JPEG header: {msg}"))
-    } else if msg.contains("precision") || msg.contains("Unsupported") {
+        DecodeError::Truncated(format!("JPEG: {msg}"))
+    } else if msg.contains("Unsupported JPEG process") {
+        // Lossless and hierarchical JPEGs: Pillow's newer libjpeg-turbo may decode
+        // them, so the reference decides.
         DecodeError::Fallback(format!("JPEG: {msg}"))
+    } else if msg.contains("Unsupported color conversion") {
+        DecodeError::Unsupported(format!("JPEG: {msg}"))
     } else {
-        DecodeError::Corrupt(format!("JPEG header: {msg}"))
+        DecodeError::Corrupt(format!("JPEG: {msg}"))
     }
 }
 
 fn decode_jpeg(data: &[u8], max_pixels: u64, scale: JpegScale) -> Result<Decoded, DecodeError> {
-    let header = jpeg_header(data)?;
+    let layout = jpeg_layout(data);
+    check_jpeg_layout(&layout)?;
+    if !layout.eoi && layout.scans != 1 {
+        // libjpeg reads every scan of a multi-scan JPEG, up to EOI, before the first
+        // output row, so Pillow's decoder runs out of data and reports the file as
+        // truncated (libjpeg's memory source here would invent an EOI and warn).
+        return Err(DecodeError::Truncated(if layout.scans == 0 {
+            "JPEG data ends before its first scan".into()
+        } else {
+            "JPEG data ends before its last scan does".into()
+        }));
+    }
+    // A single scan without EOI is truncated where libjpeg runs out of data (its
+    // first warning says so, below); Pillow stops after the last row and does not
+    // need the EOI otherwise.
+    let header = checked_header(TjHandle::new()?.header(data)?, &layout)?;
     check_size(header.width, header.height, max_pixels)?;
     let (format, channels) = match header.colorspace {
         TJCS_YCBCR | TJCS_RGB => (TJPF_RGB, 3),
@@ -332,35 +563,35 @@ fn decode_jpeg(data: &[u8], max_pixels: u64, scale: JpegScale) -> Result<Decoded
     let height = scale.apply(header.height);
     let mut out = vec![0u8; width * height * channels];
     let size = data.len() as c_ulong;
-    with_tj(|tj| {
-        // SAFETY: `out` holds width*height*channels bytes, which is what TurboJPEG
-        // writes for these dimensions and pixel format with pitch 0 (= packed rows).
-        let rc = unsafe {
-            tjDecompress2(
-                tj.0,
-                data.as_ptr(),
-                size,
-                out.as_mut_ptr(),
-                width as c_int,
-                0,
-                height as c_int,
-                format,
-                0,
-            )
-        };
-        if rc != 0 {
-            let (warning, msg) = tj.error();
-            // Pillow fails on data that ends early ("image file is truncated") but,
-            // like libjpeg, decodes through other recoverable corruption.
-            if msg.contains("Premature end of JPEG file") {
-                return Err(DecodeError::Truncated(format!("JPEG: {msg}")));
-            }
-            if !warning {
-                return Err(DecodeError::Corrupt(format!("JPEG: {msg}")));
-            }
+    // A second handle: TurboJPEG 2.x never clears a handle's warning flag, so after
+    // a header warning a fatal decode error would read as a warning.
+    let tj = TjHandle::new()?;
+    // SAFETY: `out` holds width*height*channels bytes, which is what TurboJPEG writes
+    // for these dimensions and pixel format with pitch 0 (= packed rows).
+    let rc = unsafe {
+        tjDecompress2(
+            tj.0,
+            data.as_ptr(),
+            size,
+            out.as_mut_ptr(),
+            width as c_int,
+            0,
+            height as c_int,
+            format,
+            0,
+        )
+    };
+    if rc != 0 {
+        let (warning, msg) = tj.error();
+        // Pillow fails on data that ends early ("image file is truncated") but, like
+        // libjpeg, decodes through other recoverable corruption.
+        if msg.contains("Premature end of JPEG file") {
+            return Err(DecodeError::Truncated(format!("JPEG: {msg}")));
         }
-        Ok(())
-    })?;
+        if !warning {
+            return Err(classify_jpeg_error(&msg));
+        }
+    }
     Ok(Decoded {
         width,
         height,
@@ -382,12 +613,352 @@ fn png_error(err: png::DecodingError) -> DecodeError {
         png::DecodingError::LimitsExceeded => {
             DecodeError::Corrupt("PNG chunk exceeds the decoder's memory limit".into())
         }
-        other => DecodeError::Corrupt(format!("PNG: {other}")),
+        other => DecodeError::Corrupt(format!("PNG: {}", tidy_png_message(other.to_string()))),
     }
 }
 
+/// Pillow's largest decompressed iCCP, zTXt or iTXt payload (`MAX_TEXT_CHUNK`).
+const PNG_MAX_TEXT_CHUNK: usize = 1 << 20;
+/// Pillow's budget for all text of one PNG (`MAX_TEXT_MEMORY`).
+const PNG_MAX_TEXT_MEMORY: usize = 64 * PNG_MAX_TEXT_CHUNK;
+
+/// A chunk type for messages: its four letters, or escaped bytes when not letters.
+fn chunk_name(cid: &[u8]) -> String {
+    cid.iter()
+        .flat_map(|&b| std::ascii::escape_default(b))
+        .map(char::from)
+        .collect()
+}
+
+/// Inflate a zlib stream up to `limit` bytes: `Some(len)` of what it gives (a broken
+/// stream gives what came out before the break, as Python's zlib does), `None` if it
+/// holds more than `limit` bytes.
+fn inflated_len(data: &[u8], limit: usize) -> Option<usize> {
+    use miniz_oxide::inflate::{decompress_to_vec_zlib_with_limit, TINFLStatus};
+    match decompress_to_vec_zlib_with_limit(data, limit) {
+        Ok(out) => Some(out.len()),
+        Err(e) if e.status == TINFLStatus::HasMoreOutput => None,
+        Err(e) => Some(e.output.len()),
+    }
+}
+
+/// Where Pillow reads a PNG's chunks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PngPart {
+    /// `Image.open`: every chunk is checked, checksums included.
+    Header,
+    /// After the image data (`load_end`): handlers run, checksums are not checked.
+    Trailer,
+}
+
+/// The checks Pillow makes on a PNG's chunks that the `png` crate does not make the
+/// same way, so that PNGs Pillow rejects are rejected here too: checksums of the
+/// chunks before the image data (Pillow ignores those of IDAT and later chunks, the
+/// `png` crate checks all of them), compression methods and decompressed sizes of
+/// iCCP and text chunks (text bombs), APNG frame sequence numbers and frame bounds.
+///
+/// Also returns the repairs that make the `png` crate accept what Pillow accepts.
+fn check_png_chunks(data: &[u8]) -> Result<PngRepairs, DecodeError> {
+    let corrupt = |msg: String| Err(DecodeError::Corrupt(format!("PNG: {msg}")));
+    let mut repairs = PngRepairs::default();
+    let mut pos = 8;
+    let mut part = PngPart::Header;
+    let mut text_memory = 0usize;
+    let mut seq: Option<u32> = None;
+    let mut size = (0u64, 0u64);
+    let mut animated = false;
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    // End of the last IDAT body: Pillow has the whole image once its data is read and
+    // stops without complaint where the data after it (CRC, chunks, IEND) is cut.
+    let mut image_end = None;
+    while pos < data.len() {
+        let Some(head) = data.get(pos..pos + 8) else {
+            repairs.end_image_at = image_end;
+            return Ok(repairs);
+        };
+        let length = be32(&head[..4]) as usize;
+        let cid = &head[4..8];
+        if !cid.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_') {
+            if part == PngPart::Header {
+                return corrupt(format!("chunk type '{}' is not a name", chunk_name(cid)));
+            }
+            return Ok(repairs);
+        }
+        let chunk_start = pos;
+        let start = pos + 8;
+        pos = start.saturating_add(length).saturating_add(4);
+        if cid == b"IEND" || (part == PngPart::Trailer && cid == b"fcTL" && animated) {
+            if pos > data.len() {
+                repairs.end_image_at = image_end;
+            }
+            return Ok(repairs);
+        }
+        if cid == b"IDAT" {
+            part = PngPart::Trailer;
+            if start + length > data.len() {
+                // Cut inside the image data: Pillow decodes it if the rows are all
+                // there (zlib checks the Adler-32 only once it reaches it).
+                repairs.cut_idat = Some(chunk_start);
+                return Ok(repairs);
+            }
+            image_end = Some(start + length);
+            if pos >= data.len() {
+                repairs.end_image_at = image_end;
+                return Ok(repairs);
+            }
+            continue;
+        }
+        // The rest is for the `png` crate to report as truncated.
+        let Some(body) = data.get(start..start + length) else {
+            return Ok(repairs);
+        };
+        let name = chunk_name(cid);
+        match cid {
+            b"IHDR" => {
+                if length < 13 {
+                    return corrupt("IHDR chunk is too short".into());
+                }
+                size = (be32(&body[..4]) as u64, be32(&body[4..8]) as u64);
+                if body[10] != 0 {
+                    // Pillow does not read the compression method (only 0 exists).
+                    repairs.ihdr_compression = Some(start + 10);
+                }
+                if body[11] != 0 {
+                    return corrupt(format!("unknown filter method {}", body[11]));
+                }
+            }
+            b"PLTE" if length == 0 => {
+                // Pillow reads an empty palette as all black.
+                repairs.empty_plte = Some(start - 8);
+            }
+            b"iCCP" => {
+                let split = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+                let Some(&method) = body.get(split + 1) else {
+                    return corrupt("iCCP chunk has no compression method".into());
+                };
+                if method != 0 {
+                    return corrupt(format!("unknown compression method {method} in iCCP chunk"));
+                }
+                if inflated_len(&body[split + 2..], PNG_MAX_TEXT_CHUNK).is_none() {
+                    return corrupt("iCCP profile decompresses to more than 1 MiB".into());
+                }
+            }
+            b"tEXt" => {
+                if let Some(split) = body.iter().position(|&b| b == 0) {
+                    if split > 0 {
+                        text_memory += body.len() - split - 1;
+                    }
+                }
+            }
+            b"zTXt" => {
+                let split = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+                let value = body.get(split + 1..).unwrap_or_default();
+                let method = value.first().copied().unwrap_or(0);
+                if method != 0 {
+                    return corrupt(format!("unknown compression method {method} in zTXt chunk"));
+                }
+                let Some(len) =
+                    inflated_len(value.get(1..).unwrap_or_default(), PNG_MAX_TEXT_CHUNK)
+                else {
+                    return corrupt("zTXt text decompresses to more than 1 MiB".into());
+                };
+                if split > 0 {
+                    text_memory += len;
+                }
+            }
+            b"iTXt" => {
+                // keyword \0 flag method language \0 translated keyword \0 text
+                let fields = body
+                    .iter()
+                    .position(|&b| b == 0)
+                    .and_then(|k| body.get(k + 1..))
+                    .filter(|r| r.len() >= 2);
+                if let Some(r) = fields {
+                    let (flag, method, rest) = (r[0], r[1], &r[2..]);
+                    let mut parts = rest.splitn(3, |&b| b == 0);
+                    let (_lang, _tk, text) = (parts.next(), parts.next(), parts.next());
+                    if let Some(text) = text {
+                        if flag != 0 && method == 0 {
+                            match inflated_len(text, PNG_MAX_TEXT_CHUNK) {
+                                None => {
+                                    return corrupt(
+                                        "iTXt text decompresses to more than 1 MiB".into(),
+                                    )
+                                }
+                                Some(len) => text_memory += len,
+                            }
+                        } else if flag == 0 {
+                            text_memory += text.len();
+                        }
+                    }
+                }
+            }
+            b"acTL" => {
+                if length < 8 {
+                    return corrupt("APNG acTL chunk is too short".into());
+                }
+                let frames = be32(body);
+                animated = frames > 1 && frames <= 0x8000_0000;
+            }
+            b"fcTL" | b"fdAT" => {
+                let short = if cid == b"fcTL" { 26 } else { 4 };
+                if length < short {
+                    return corrupt(format!("APNG {name} chunk is too short"));
+                }
+                let n = be32(body);
+                if seq.map_or(n != 0 || cid == b"fdAT", |s| n != s.wrapping_add(1)) {
+                    return corrupt("APNG contains frame sequence errors".into());
+                }
+                seq = Some(n);
+                if cid == b"fcTL" {
+                    let (w, h) = (be32(&body[4..]) as u64, be32(&body[8..]) as u64);
+                    let (x, y) = (be32(&body[12..]) as u64, be32(&body[16..]) as u64);
+                    if x + w > size.0 || y + h > size.1 {
+                        return corrupt("APNG contains invalid frames".into());
+                    }
+                } else {
+                    // Frame data: Pillow's image data starts here when it has no IDAT.
+                    part = PngPart::Trailer;
+                }
+            }
+            _ => {}
+        }
+        if text_memory > PNG_MAX_TEXT_MEMORY {
+            return corrupt(format!(
+                "text chunks hold more than {} MiB",
+                PNG_MAX_TEXT_MEMORY >> 20
+            ));
+        }
+        if part == PngPart::Trailer && pos >= data.len() {
+            // The last chunk after the image data is complete but its CRC or the
+            // IEND is missing: Pillow stops reading there.
+            repairs.end_image_at = image_end;
+            return Ok(repairs);
+        }
+        if part == PngPart::Header {
+            match data.get(start + length..start + length + 4) {
+                Some(crc) if be32(crc) != crc32(cid, body) => {
+                    return corrupt(format!("bad checksum in {name} chunk"));
+                }
+                None => {
+                    return Err(DecodeError::Truncated(format!(
+                        "PNG {name} chunk ends early"
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(repairs)
+}
+
+/// Changes to a PNG's bytes after which the `png` crate decodes it as Pillow does.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PngRepairs {
+    /// Offset of a nonzero IHDR compression method byte, to be set to 0.
+    ihdr_compression: Option<usize>,
+    /// Offset of an empty PLTE chunk, to be given one black entry.
+    empty_plte: Option<usize>,
+    /// The image data is complete up to here, what follows is cut: end the file there.
+    end_image_at: Option<usize>,
+    /// The data ends inside the IDAT chunk starting here: end it with the data.
+    cut_idat: Option<usize>,
+}
+
+/// An IEND chunk, preceded by the (unchecked) CRC of the chunk before it.
+const CRC_AND_IEND: &[u8; 16] = b"\0\0\0\0\0\0\0\0IEND\xAE\x42\x60\x82";
+
+impl PngRepairs {
+    fn apply<'a>(&self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        if *self == PngRepairs::default() {
+            return std::borrow::Cow::Borrowed(data);
+        }
+        let mut out = data.to_vec();
+        if let Some(at) = self.ihdr_compression {
+            out[at] = 0;
+        }
+        if let Some(end) = self.end_image_at {
+            out.truncate(end);
+            out.extend_from_slice(CRC_AND_IEND);
+        }
+        if let Some(at) = self.cut_idat {
+            let len = (data.len() - at - 8) as u32;
+            out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(CRC_AND_IEND);
+        }
+        if let Some(at) = self.empty_plte {
+            // Checksums are not checked by the crate (see `decode_png`).
+            out.splice(at..at + 12, *b"\0\0\0\x03PLTE\0\0\0\0\0\0\0");
+        }
+        std::borrow::Cow::Owned(out)
+    }
+}
+
+/// A `png` crate message without the crate's debug formatting of chunk types
+/// (`ChunkType { type: IDAT, critical: true, ... }` becomes `IDAT`).
+fn tidy_png_message(msg: String) -> String {
+    const OPEN: &str = "ChunkType { type: ";
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg.as_str();
+    while let Some(at) = rest.find(OPEN) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + OPEN.len()..];
+        let name_end = after.find(',').unwrap_or(after.len());
+        out.push_str(&after[..name_end]);
+        rest = after.find('}').map_or("", |close| &after[close + 1..]);
+    }
+    out.push_str(rest);
+    // fdeflate's error names: "Corrupt deflate stream. InvalidCodeLengthRepeat"
+    const DEFLATE: &str = "Corrupt deflate stream. ";
+    if let Some(name) = out.strip_prefix(DEFLATE) {
+        let mut words = String::new();
+        for c in name.trim_end_matches('.').chars() {
+            if c.is_ascii_uppercase() && !words.is_empty() {
+                words.push(' ');
+            }
+            words.push(c.to_ascii_lowercase());
+        }
+        return format!("image data is not valid deflate data ({words})");
+    }
+    out
+}
+
+fn crc32(cid: &[u8], body: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(cid);
+    hasher.update(body);
+    hasher.finalize()
+}
+
 fn decode_png(data: &[u8], max_pixels: u64) -> Result<Decoded, DecodeError> {
-    let mut decoder = png::Decoder::new(Cursor::new(data));
+    let repairs = check_png_chunks(data)?;
+    let repaired = repairs.apply(data);
+    let Some(_) = repairs.cut_idat else {
+        return read_png(&repaired, max_pixels, false);
+    };
+    // The file ends inside the image data. Pillow decodes it if every row is there;
+    // zlib checks the Adler-32 only if the data reaches it (a mismatch is corrupt).
+    match read_png(&repaired, max_pixels, false) {
+        Err(DecodeError::Corrupt(msg)) if msg.contains("(wrong checksum)") => {
+            Err(DecodeError::Corrupt(msg))
+        }
+        Err(_) => read_png(&repaired, max_pixels, true)
+            .map_err(|_| DecodeError::Truncated("PNG data ends inside the image data".into())),
+        done => done,
+    }
+}
+
+fn read_png(data: &[u8], max_pixels: u64, ignore_adler32: bool) -> Result<Decoded, DecodeError> {
+    // Checksums of the chunks before the image data and ancillary chunks were
+    // checked the way Pillow checks them (`check_png_chunks`). Like Pillow (zlib),
+    // the crate checks the image data's Adler-32 but not the IDAT CRCs, and it must
+    // not keep ICC profiles or text in memory (a 1 MB file can hold a 1 GB profile).
+    let mut options = png::DecodeOptions::default();
+    options.set_ignore_adler32(ignore_adler32);
+    options.set_ignore_crc(true);
+    options.set_ignore_iccp_chunk(true);
+    options.set_ignore_text_chunk(true);
+    let mut decoder = png::Decoder::new_with_options(Cursor::new(data), options);
     decoder.set_transformations(png::Transformations::IDENTITY);
     // The pixel budget is enforced below, before the frame buffer is allocated; this
     // limit only has to admit every image under it (8 bytes per pixel at most).
@@ -689,5 +1260,76 @@ mod tests {
         let mut data = vec![0xFF, 0xD8, 0xFF, 0xE0];
         data.extend(std::iter::repeat_n(0x42, 100));
         assert!(decode(&data, 1 << 20, JpegScale::NONE).is_err());
+    }
+
+    #[test]
+    fn jpeg_layout_skips_stuffing_and_restart_markers() {
+        // SOI, SOF0 (8-bit, 2x3), SOS, entropy data holding FF00 and RST0, a second
+        // SOS, EOI.
+        let mut data = vec![0xFF, 0xD8];
+        data.extend([0xFF, 0xC0, 0, 11, 8, 0, 3, 0, 2, 1, 1, 0x11, 0]);
+        data.extend([0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0]);
+        data.extend([0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56, 0xFF, 0xFF, 0xDA]);
+        data.extend([0, 8, 1, 1, 0, 0, 63, 0, 0x78, 0xFF, 0xD9]);
+        let layout = jpeg_layout(&data);
+        assert_eq!(layout.scans, 2);
+        assert_eq!(layout.frame, Some((0xC0, 8)));
+        assert_eq!(layout.frame_size, Some((2, 3)));
+        assert!(layout.eoi);
+        // cut anywhere: never a panic, never an EOI
+        for cut in 0..data.len() - 1 {
+            assert!(!jpeg_layout(&data[..cut]).eoi, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn jpeg_with_too_many_scans_is_refused() {
+        let mut data = vec![0xFF, 0xD8, 0xFF, 0xC2, 0, 11, 8, 0, 3, 0, 2, 1, 1, 0x11, 0];
+        for _ in 0..=MAX_JPEG_SCANS {
+            data.extend([0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0x00]);
+        }
+        data.extend([0xFF, 0xD9]);
+        assert_eq!(
+            decode(&data, 1 << 20, JpegScale::NONE),
+            Err(DecodeError::Corrupt(format!(
+                "JPEG has more than {MAX_JPEG_SCANS} scans (limit {MAX_JPEG_SCANS})"
+            )))
+        );
+    }
+
+    #[test]
+    fn large_jpegs_get_fewer_scans() {
+        assert_eq!(scan_limit(2, 3), MAX_JPEG_SCANS);
+        assert_eq!(scan_limit(4096, 4096), 512.min(MAX_JPEG_SCANS));
+        assert_eq!(scan_limit(8192, 8192), 128);
+        assert_eq!(scan_limit(13_000, 13_000), MIN_JPEG_SCAN_LIMIT);
+        let layout = JpegLayout {
+            scans: 129,
+            frame: Some((0xC2, 8)),
+            frame_size: Some((8192, 8192)),
+            eoi: true,
+        };
+        assert_eq!(
+            check_jpeg_layout(&layout),
+            Err(DecodeError::Corrupt(
+                "JPEG has 129 scans (limit 128 for 8192x8192 pixels)".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn png_messages_lose_the_crates_debug_formatting() {
+        let msg = "CRC error: expected 0x0 have 0x1 while decoding ChunkType { type: IDAT, \
+                   critical: true, private: false, reserved: false, safecopy: false } chunk."
+            .to_string();
+        assert_eq!(
+            tidy_png_message(msg),
+            "CRC error: expected 0x0 have 0x1 while decoding IDAT chunk."
+        );
+        assert_eq!(tidy_png_message("plain".into()), "plain");
+        assert_eq!(
+            tidy_png_message("Corrupt deflate stream. WrongChecksum".into()),
+            "image data is not valid deflate data (wrong checksum)"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! The reference is `Resize(size, BICUBIC)` of the shortest side, `CenterCrop(size)`,
 //! then `convert("RGB")`, `ToTensor` and `Normalize`. Each step is reproduced in the
 //! order and the pixel mode Pillow uses (see `decode` and `resample`). Normalisation
-//! goes through a per-channel 256-entry table the caller computes with torch itself,
+//! goes through a per-channel 256-entry table the caller computes as torchvision does,
 //! so normalised values equal the reference's to the last bit by construction.
 
 use rayon::prelude::*;
@@ -49,6 +49,26 @@ pub fn resized_dims(w: usize, h: usize, size: usize) -> (usize, usize) {
     } else {
         (long_of(h, w), size)
     }
+}
+
+/// Most pixels the resized image (before the center crop) may have.
+///
+/// Only the crop window is computed here, so this bound is not about memory in Rust;
+/// it keeps degenerate images (a 1 x 65535 strip resizes to 336 x 22,019,760) from
+/// costing the Pillow fallback, which resizes the whole image, gigabytes, and keeps
+/// both paths refusing the same images. 2^26 pixels admit aspect ratios up to about
+/// 594:1 at 336 px. Python's `preprocess.MAX_RESIZED_PIXELS` is the same number.
+pub const MAX_RESIZED_PIXELS: u64 = 1 << 26;
+
+/// Refuse an image whose resize to `size` would exceed [`MAX_RESIZED_PIXELS`].
+pub fn check_resize(w: usize, h: usize, size: usize) -> Result<(), DecodeError> {
+    let (rw, rh) = resized_dims(w, h, size);
+    if (rw as u64).saturating_mul(rh as u64) > MAX_RESIZED_PIXELS {
+        return Err(DecodeError::TooLargeFor(format!(
+            "{w}x{h} resizes to {rw}x{rh}, over {MAX_RESIZED_PIXELS} pixels"
+        )));
+    }
+    Ok(())
 }
 
 /// torchvision's `CenterCrop(size)` offsets: `int(round((dim - size) / 2))`, where
@@ -109,10 +129,13 @@ pub fn rgb_crop(data: &[u8], opts: &Options) -> Result<Vec<u8>, DecodeError> {
         _ => JpegScale::NONE,
     };
     let image = decode::decode(data, opts.max_pixels, scale)?;
+    check_resize(image.width, image.height, opts.size)?;
     Ok(resize_crop_rgb(image, opts.size))
 }
 
-/// The reference's Resize + CenterCrop + convert("RGB") on a decoded image.
+/// The reference's Resize + CenterCrop + convert("RGB") on a decoded image. Memory
+/// and work follow the crop window (see `resample`); callers bound the resized size
+/// with [`check_resize`].
 pub fn resize_crop_rgb(image: Decoded, size: usize) -> Vec<u8> {
     let Decoded {
         width,
@@ -165,12 +188,28 @@ pub fn resize_crop_rgb(image: Decoded, size: usize) -> Vec<u8> {
     }
 }
 
+/// [`rgb_crop`], with a panic (a bug, but one that a crafted file could reach) turned
+/// into this input's failure instead of ending the whole batch.
+fn crop_isolated(data: &[u8], opts: &Options) -> Result<Vec<u8>, DecodeError> {
+    std::panic::catch_unwind(|| rgb_crop(data, opts)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(DecodeError::Corrupt(format!(
+            "the decoder failed on this input (internal error: {what})"
+        )))
+    })
+}
+
 /// Outcome of one input of a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {
     Ok,
     /// Could not be processed; the reason starts with a short category
-    /// (`empty`, `not an image`, `truncated`, `too large`, `corrupt`).
+    /// (`empty`, `not an image`, `truncated`, `too large`, `corrupt`,
+    /// `unsupported format`).
     Failed(String),
     /// A format or mode without a bit-exact path here: preprocess it with Pillow.
     Fallback(String),
@@ -202,7 +241,7 @@ where
         pixels
             .par_chunks_mut(plane.max(1))
             .zip(inputs.par_iter())
-            .map(|(slot, data)| match rgb_crop(data, opts) {
+            .map(|(slot, data)| match crop_isolated(data, opts) {
                 Ok(rgb) => {
                     write(&rgb, slot);
                     Status::Ok

@@ -38,28 +38,37 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
-/// Per-output-pixel filter taps along one axis.
+/// Filter taps along one axis for a range of output pixels.
+///
+/// Only the outputs a crop window needs are computed, so memory follows the window,
+/// not the resized image (a 1 x 10,000,000 image resized to 336 wide would otherwise
+/// need weights for 3.4 billion rows).
 struct Taps {
     /// Coefficients per output pixel, `ksize` each (unused tail is zero).
     ksize: usize,
-    /// First input index and number of inputs per output pixel.
+    /// The first output pixel described.
+    first: usize,
+    /// First input index and number of inputs per output pixel, from `first` on.
     bounds: Vec<(usize, usize)>,
     weights: Vec<f64>,
 }
 
 impl Taps {
-    /// Pillow's `precompute_coeffs` for a full-range box (0, in_size).
-    fn bicubic(in_size: usize, out_size: usize) -> Taps {
+    /// Pillow's `precompute_coeffs` for a full-range box (0, in_size), for the output
+    /// pixels `outputs` of `out_size` only (each pixel's taps do not depend on others).
+    fn bicubic(in_size: usize, out_size: usize, outputs: std::ops::Range<usize>) -> Taps {
         let support_unit = 2.0;
         // Pillow passes the box as C floats; sizes are exact in f32 up to 2^24.
         let scale = (in_size as f32 as f64) / out_size as f64;
         let filterscale = scale.max(1.0);
         let support = support_unit * filterscale;
         let ksize = support.ceil() as usize * 2 + 1;
-        let mut bounds = Vec::with_capacity(out_size);
-        let mut weights = vec![0.0f64; out_size * ksize];
+        let first = outputs.start;
+        let mut bounds = Vec::with_capacity(outputs.len());
+        let mut weights = vec![0.0f64; outputs.len() * ksize];
         let inv = 1.0 / filterscale;
-        for (xx, k) in weights.chunks_exact_mut(ksize).enumerate() {
+        for (i, k) in weights.chunks_exact_mut(ksize).enumerate() {
+            let xx = first + i;
             let center = (xx as f64 + 0.5) * scale;
             // C's (int) conversion truncates toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
@@ -79,9 +88,15 @@ impl Taps {
         }
         Taps {
             ksize,
+            first,
             bounds,
             weights,
         }
+    }
+
+    /// First input index and input count of output pixel `xx`.
+    fn bound(&self, xx: usize) -> (usize, usize) {
+        self.bounds[xx - self.first]
     }
 
     /// Weights rounded to fixed point the way Pillow's `normalize_coeffs_8bpc` does.
@@ -101,8 +116,8 @@ impl Taps {
 
     /// Input indices needed for outputs `first..first + count`.
     fn span(&self, first: usize, count: usize) -> (usize, usize) {
-        let start = self.bounds[first].0;
-        let (last_min, last_count) = self.bounds[first + count - 1];
+        let start = self.bound(first).0;
+        let (last_min, last_count) = self.bound(first + count - 1);
         (start, last_min + last_count)
     }
 }
@@ -393,8 +408,11 @@ fn filters<'a, A>(
     row0: usize,
 ) -> Vec<(usize, &'a [A])> {
     rows.map(|yy| {
-        let (first, count) = taps.bounds[yy];
-        (first - row0, &weights[yy * taps.ksize..][..count])
+        let (first, count) = taps.bound(yy);
+        (
+            first - row0,
+            &weights[(yy - taps.first) * taps.ksize..][..count],
+        )
     })
     .collect()
 }
@@ -423,8 +441,8 @@ fn resize_two_pass<T: Sample>(
 ) -> Vec<T> {
     let cols = win.left..win.left + win.width;
     let rows = win.top..win.top + win.height;
-    let horiz = (out_w != w).then(|| Taps::bicubic(w, out_w));
-    let vert = (out_h != h).then(|| Taps::bicubic(h, out_h));
+    let horiz = (out_w != w).then(|| Taps::bicubic(w, out_w, cols.clone()));
+    let vert = (out_h != h).then(|| Taps::bicubic(h, out_h, rows.clone()));
     let whole = Plane {
         data: src,
         stride: w * channels,
@@ -577,7 +595,7 @@ mod tests {
     #[test]
     fn taps_sum_to_one_in_fixed_point() {
         for (i, o) in [(640, 448), (256, 336), (1000, 7), (3, 336)] {
-            let taps = Taps::bicubic(i, o);
+            let taps = Taps::bicubic(i, o, 0..o);
             let kk = taps.fixed();
             for xx in 0..o {
                 let s: i32 = kk[xx * taps.ksize..(xx + 1) * taps.ksize].iter().sum();
@@ -587,6 +605,41 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn window_taps_equal_the_same_rows_of_full_taps() {
+        for (i, o, range) in [(640, 448, 56..392), (3, 336, 100..336), (1000, 7, 2..5)] {
+            let full = Taps::bicubic(i, o, 0..o);
+            let part = Taps::bicubic(i, o, range.clone());
+            assert_eq!(full.ksize, part.ksize);
+            for xx in range {
+                assert_eq!(full.bound(xx), part.bound(xx));
+                let k = full.ksize;
+                assert_eq!(
+                    full.weights[xx * k..][..k],
+                    part.weights[(xx - part.first) * k..][..k]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn thin_image_needs_taps_for_the_window_only() {
+        // 1 x 65535 resized to 336 x 22,019,760: taps for the whole long axis would
+        // take about a gigabyte; the 336-row window needs a few kilobytes.
+        let src = vec![200u8; 65535];
+        let (ow, oh) = (336, 22_019_760);
+        let win = Window {
+            left: 0,
+            top: (oh - 336) / 2,
+            width: 336,
+            height: 336,
+        };
+        let vert = Taps::bicubic(65535, oh, win.top..win.top + win.height);
+        assert_eq!(vert.weights.len(), 336 * vert.ksize);
+        let out = bicubic_u8(&src, (1, 65535), 1, (ow, oh), win);
+        assert!(out.len() == 336 * 336 && out.iter().all(|&v| v == 200));
     }
 
     #[test]
@@ -623,7 +676,7 @@ mod tests {
             state
         };
         for (in_size, out_size) in [(480, 336), (256, 336), (1280, 448), (9, 4)] {
-            let taps = Taps::bicubic(in_size, out_size);
+            let taps = Taps::bicubic(in_size, out_size, 0..out_size);
             let weights = taps.fixed();
             let filters = filters(&taps, &weights, 0..out_size, 0);
             for row_len in [1, 5, 31, 32, 33, 63, 64, 100, 1441] {
@@ -725,7 +778,7 @@ mod timing {
         }
         let (w, h) = (640, 480);
         let src = photo(w, h);
-        let hz = Taps::bicubic(w, 448);
+        let hz = Taps::bicubic(w, 448, 56..392);
         let whole = Plane {
             data: &src,
             stride: w * 3,
@@ -737,7 +790,7 @@ mod timing {
         };
         let t = best(|| horizontal(&whole, &hz, 0..480, 56..392));
         eprintln!("  horizontal pass of 640x480: {t:?}");
-        let vt = Taps::bicubic(h, 336);
+        let vt = Taps::bicubic(h, 336, 0..336);
         let tmp = horizontal(&whole, &hz, 0..480, 56..392);
         let rows = Plane {
             data: &tmp,

@@ -15,6 +15,7 @@ from . import _core
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_RESIZED_PIXELS",
     "OPENAI_MEAN",
     "OPENAI_STD",
     "PreprocessedBatch",
@@ -33,6 +34,14 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 #: Pillow refuses images over 2 x ``Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels) as
 #: decompression bombs; starkret refuses the same by default, before decoding a pixel.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+#: Most pixels the resized image (before the center crop) may have; larger resizes are
+#: ``too large:`` failures. 2**26 admits aspect ratios up to about 594:1 at 336 px.
+#: The Rust path computes only the crop window, but Pillow (the fallback) resizes the
+#: whole image: a 1x65535 strip would become 336x22,019,760 pixels. The bound keeps
+#: the fallback's memory in check and both paths refusing the same images (Rust's
+#: ``preprocess::MAX_RESIZED_PIXELS`` is the same number).
+MAX_RESIZED_PIXELS = 1 << 26
 
 _MODES = ("exact", "fast")
 _DTYPES = ("float32", "float16", "uint8")
@@ -65,18 +74,18 @@ def normalisation_table(
 ) -> np.ndarray:
     """The (3, 256) table mapping each uint8 channel value to its normalised value.
 
-    It is computed by torchvision's own ``to_tensor`` and ``normalize`` on every byte
-    value, so a lookup gives exactly what the reference transform computes.
+    It repeats torchvision's ``to_tensor`` (``v / 255`` in float32) and ``normalize``
+    (``(x - mean) / std`` with float32 mean and std) in float32 numpy arithmetic,
+    whose IEEE rounding is the same, so a lookup gives exactly what the reference
+    transform computes (tests check it against torch) without importing torch.
     """
-    import torch
-    from torchvision.transforms import functional as F
-
-    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # (1, 256, 3)
-    values = F.normalize(F.to_tensor(ramp), list(mean), list(std))  # (3, 1, 256)
-    table = values[:, 0, :]
+    ramp = np.arange(256, dtype=np.float32) / np.float32(255)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    table = (ramp[None, :] - mean32) / std32
     if dtype == "float16":
-        table = table.to(torch.float16)
-    out = table.contiguous().numpy()
+        table = table.astype(np.float16)
+    out = np.ascontiguousarray(table)
     out.setflags(write=False)
     return out
 
@@ -211,15 +220,25 @@ class _PillowFailure(Exception):
     """Pillow could not produce a crop; the message is the failure reason."""
 
 
-def reference_crop(data: bytes, *, size: int = 336, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """The reference uint8 crop (size, size, 3) made by Pillow + torchvision.
+def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's ``Resize(size)`` output size: the short side becomes ``size``."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
 
-    This is exactly open_clip's transform up to ``convert("RGB")``; starkret uses it
-    as the fallback for formats its Rust decoder does not reproduce bit for bit.
+
+def reference_crop(data: bytes, *, size: int = 336, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The reference uint8 crop (size, size, 3): open_clip's transform up to ``convert("RGB")``.
+
+    torchvision's ``Resize(size, BICUBIC)`` and ``CenterCrop(size)`` on a PIL image are
+    ``Image.resize`` and ``Image.crop`` with sizes and offsets computed as here; doing
+    them directly keeps torch out of the process. starkret uses this as the fallback
+    for formats its Rust decoder does not reproduce bit for bit. Any failure, Pillow's
+    errors and ``MemoryError`` included, is raised as ``_PillowFailure`` whose message
+    is the reason; images over ``max_pixels`` or whose resize exceeds
+    ``MAX_RESIZED_PIXELS`` are refused before any pixel is decoded.
     """
     import PIL.Image
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
 
     if not data:
         raise _PillowFailure("empty: zero bytes")
@@ -228,24 +247,44 @@ def reference_crop(data: bytes, *, size: int = 336, max_pixels: int = DEFAULT_MA
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
             image = PIL.Image.open(io.BytesIO(data))
             width, height = image.size
-            if width * height > max_pixels:
-                raise _PillowFailure(
-                    f"too large: {width}x{height} exceeds max_pixels ({max_pixels})"
-                )
+            _check_sizes(width, height, size, max_pixels)
             image.load()
+            # torchvision returns the image unchanged when the size already matches
+            new = _resized_size(width, height, size)
+            if new != (width, height):
+                image = image.resize(new, PIL.Image.Resampling.BICUBIC)
+            left = round((new[0] - size) / 2.0)
+            top = round((new[1] - size) / 2.0)
+            crop = image.crop((left, top, left + size, top + size)).convert("RGB")
+            return np.asarray(crop, dtype=np.uint8)
     except _PillowFailure:
         raise
     except PIL.Image.DecompressionBombError as exc:
         raise _PillowFailure(f"too large: {exc}") from None
     except PIL.UnidentifiedImageError:
         raise _PillowFailure("not an image: Pillow cannot identify it") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except MemoryError:
+        raise _PillowFailure("too large: Pillow ran out of memory") from None
+    except (OSError, SyntaxError, EOFError) as exc:
         text = str(exc)
         kind = "truncated" if "truncated" in text or isinstance(exc, EOFError) else "corrupt"
         raise _PillowFailure(f"{kind}: {text}") from None
-    resized = F.resize(image, [size], interpolation=InterpolationMode.BICUBIC)
-    cropped = F.center_crop(resized, [size, size])
-    return np.asarray(cropped.convert("RGB"), dtype=np.uint8)
+    except Exception as exc:  # any other Pillow failure is still one sample's failure
+        raise _PillowFailure(f"corrupt: Pillow failed ({type(exc).__name__}: {exc})") from None
+
+
+def _check_sizes(width: int, height: int, size: int, max_pixels: int) -> None:
+    """The pixel budget and the resize bound, the same as the Rust path's."""
+    if width <= 0 or height <= 0:
+        raise _PillowFailure(f"corrupt: image has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise _PillowFailure(f"too large: {width}x{height} exceeds max_pixels ({max_pixels})")
+    new_w, new_h = _resized_size(width, height, size)
+    if new_w * new_h > MAX_RESIZED_PIXELS:
+        raise _PillowFailure(
+            f"too large: {width}x{height} resizes to {new_w}x{new_h}, "
+            f"over {MAX_RESIZED_PIXELS} pixels"
+        )
 
 
 # ==== Shards straight to batches ====
