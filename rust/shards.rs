@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::{self, JoinHandle};
 
-pub use patterns::{expand_shard_paths, ShardError};
+pub use patterns::{expand_braces, expand_shard_paths, ShardError};
 use tarstream::{MemberHeader, TarError, TarStream};
 
 /// Largest member kept in memory unless configured otherwise (64 MiB).

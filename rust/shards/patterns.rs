@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 /// More paths than any real shard list; stops `{0..999999999}` from eating memory.
 const MAX_EXPANDED_PATHS: usize = 1_000_000;
+/// Total length of the expanded paths (64 MiB: a million paths of 64 bytes). Without it
+/// a long pattern times a large brace range (4 KB x `{0..999999}`) would build gigabytes.
+const MAX_EXPANDED_BYTES: usize = 64 << 20;
 
 /// Why a list of shard patterns could not be turned into files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,10 +144,15 @@ fn glob_files(pattern: &str, candidate: &str) -> Result<Vec<PathBuf>, ShardError
 }
 
 /// Expands every brace group of `pattern`, left group varying slowest.
-pub(super) fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardError> {
+///
+/// At most a million paths of 64 MiB in all: a bigger expansion is an
+/// `InvalidPattern` error, found before the paths are built.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardError> {
     let mut done = Vec::new();
     // A stack, children pushed in reverse, so results come out in pattern order.
     let mut todo = vec![pattern.to_owned()];
+    // Length of every string in `done` and `todo`.
+    let mut bytes = pattern.len();
     while let Some(text) = todo.pop() {
         let Some((open, close)) = first_brace_group(&text).map_err(|r| invalid(pattern, r))? else {
             done.push(text);
@@ -154,6 +162,20 @@ pub(super) fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardError> {
         let items = brace_items(body).map_err(|r| invalid(pattern, &r))?;
         if done.len() + todo.len() + items.len() > MAX_EXPANDED_PATHS {
             return Err(too_many(pattern));
+        }
+        let added: usize = items
+            .iter()
+            .map(|item| head.len() + item.len() + tail.len())
+            .sum();
+        bytes = bytes - text.len() + added;
+        if bytes > MAX_EXPANDED_BYTES {
+            return Err(invalid(
+                pattern,
+                &format!(
+                    "expands to more than {} MiB of paths",
+                    MAX_EXPANDED_BYTES >> 20
+                ),
+            ));
         }
         todo.extend(items.iter().rev().map(|item| format!("{head}{item}{tail}")));
     }
@@ -306,6 +328,19 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_long_pattern_times_a_large_range_is_refused_before_it_is_built() {
+        // 2^19 paths of ~220 bytes: under the path count limit, over 64 MiB in all.
+        let long = format!("{}{}", "{a,b}".repeat(19), "x".repeat(200));
+        let err = expand_braces(&long).unwrap_err();
+        assert!(err.to_string().contains("MiB of paths"), "{err}");
+        // A 4 KB pattern around {0..999999} would have built 4 GB of paths.
+        let range = format!("{}{{0..999999}}", "y".repeat(4000));
+        assert!(expand_braces(&range).is_err());
+        // Just under both limits still expands.
+        assert_eq!(expand_braces("{0..999999}").unwrap().len(), 1_000_000);
     }
 
     #[test]
