@@ -146,7 +146,7 @@ fn glob_files(pattern: &str, candidate: &str) -> Result<Vec<PathBuf>, ShardError
 /// Expands every brace group of `pattern`, left group varying slowest.
 ///
 /// At most a million paths of 64 MiB in all: a bigger expansion is an
-/// `InvalidPattern` error, found before the paths are built.
+/// `InvalidPattern` error, raised as soon as the paths built and pending pass a limit.
 pub fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardError> {
     let mut done = Vec::new();
     // A stack, children pushed in reverse, so results come out in pattern order.
