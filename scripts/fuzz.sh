@@ -53,7 +53,6 @@ for target in "${targets[@]}"; do
     corpus="fuzz/corpus/$target"
     artifacts="fuzz/artifacts/$target"
     mkdir -p "$corpus" "$artifacts"
-    before="$(ls "$artifacts")"
     printf '\n\033[1m== fuzz %s (%ss)\033[0m\n' "$target" "$seconds"
     args=(
         -max_total_time="$seconds"
@@ -68,13 +67,16 @@ for target in "${targets[@]}"; do
     # fuzz/regressions/<target>/: minimal inputs of bugs found before, run at start too.
     dirs=("$corpus" "fuzz/seeds/$(seeds_of "$target")")
     [[ ! -d "fuzz/regressions/$target" ]] || dirs+=("fuzz/regressions/$target")
-    if ! cargo +nightly fuzz run "$target" "${dirs[@]}" -- "${args[@]}"; then
-        found="$(ls "$artifacts" | grep -vxF -e "$before" -e '' | sed "s|^|  $artifacts/|" || true)"
+    log="$(mktemp)"
+    if ! cargo +nightly fuzz run "$target" "${dirs[@]}" -- "${args[@]}" 2>&1 | tee "$log"; then
+        # libFuzzer names the file it wrote: "Test unit written to <path>".
+        found="$(grep -ao 'Test unit written to .*' "$log" | sed 's|^Test unit written to |  |' || true)"
         failed+=("$target")
         printf '\033[1;31mfuzz target %s failed\033[0m; input(s):\n%s\n' "$target" "${found:-"(none written: see the log above)"}"
         printf 'reproduce: PYO3_PYTHON=%s LD_LIBRARY_PATH=%s cargo +nightly fuzz run %s <input>\n' \
             "$PYO3_PYTHON" "$LD_LIBRARY_PATH" "$target"
     fi
+    rm -f "$log"
 done
 
 if [[ ${#failed[@]} -gt 0 ]]; then
