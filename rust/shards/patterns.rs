@@ -13,6 +13,11 @@ const MAX_EXPANDED_PATHS: usize = 1_000_000;
 /// Total length of the expanded paths (64 MiB: a million paths of 64 bytes). Without it
 /// a long pattern times a large brace range (4 KB x `{0..999999}`) would build gigabytes.
 const MAX_EXPANDED_BYTES: usize = 64 << 20;
+/// Text built while expanding, intermediate strings included (four times the limit
+/// above: branching groups build at most about twice their result). Without it a
+/// 4 KB pattern of a few groups and hundreds of single-value ones (`{1..1}`)
+/// copies every path once per group, tens of GB of work.
+const MAX_EXPANSION_WORK: usize = 4 * MAX_EXPANDED_BYTES;
 
 /// Why a list of shard patterns could not be turned into files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,14 +150,16 @@ fn glob_files(pattern: &str, candidate: &str) -> Result<Vec<PathBuf>, ShardError
 
 /// Expands every brace group of `pattern`, left group varying slowest.
 ///
-/// At most a million paths of 64 MiB in all: a bigger expansion is an
-/// `InvalidPattern` error, raised as soon as the paths built and pending pass a limit.
+/// At most a million paths of 64 MiB in all, built with at most 256 MiB of
+/// intermediate text: more is an `InvalidPattern` error, raised as soon as the
+/// running totals pass a limit.
 pub fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardError> {
     let mut done = Vec::new();
     // A stack, children pushed in reverse, so results come out in pattern order.
     let mut todo = vec![pattern.to_owned()];
-    // Length of every string in `done` and `todo`.
+    // Length of every string in `done` and `todo`, and of every string built so far.
     let mut bytes = pattern.len();
+    let mut work = 0usize;
     while let Some(text) = todo.pop() {
         let Some((open, close)) = first_brace_group(&text).map_err(|r| invalid(pattern, r))? else {
             done.push(text);
@@ -174,6 +181,16 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardError> {
                 &format!(
                     "expands to more than {} MiB of paths",
                     MAX_EXPANDED_BYTES >> 20
+                ),
+            ));
+        }
+        work += added;
+        if work > MAX_EXPANSION_WORK {
+            return Err(invalid(
+                pattern,
+                &format!(
+                    "takes more than {} MiB of intermediate paths to expand (too many brace groups)",
+                    MAX_EXPANSION_WORK >> 20
                 ),
             ));
         }
@@ -331,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn expansions_over_64_mib_of_paths_are_errors() {
+    fn expansions_past_their_memory_and_work_limits_are_errors() {
         // 2^19 paths of ~220 bytes: under the path count limit, over 64 MiB in all.
         let long = format!("{}{}", "{a,b}".repeat(19), "x".repeat(200));
         match expand_braces(&long) {
@@ -341,6 +358,12 @@ mod tests {
         // A 4 KB pattern around {0..999999} would have built 4 GB of paths.
         let range = format!("{}{{0..999999}}", "y".repeat(4000));
         assert!(expand_braces(&range).is_err());
+        // Few paths, but each copied once per group: 4096 paths x 300 groups x ~1 KB.
+        let deep = format!("{}{}", "{a,b}".repeat(12), "{1..1}".repeat(300));
+        match expand_braces(&deep) {
+            Err(err) => assert!(err.to_string().contains("too many brace groups"), "{err}"),
+            Ok(paths) => panic!("expanded to {} paths", paths.len()),
+        }
         // Just under both limits still expands.
         assert_eq!(expand_braces("{0..999999}").unwrap().len(), 1_000_000);
     }
