@@ -47,6 +47,9 @@ cargo +nightly fuzz build
 
 seeds_of() { case "$1" in decode_independent) echo decode ;; *) echo "$1" ;; esac; }
 max_len_of() { case "$1" in decode | decode_independent | tar_stream) echo 16384 ;; *) echo 4096 ;; esac; }
+# Seconds one input may take (a slow image is a hang past 5 s; a million-path expansion
+# legitimately takes seconds under AddressSanitizer on a busy machine).
+timeout_of() { case "$1" in patterns) echo 60 ;; *) echo 10 ;; esac; }
 
 failed=()
 for target in "${targets[@]}"; do
@@ -57,7 +60,7 @@ for target in "${targets[@]}"; do
     args=(
         -max_total_time="$seconds"
         -rss_limit_mb="$rss_mb"
-        -timeout=10
+        -timeout="$(timeout_of "$target")"
         -max_len="$(max_len_of "$target")"
         -print_final_stats=1
     )
