@@ -51,6 +51,59 @@ pub struct Params {
     pub used: Vec<u64>,
 }
 
+/// Candidate lists as the aligner passes them, flattened: moment `m` (of episode
+/// `episodes[m]`, wanting `ks[m]` images) owns candidates `offsets[m]..offsets[m + 1]`
+/// of `ids`, `scores` and the rows of `vectors` (`dim` values per row).
+pub struct FlatMoments<'a> {
+    pub episodes: &'a [u64],
+    pub ks: &'a [i64],
+    pub offsets: &'a [i64],
+    pub ids: &'a [u64],
+    pub scores: &'a [f32],
+    pub vectors: &'a [f32],
+    pub dim: usize,
+}
+
+impl<'a> FlatMoments<'a> {
+    /// The moments, or why the arrays do not describe any.
+    pub fn moments(&self) -> Result<Vec<Moment<'a>>, String> {
+        let total = self.ids.len();
+        let rows_ok =
+            self.scores.len() == total && total.checked_mul(self.dim) == Some(self.vectors.len());
+        if !rows_ok {
+            return Err("ids, scores and vectors must have one row per candidate".into());
+        }
+        if self.dim == 0 && total > 0 {
+            return Err("vectors must have at least one column".into());
+        }
+        let n = self.episodes.len();
+        if self.offsets.len() != n + 1 || self.ks.len() != n {
+            return Err("offsets must have one more entry than episodes and ks".into());
+        }
+        if self.ks.iter().any(|&k| k < 0) {
+            return Err("ks must not be negative".into());
+        }
+        let in_range = |o: i64| usize::try_from(o).ok().filter(|&o| o <= total);
+        let mut moments = Vec::with_capacity(n);
+        for (m, pair) in self.offsets.windows(2).enumerate() {
+            let (Some(a), Some(b)) = (in_range(pair[0]), in_range(pair[1])) else {
+                return Err("offsets must be non-decreasing and within the candidates".into());
+            };
+            if a > b {
+                return Err("offsets must be non-decreasing and within the candidates".into());
+            }
+            moments.push(Moment {
+                episode: self.episodes[m],
+                k: self.ks[m] as usize,
+                ids: &self.ids[a..b],
+                scores: &self.scores[a..b],
+                vectors: &self.vectors[a * self.dim..b * self.dim],
+            });
+        }
+        Ok(moments)
+    }
+}
+
 /// What was chosen for one moment: indices into its candidate list, best first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Choice {
@@ -212,6 +265,41 @@ mod tests {
         let got = select(&[m], &params(Reuse::Episode));
         assert_eq!(got[0].picked, vec![0, 2]);
         assert_eq!(got[0].outcome, Outcome::Chosen);
+    }
+
+    #[test]
+    fn flat_arrays_that_describe_no_moments_are_errors() {
+        let (ids, scores, vectors) = ([1u64, 2], [0.9f32, 0.8], [1.0f32, 0.0, 0.0, 1.0]);
+        let flat =
+            |offsets: &'static [i64], ks: &'static [i64], dim: usize, rows: usize| FlatMoments {
+                episodes: &[0],
+                ks,
+                offsets,
+                ids: &ids,
+                scores: &scores,
+                vectors: &vectors[..rows * dim],
+                dim,
+            };
+        let good = flat(&[0, 2], &[1], 2, 2).moments().unwrap();
+        assert_eq!((good.len(), good[0].ids.len(), good[0].k), (1, 2, 1));
+        for (offsets, ks, dim, rows, why) in [
+            // a negative offset used to be read as 0, silently
+            (&[-1i64, 2][..], &[1i64][..], 2, 2, "offsets"),
+            (&[0, 3], &[1], 2, 2, "offsets"),
+            (&[2, 1], &[1], 2, 2, "offsets"),
+            (&[0, 2, 2], &[1], 2, 2, "offsets"),
+            // a negative k used to be read as 0
+            (&[0, 2], &[-1], 2, 2, "ks"),
+            (&[0, 2], &[1], 2, 1, "one row per candidate"),
+            // no columns: every candidate used to be skipped as if the list were empty
+            (&[0, 2], &[1], 0, 2, "at least one column"),
+        ] {
+            let err = flat(offsets, ks, dim, rows).moments().err();
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(why)),
+                "{offsets:?} {ks:?}: {err:?}"
+            );
+        }
     }
 
     #[test]

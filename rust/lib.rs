@@ -18,6 +18,9 @@ mod batches;
 mod cpu;
 mod decode;
 mod dedup;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod preprocess;
 mod resample;
 pub mod shards;
@@ -431,49 +434,25 @@ fn select_images(
             )))
         }
     };
-    let (episodes, ks, offsets) = (episodes.as_slice()?, ks.as_slice()?, offsets.as_slice()?);
-    let (ids, scores, vectors) = (ids.as_slice()?, scores.as_slice()?, vectors.as_array());
-    let dim = vectors.shape()[1];
-    let flat = vectors
-        .as_slice()
-        .ok_or_else(|| PyValueError::new_err("vectors must be C-contiguous"))?;
-    let total = ids.len();
-    if scores.len() != total || vectors.shape()[0] != total {
-        return Err(PyValueError::new_err(
-            "ids, scores and vectors must have one row per candidate",
-        ));
-    }
-    if offsets.len() != episodes.len() + 1 || ks.len() != episodes.len() {
-        return Err(PyValueError::new_err(
-            "offsets must have one more entry than episodes and ks",
-        ));
-    }
-    let bounds: Vec<(usize, usize)> = offsets
-        .windows(2)
-        .map(|w| (w[0].max(0) as usize, w[1].max(0) as usize))
-        .collect();
-    if bounds.iter().any(|&(a, b)| a > b || b > total) {
-        return Err(PyValueError::new_err(
-            "offsets must be non-decreasing and within the candidates",
-        ));
-    }
-    let moments: Vec<dedup::Moment<'_>> = bounds
-        .iter()
-        .zip(episodes.iter().zip(ks))
-        .map(|(&(a, b), (&episode, &k))| dedup::Moment {
-            episode,
-            k: k.max(0) as usize,
-            ids: &ids[a..b],
-            scores: &scores[a..b],
-            vectors: &flat[a * dim..b * dim],
-        })
-        .collect();
+    let vectors = vectors.as_array();
+    let flat = dedup::FlatMoments {
+        episodes: episodes.as_slice()?,
+        ks: ks.as_slice()?,
+        offsets: offsets.as_slice()?,
+        ids: ids.as_slice()?,
+        scores: scores.as_slice()?,
+        vectors: vectors
+            .as_slice()
+            .ok_or_else(|| PyValueError::new_err("vectors must be C-contiguous"))?,
+        dim: vectors.shape()[1],
+    };
+    let moments = flat.moments().map_err(PyValueError::new_err)?;
     let used = match &used {
         Some(u) => u.as_slice()?.to_vec(),
         None => Vec::new(),
     };
     let params = dedup::Params {
-        dim,
+        dim: flat.dim,
         reuse,
         threshold,
         min_score,
@@ -483,8 +462,9 @@ fn select_images(
     let mut picked = Vec::new();
     let mut counts = Vec::with_capacity(choices.len());
     let mut outcomes = Vec::with_capacity(choices.len());
-    for (choice, &(a, _)) in choices.iter().zip(&bounds) {
-        picked.extend(choice.picked.iter().map(|&i| (a + i) as i64));
+    // Validated above: every offset is a candidate position.
+    for (choice, &start) in choices.iter().zip(flat.offsets) {
+        picked.extend(choice.picked.iter().map(|&i| start + i as i64));
         counts.push(choice.picked.len() as i64);
         outcomes.push(match choice.outcome {
             dedup::Outcome::Chosen => 0,

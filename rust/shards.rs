@@ -57,7 +57,7 @@ use std::thread::{self, JoinHandle};
 
 use flate2::bufread::GzDecoder;
 
-pub use patterns::{expand_shard_paths, ShardError};
+pub use patterns::{expand_braces, expand_shard_paths, ShardError};
 use tarstream::{MemberHeader, MemberKind, TarError, TarStream};
 
 /// Largest member kept in memory unless configured otherwise (64 MiB).

@@ -21,10 +21,21 @@ export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 step "cargo fmt"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 step "cargo clippy"
-cargo clippy --all-targets -q -- -D warnings
+# --all-features: also the `fuzzing` entry points (rust/fuzzing.rs) the fuzz targets use.
+cargo clippy --all-targets --all-features -q -- -D warnings
 step "cargo test"
 cargo test -q
 
 step "pytest"
 "$py" -m pytest -q "$@"
+
+# Every fuzz target briefly, with a fixed seed so a failure reproduces on the same
+# commit (scripts/fuzz.sh; FUZZ_SECONDS=0 skips, longer runs: see README "Fuzzing").
+fuzz_seconds="${FUZZ_SECONDS:-20}"
+if [[ "$fuzz_seconds" != 0 ]]; then
+    step "fuzz (${fuzz_seconds}s per target)"
+    FUZZ_SECONDS="$fuzz_seconds" FUZZ_SEED="${FUZZ_SEED:-1}" STARKRET_VENV="$venv" \
+        bash scripts/fuzz.sh
+fi

@@ -10,6 +10,14 @@ use std::path::{Path, PathBuf};
 
 /// More paths than any real shard list; stops `{0..999999999}` from eating memory.
 const MAX_EXPANDED_PATHS: usize = 1_000_000;
+/// Total length of the expanded paths (64 MiB: a million paths of 64 bytes). Without it
+/// a long pattern times a large brace range (4 KB x `{0..999999}`) would build gigabytes.
+const MAX_EXPANDED_BYTES: usize = 64 << 20;
+/// Text built while expanding, intermediate strings included (four times the limit
+/// above: branching groups build at most about twice their result). Without it a
+/// 4 KB pattern of a few groups and hundreds of single-value ones (`{1..1}`)
+/// copies every path once per group, tens of GB of work.
+const MAX_EXPANSION_WORK: usize = 4 * MAX_EXPANDED_BYTES;
 
 /// Why a list of shard patterns could not be turned into files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,10 +149,17 @@ fn glob_files(pattern: &str, candidate: &str) -> Result<Vec<PathBuf>, ShardError
 }
 
 /// Expands every brace group of `pattern`, left group varying slowest.
-pub(super) fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardError> {
+///
+/// At most a million paths of 64 MiB in all, built with at most 256 MiB of
+/// intermediate text: more is an `InvalidPattern` error, raised as soon as the
+/// running totals pass a limit.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardError> {
     let mut done = Vec::new();
     // A stack, children pushed in reverse, so results come out in pattern order.
     let mut todo = vec![pattern.to_owned()];
+    // Length of every string in `done` and `todo`, and of every string built so far.
+    let mut bytes = pattern.len();
+    let mut work = 0usize;
     while let Some(text) = todo.pop() {
         let Some((open, close)) = first_brace_group(&text).map_err(|r| invalid(pattern, r))? else {
             done.push(text);
@@ -154,6 +169,30 @@ pub(super) fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardError> {
         let items = brace_items(body).map_err(|r| invalid(pattern, &r))?;
         if done.len() + todo.len() + items.len() > MAX_EXPANDED_PATHS {
             return Err(too_many(pattern));
+        }
+        let added: usize = items
+            .iter()
+            .map(|item| head.len() + item.len() + tail.len())
+            .sum();
+        bytes = bytes - text.len() + added;
+        if bytes > MAX_EXPANDED_BYTES {
+            return Err(invalid(
+                pattern,
+                &format!(
+                    "expands to more than {} MiB of paths",
+                    MAX_EXPANDED_BYTES >> 20
+                ),
+            ));
+        }
+        work += added;
+        if work > MAX_EXPANSION_WORK {
+            return Err(invalid(
+                pattern,
+                &format!(
+                    "takes more than {} MiB of intermediate paths to expand (too many brace groups)",
+                    MAX_EXPANSION_WORK >> 20
+                ),
+            ));
         }
         todo.extend(items.iter().rev().map(|item| format!("{head}{item}{tail}")));
     }
@@ -306,6 +345,27 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn expansions_past_their_memory_and_work_limits_are_errors() {
+        // 2^19 paths of ~220 bytes: under the path count limit, over 64 MiB in all.
+        let long = format!("{}{}", "{a,b}".repeat(19), "x".repeat(200));
+        match expand_braces(&long) {
+            Err(err) => assert!(err.to_string().contains("MiB of paths"), "{err}"),
+            Ok(paths) => panic!("expanded to {} paths", paths.len()),
+        }
+        // A 4 KB pattern around {0..999999} would have built 4 GB of paths.
+        let range = format!("{}{{0..999999}}", "y".repeat(4000));
+        assert!(expand_braces(&range).is_err());
+        // Few paths, but each copied once per group: 4096 paths x 300 groups x ~1 KB.
+        let deep = format!("{}{}", "{a,b}".repeat(12), "{1..1}".repeat(300));
+        match expand_braces(&deep) {
+            Err(err) => assert!(err.to_string().contains("too many brace groups"), "{err}"),
+            Ok(paths) => panic!("expanded to {} paths", paths.len()),
+        }
+        // Just under both limits still expands.
+        assert_eq!(expand_braces("{0..999999}").unwrap().len(), 1_000_000);
     }
 
     #[test]
