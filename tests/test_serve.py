@@ -145,6 +145,27 @@ def test_concurrent_requests_are_searched_in_one_batch(demo_db):
         assert sorted(_keys(answers[i]["results"])[0]) == sorted(h.key for h in direct[i])
 
 
+def test_several_batcher_threads_answer_every_request_correctly(demo_db):
+    texts = [f"a photo of thing {i}" for i in range(12)]
+    direct = demo_db.search(texts, k=1)
+    answers: dict[int, list[str]] = {}
+    with Server(demo_db, ServeConfig(workers=3)) as s:
+
+        def ask(i: int) -> None:
+            with httpx.Client(base_url=s.url, timeout=60) as c:
+                r = c.post("/search", json={"queries": [texts[i]], "k": 1})
+                answers[i] = _keys(r.json()["results"])[0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert {i: sorted(a) for i, a in answers.items()} == {
+        i: sorted(h.key for h in direct[i]) for i in range(12)
+    }
+
+
 # ==== refusals ====
 
 

@@ -252,12 +252,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"starkret serve needs fastapi and uvicorn ({exc}): pip install 'starkret[serve]'"
         ) from exc
 
-    if args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
+        raise ValueError("--workers and --max-batch must be at least 1, --batch-wait-ms >= 0")
     config = ServeConfig(
         device=args.device,
         workers=args.workers,
         batch_wait_ms=args.batch_wait_ms,
+        max_batch=args.max_batch,
         min_score=args.min_score,
         near_duplicate_threshold=args.near_duplicate_threshold,
     )
@@ -364,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=int, default=1, help="batches searched in parallel")
     srv.add_argument(
         "--batch-wait-ms", type=float, default=3.0, help="longest wait to fill a batch"
+    )
+    srv.add_argument(
+        "--max-batch",
+        type=int,
+        default=256,
+        help="most queries searched together (1: one query per request, like clip back)",
     )
     srv.add_argument("--min-score", type=float, default=0.2, help="align: below = fallback")
     srv.add_argument("--near-duplicate-threshold", type=float, default=0.94)

@@ -122,6 +122,7 @@ class Batcher:
     def __init__(self, db: ImageDB, config: ServeConfig, stats: _Stats) -> None:
         self.db, self.config, self.stats = db, config, stats
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._last_size = 0
         self._threads = [
             threading.Thread(target=self._loop, name=f"starkret-batcher-{i}", daemon=True)
             for i in range(max(1, config.workers))
@@ -150,8 +151,11 @@ class Batcher:
                 return
             jobs, size = [first], first.size
             deadline = time.perf_counter() + self.config.batch_wait_ms / 1000
+            # Linger for more queries only under load (the last batch had company):
+            # a lone client is answered at once.
+            linger = self._last_size > 1 or not self._queue.empty()
             while size < self.config.max_batch:
-                left = deadline - time.perf_counter()
+                left = deadline - time.perf_counter() if linger else 0
                 try:
                     job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
@@ -161,6 +165,7 @@ class Batcher:
                     break
                 jobs.append(job)
                 size += job.size
+            self._last_size = size
             self._run(jobs)
 
     def _run(self, jobs: list[_Job]) -> None:
@@ -823,8 +828,10 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         }
         return out
 
-    @app.post("/search", response_model=SearchResponse)
-    async def search(body: SearchRequest) -> dict:
+    # Responses are built as plain JSON (no response-model validation on the hot path);
+    # ``responses=`` keeps their schema in the OpenAPI description.
+    @app.post("/search", response_model=None, responses={200: {"model": SearchResponse}})
+    async def search(body: SearchRequest) -> JSONResponse:
         """Top ``k`` hits of every source (or of ``sources``) for each query."""
         sources = check_sources(body.sources)
         exclude = None if body.exclude is None else [set(body.exclude)] * len(body.queries)
@@ -835,7 +842,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             for h in hits:
                 per_source[h.source].append(hit_out(h))
             results.append({"query": q, "hits": per_source})
-        return {"results": results}
+        return JSONResponse({"results": results})
 
     def image_out(record: dict) -> dict:
         return {k: record[k] for k in ("key", "source", "score", "url", "caption", "image")}
