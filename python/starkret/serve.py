@@ -355,6 +355,7 @@ class ImageStore:
     def __init__(self, db: ImageDB, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.db, self.max_bytes = db, max_bytes
         self._tar_index: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+        self._tables: OrderedDict[str, _Table] = OrderedDict()
         self._lock = threading.Lock()
 
     def read(self, source: str, key: str) -> bytes | None:
@@ -378,8 +379,8 @@ class ImageStore:
                 return self._shard(path, sample_key)
             if kind == "table":
                 return self._table(path, sample_key)
-        except OSError:
-            return None
+        except (OSError, ValueError, ImportError):
+            return None  # an input that changed or vanished since the DB was built
         return None
 
     def url(self, source: str, key: str) -> str | None:
@@ -417,38 +418,96 @@ class ImageStore:
             return f.read(size)
 
     def _table(self, spec: str, sample_key: str) -> bytes | None:
-        from .sources import _image_bytes, _open_table
-
         file, image_col, _caption_col, key_col = spec.rsplit("#", 3)
-        table = _open_table(Path(file))
-        names = table.column_names
-        stem = Path(file).stem
-        if key_col and key_col in names:
-            keys = table.column(key_col).to_pylist()
-            matches = [i for i, k in enumerate(keys) if str(k) == sample_key]
-            if not matches:
-                return None
-            row = matches[0]
+        with self._lock:
+            table = self._tables.get(file)
+            if table is None:
+                table = self._tables[file] = _Table(Path(file), image_col, key_col)
+                while len(self._tables) > 8:
+                    self._tables.popitem(last=False)
+            self._tables.move_to_end(file)
+        value = table.image_cell(sample_key)
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return bytes(value["bytes"])
+            if isinstance(value.get("path"), str) and "\0" not in value["path"]:
+                return self._file(str(Path(file).parent), value["path"])
+        return None
+
+
+class _Table:
+    """A parquet or Arrow table's image cells, found by sample key (row groups read on demand)."""
+
+    def __init__(self, path: Path, image_col: str, key_col: str) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path, self.stem = path, path.stem
+        if path.suffix == ".parquet":
+            self._parquet = pq.ParquetFile(path)
+            self._table = None
+            names = self._parquet.schema_arrow.names
         else:
-            prefix = f"{stem}/"
-            if not sample_key.startswith(prefix) or not sample_key[len(prefix) :].isdigit():
-                return None
-            row = int(sample_key[len(prefix) :])
-        if row >= table.num_rows:
+            self._parquet = None
+            with pa.memory_map(str(path)) as source:
+                try:
+                    self._table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid:
+                    self._table = None
+            if self._table is None:
+                with pa.memory_map(str(path)) as source:
+                    self._table = pa.ipc.open_file(source).read_all()
+            names = self._table.column_names
+        self.image_col = image_col if image_col in names else _auto_column(names, "image")
+        self.key_col = key_col if key_col in names else _auto_column(names, "key")
+        self._rows: dict[str, int] | None = None
+
+    def _row_of(self, sample_key: str) -> int | None:
+        if self.key_col is None:
+            # embed-shards names rows of a table without key column ``{stem}/{row}``.
+            prefix = f"{self.stem}/"
+            tail = sample_key[len(prefix) :]
+            return int(tail) if sample_key.startswith(prefix) and tail.isdigit() else None
+        if self._rows is None:
+            if self._parquet is not None:
+                keys = self._parquet.read(columns=[self.key_col]).column(0).to_pylist()
+            else:
+                keys = self._table.column(self.key_col).to_pylist()
+            self._rows = {}
+            for i, k in enumerate(keys):
+                self._rows.setdefault(str(k), i)
+        return self._rows.get(sample_key)
+
+    def image_cell(self, sample_key: str):
+        row = self._row_of(sample_key)
+        if row is None or self.image_col is None:
             return None
-        column = image_col if image_col in names else _guess_image_column(names)
-        if column is None:
-            return None
-        value = table.column(column)[row].as_py()
-        data = _image_bytes(value, str(Path(file).parent), str(Path(file).parent))
-        return data if isinstance(data, bytes) else None
+        if self._parquet is None:
+            return (
+                self._table.column(self.image_col)[row].as_py() if row < len(self._table) else None
+            )
+        metadata = self._parquet.metadata
+        start = 0
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            if row < start + rows:
+                cells = self._parquet.read_row_group(group, columns=[self.image_col]).column(0)
+                return cells[row - start].as_py()
+            start += rows
+        return None
 
 
-def _guess_image_column(names: list[str]) -> str | None:
-    for name in ("image", "img", "jpg", "png", "image_bytes"):
-        if name in names:
-            return name
-    return None
+def _auto_column(names: list[str], kind: str) -> str | None:
+    """The column embed-shards picks when none is named (its candidates, in order)."""
+    from . import sources
+
+    candidates = {
+        "image": getattr(sources, "_IMAGE_COLUMNS", ("image", "img", "jpg", "png")),
+        "key": getattr(sources, "_KEY_COLUMNS", ("key", "id", "image_id", "filename")),
+    }[kind]
+    return next((name for name in candidates if name in names), None)
 
 
 def _read_regular(path: str, limit: int) -> bytes | None:
