@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import faulthandler
 import json
-import os
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -457,36 +454,53 @@ def test_health_stats_openapi_and_page(client):
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: offline
 
 
-def test_starkret_serve_command_serves_the_db(demo_db, tmp_path):
+def test_starkret_serve_command_serves_the_db(demo_db, monkeypatch):
+    """`starkret serve DB --port P` end to end, in-process (a subprocess spends most of
+    its time importing torch): uvicorn.run is wrapped only to be able to stop it."""
     import socket
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    env = {**os.environ, "PYTHONPATH": str(Path(starkret.__file__).parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "starkret.cli", "serve", str(demo_db.root), "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    import uvicorn
+
+    from starkret import cli
+
+    servers: list = []
+
+    def run(app, **options):
+        server = uvicorn.Server(uvicorn.Config(app, **options))
+        servers.append(server)
+        server.run()
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["serve", str(demo_db.root), "--port", str(port), "--workers", "2"]
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(cli.main(argv)), daemon=True)
+    thread.start()
     try:
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                assert time.monotonic() < deadline, "starkret serve did not come up"
-                time.sleep(0.2)
-        assert health["images"] == len(demo_db)
-        r = httpx.post(f"http://127.0.0.1:{port}/search", json={"queries": ["a dog"], "k": 1})
+        while not (servers and servers[0].started):
+            assert thread.is_alive(), "starkret serve exited early"
+            assert time.monotonic() < deadline, "starkret serve did not come up"
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/health", timeout=30).json()["images"] == len(demo_db)
+        r = httpx.post(f"{base}/search", json={"queries": ["a dog"], "k": 1}, timeout=30)
         assert r.status_code == 200
+        assert httpx.get(f"{base}/stats", timeout=30).json()["limits"]["workers"] == 2
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if servers:
+            servers[0].should_exit = True
+        thread.join(30)
+    assert codes == [0]
+
+
+def test_starkret_serve_refuses_bad_options(demo_db, capsys):
+    from starkret import cli
+
+    assert cli.main(["serve", str(demo_db.root), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
 
 
 # ==== property-based: requests generated from the OpenAPI description ====
