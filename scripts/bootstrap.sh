@@ -26,6 +26,19 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# Headless Chromium for the browser test of `starkret serve`'s page: best effort, so
+# that a system without the package still builds (the test then skips, except in CI).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if command -v apt-get >/dev/null; then
+        sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        say "installing chromium (browser test of the serve page)"
+        { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null; } \
+            || say "warning: could not install chromium; the serve page's browser test will skip"
+    else
+        say "warning: chromium not found; the serve page's browser test will skip"
+    fi
+fi
+
 # ---- toolchains ----------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and re-run"
 python="${PYTHON:-python3}"

@@ -244,6 +244,28 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServeConfig, serve
+    except ImportError as exc:
+        raise ImportError(
+            f"starkret serve needs fastapi and uvicorn ({exc}): pip install 'starkret[serve]'"
+        ) from exc
+
+    if args.workers < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
+        raise ValueError("--workers and --max-batch must be at least 1, --batch-wait-ms >= 0")
+    config = ServeConfig(
+        device=args.device,
+        workers=args.workers,
+        batch_wait_ms=args.batch_wait_ms,
+        max_batch=args.max_batch,
+        min_score=args.min_score,
+        near_duplicate_threshold=args.near_duplicate_threshold,
+    )
+    serve(args.db, host=args.host, port=args.port, config=config)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -334,6 +356,25 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--report", default=None, help="also write this HTML report")
     align.add_argument("--no-progress", action="store_true")
     align.set_defaults(func=_cmd_align)
+
+    srv = sub.add_parser("serve", help="serve a DB over HTTP: batched search, align, a page")
+    srv.add_argument("db", help="DB folder (one sub-folder per source)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--device", default="cpu", help="cpu, or cuda for exact GPU search")
+    srv.add_argument("--workers", type=int, default=1, help="batches searched in parallel")
+    srv.add_argument(
+        "--batch-wait-ms", type=float, default=3.0, help="longest wait to fill a batch"
+    )
+    srv.add_argument(
+        "--max-batch",
+        type=int,
+        default=256,
+        help="most queries searched together (1: one query per request, like clip back)",
+    )
+    srv.add_argument("--min-score", type=float, default=0.2, help="align: below = fallback")
+    srv.add_argument("--near-duplicate-threshold", type=float, default=0.94)
+    srv.set_defaults(func=_cmd_serve)
 
     ev = sub.add_parser("eval", help="Recall@1/5/10 and MRR of descriptions against a gallery")
     ev.add_argument("db", help="DB folder (the gallery)")
