@@ -244,6 +244,10 @@ def build_index(
         raise ValueError(f"kind must be 'auto', 'exact' or 'autofaiss', got {kind!r}")
     source_dir = Path(source_dir)
     manifest = _manifest(source_dir)
+    if kind != "exact":  # autofaiss reads files in name order: pad a pre-padding folder's names
+        from .layout import pad_part_names
+
+        pad_part_names(source_dir)
     parts = _Parts.load(source_dir)
     if kind == "auto":
         kind = "exact" if parts.count <= auto_exact_max_rows else "autofaiss"
