@@ -253,6 +253,20 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_clip_back(args: argparse.Namespace) -> int:
+    from .clipback import adopt_index, link_for_clip_back
+    from .index import source_dirs
+
+    for source_dir in source_dirs(args.path):
+        if args.adopt:
+            infos = adopt_index(source_dir)
+            if "adopted_from" in infos:
+                print(f"{source_dir}: uses {infos['adopted_from']} ({infos['count']:,} images)")
+        link = link_for_clip_back(source_dir)
+        print(f"{source_dir}: clip back can load it ({link.name} -> {os.readlink(link)})")
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     import json
 
@@ -419,6 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(build, json_help="print one JSON object: kind, count, recall per source")
     build.set_defaults(func=_cmd_build_index)
+
+    clip_back = sub.add_parser(
+        "clip-back",
+        help="make indexed sources loadable by clip-retrieval's clip back (image.index)",
+    )
+    clip_back.add_argument("path", help="an indexed source folder, or a DB folder of them")
+    clip_back.add_argument(
+        "--adopt",
+        action="store_true",
+        help="first take an index autofaiss or clip-retrieval built in the folder "
+        "(index/knn.index or image.index) as the source's index, if it fits",
+    )
+    clip_back.set_defaults(func=_cmd_clip_back)
 
     search = sub.add_parser("search", help="top images of every source for descriptions")
     search.add_argument("db", help="DB folder (one sub-folder per source)")

@@ -109,6 +109,15 @@ class SourceIndex:
         parts = _Parts.load(source_dir)
         infos_path = source_dir / "index" / "infos.json"
         infos = json.loads(infos_path.read_text()) if infos_path.exists() else {"kind": "exact"}
+        foreign = [p for p in ("index/knn.index", "image.index") if (source_dir / p).is_file()]
+        if not infos_path.exists() and foreign:
+            _logger.warning(
+                "%s: %s was not built by starkret and is not used (exact search); "
+                "`starkret clip-back --adopt %s` checks it and uses it",
+                source_dir,
+                foreign[0],
+                source_dir,
+            )
         return cls.open_with(source_dir, manifest, parts, infos)
 
     @classmethod

@@ -342,6 +342,10 @@ def embed_part(
                 "height": pa.array(meta["height"], pa.int32()),
                 "shard": pa.array(meta["shard"], pa.string()),
                 "id": pa.array((np.int64(index) << ID_PART_SHIFT) + np.arange(n, dtype=np.int64)),
+                # clip-retrieval's column: the file of a folder image, else the sample key
+                "image_path": pa.array(
+                    [_image_path(part, k) for k in meta["sample_key"]], pa.string()
+                ),
             }
         )
         fails = pa.table(
@@ -362,6 +366,12 @@ def embed_part(
     else:
         commit(index, list(meta["sample_key"]), write)
     return kept, failures
+
+
+def _image_path(part: Part, key: str) -> str:
+    if part.kind == "files" and not part.layout:
+        return os.path.join(part.path, key)
+    return key
 
 
 # ==== Driver ====
