@@ -304,6 +304,8 @@ def _is_starkret_report(path: Path) -> bool:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
+    import json
+
     from .aligner import Aligner
     from .db import ImageDB
     from .dialogue import STATE_SUFFIX, align_file, check_writable_output
@@ -333,10 +335,24 @@ def _cmd_align(args: argparse.Namespace) -> int:
         aligner=aligner,
         progress=_show(args),
         keep=args.report is not None,
+        keys=args.keys,
+        fill=tuple("" if m == "none" else m for m in args.fill_modules.split(",")),
     )
-    if args.json:
-        import json
+    if args.parquet:
+        from .stark import write_parquet
 
+        write_parquet(args.output, args.parquet)
+    if args.export_images:
+        from .stark import export_images
+
+        records = Path(args.output + ".images.jsonl")
+        with open(records, encoding="utf-8") as f:
+            written, problems = export_images(
+                db, (json.loads(line) for line in f if line.strip()), args.export_images
+            )
+        for problem in problems[:5]:
+            print(f"starkret align: not exported: {problem}", file=sys.stderr)
+    if args.json:
         body = {
             name: getattr(report, name)
             for name in (
@@ -466,6 +482,26 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--reuse", choices=["episode", "global", "none"], default="episode")
     align.add_argument("--report", default=None, help="also write this HTML report")
     align.add_argument("--no-progress", action="store_true")
+    align.add_argument(
+        "--keys",
+        choices=["stark", "db"],
+        default="stark",
+        help="images_key: Stark's image UUIDs (url:UUID for CC12M/RedCaps12M; default) "
+        "or the DB keys",
+    )
+    align.add_argument(
+        "--fill-modules",
+        default="retrieval,none",
+        help="align only turns whose images_module_name is one of these, comma-separated "
+        "('none': turns without one); p-t2i, t2i and web turns are left as they are",
+    )
+    align.add_argument("--parquet", default=None, help="also write the output as this parquet")
+    align.add_argument(
+        "--export-images",
+        default=None,
+        metavar="DIR",
+        help="write the chosen local images (not CC12M/RedCaps12M) as stark-image-style tars",
+    )
     _add_common(align, json_help="print the run's summary as one JSON object")
     align.set_defaults(func=_cmd_align)
 
