@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from starkret.pipeline import embed
-from starkret.testing import synthetic_photo
+from starkret.testing import synthetic_photo, write_source
 
 BIN = Path(sys.executable).parent
 
@@ -234,3 +234,17 @@ def test_a_foreign_index_that_does_not_fit_is_refused_with_the_reason(thirteen_p
     faiss.write_index(wrong, str(folder / "image.index"))
     with pytest.raises(ValueError, match="holds 5 vectors, the source 13"):
         adopt_index(folder)
+
+
+def test_approximate_kind_without_the_extra_asks_for_it_by_name(tmp_path, monkeypatch, capsys):
+    """No autofaiss installed (the default install): one line naming the extra."""
+    from starkret import cli
+    from starkret.index import build_index
+
+    write_source(tmp_path / "db" / "cc12m", "cc12m", np.eye(8, dtype=np.float32))
+    monkeypatch.setitem(sys.modules, "autofaiss", None)  # import autofaiss -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'starkret\[autofaiss\]'"):
+        build_index(tmp_path / "db" / "cc12m", kind="autofaiss")
+    assert cli.main(["build-index", str(tmp_path / "db"), "--kind", "autofaiss", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "starkret[autofaiss]" in err

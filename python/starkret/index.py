@@ -293,7 +293,14 @@ def build_index(
 
 
 def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
-    from autofaiss import build_index as autofaiss_build
+    try:
+        from autofaiss import build_index as autofaiss_build
+    except ImportError:
+        raise ImportError(
+            "kind='autofaiss' needs the autofaiss extra: pip install 'starkret[autofaiss]' "
+            "(it pins numpy<2, pyarrow<18 and faiss-cpu 1.9.0.post1 for autofaiss 2.18); "
+            "or use kind='exact'"
+        ) from None
 
     files = embedding_parts(source_dir)
     order = sorted(range(len(files)), key=lambda i: str(files[i]))
