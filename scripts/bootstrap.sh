@@ -7,6 +7,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="${STARKRET_VENV:-$root/.venv}"
+# Extras to install: `dev` by default (numpy 2, current pyarrow/faiss-cpu); CI's second
+# environment uses `dev,autofaiss` (autofaiss 2.18 and its numpy<2 pins).
+extras="${STARKRET_EXTRAS:-dev}"
 
 say() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*"; }
 die() { printf '[bootstrap] error: %s\n' "$*" >&2; exit 1; }
@@ -51,11 +54,11 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
 stamp="$venv/.starkret-deps"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing Python dependencies (first run downloads torch: a few minutes)"
     "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q -e ".[dev]"
+    "$venv/bin/python" -m pip install -q -e ".[$extras]"
     echo "$want" >"$stamp"
 fi
 

@@ -200,7 +200,7 @@ def test_align_file_writes_stark_fields_without_reuse_and_resumes(tmp_path, smal
     source = _episodes_file(tmp_path / "in.jsonl", texts)
     out = tmp_path / "aligned.jsonl"
     aligner = starkret.Aligner(db, min_score=-1.0, near_duplicate_threshold=0.999)
-    report = align_file(db, source, out, aligner=aligner, progress=False)
+    report = align_file(db, source, out, aligner=aligner, progress=False, keys="db")
     assert (report.episodes, report.moments, report.chosen) == (2, 3, 3)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     keys = lines[0]["session1:images_key"]
@@ -217,7 +217,7 @@ def test_align_file_writes_stark_fields_without_reuse_and_resumes(tmp_path, smal
     # a kill in the middle of writing leaves half a line: it is dropped and redone
     with open(out, "a") as f:
         f.write('{"episode_id": "e3", "broken')
-    again = align_file(db, source, out, aligner=aligner, progress=False)
+    again = align_file(db, source, out, aligner=aligner, progress=False, keys="db")
     assert (again.skipped_episodes, again.episodes) == (2, 0)
     assert len(out.read_text().splitlines()) == 2
 

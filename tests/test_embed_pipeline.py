@@ -22,7 +22,7 @@ import torch
 import starkret
 from starkret.pipeline import embed
 from starkret.preprocess import OPENAI_MEAN, OPENAI_STD, _finish, reference_crop
-from starkret.testing import encode, synthetic_photo
+from starkret.testing import encode, run_img2dataset, serve_directory, synthetic_photo
 
 #: The console script installed beside this interpreter.
 EMBED_SHARDS = str(Path(sys.executable).parent / "embed-shards")
@@ -53,8 +53,8 @@ def _shards(folder: Path, n_shards: int, per_shard: int, *, broken: set[str] = f
 
 def _read(out: Path):
     parts = sorted(int(p.stem.rsplit("_", 1)[1]) for p in (out / "metadata").glob("*.parquet"))
-    emb = [np.load(out / "img_emb" / f"img_emb_{i}.npy") for i in parts]
-    meta = [pq.read_table(out / "metadata" / f"metadata_{i}.parquet") for i in parts]
+    emb = [np.load(out / "img_emb" / f"img_emb_{i:05d}.npy") for i in parts]
+    meta = [pq.read_table(out / "metadata" / f"metadata_{i:05d}.parquet") for i in parts]
     return np.concatenate(emb), pa.concat_tables(meta).to_pydict()
 
 
@@ -76,7 +76,7 @@ def test_layout_metadata_and_embeddings_match_open_clip(tmp_path, tiny):
     out = tmp_path / "out"
     assert (report.embedded, report.failed, report.parts_done) == (9, 1, 2)
     assert report.failure_reasons == {"truncated": 1}
-    assert sorted(os.listdir(out / "img_emb")) == ["img_emb_0.npy", "img_emb_1.npy"]
+    assert sorted(os.listdir(out / "img_emb")) == ["img_emb_00000.npy", "img_emb_00001.npy"]
     emb, meta = _read(out)
     assert emb.dtype == np.float16 and emb.shape == (9, tiny.dim)
     np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1, atol=2e-3)
@@ -87,7 +87,7 @@ def test_layout_metadata_and_embeddings_match_open_clip(tmp_path, tiny):
     assert meta["url"] == [f"https://img.example/{k}.jpg" for k in keys]
     assert meta["shard"] == ["00000.tar"] * 5 + ["00001.tar"] * 4
     assert len(set(meta["id"])) == 9
-    fails = pq.read_table(out / "failures" / "failures_1.parquet").to_pydict()
+    fails = pq.read_table(out / "failures" / "failures_00001.parquet").to_pydict()
     assert fails["key"] == ["000010002"] and fails["reason"][0].startswith("truncated")
 
     # Reference: open_clip's model on PIL + torchvision preprocessing, in float32.
@@ -114,8 +114,8 @@ def test_rerun_skips_finished_parts_and_redoes_unfinished(tmp_path, tiny):
     before, meta_before = _read(tmp_path / "out")
     # Simulate a run killed inside part 1: its metadata (the done marker) is missing,
     # a half-written temporary file is left behind.
-    (tmp_path / "out" / "metadata" / "metadata_1.parquet").unlink()
-    (tmp_path / "out" / "img_emb" / ".img_emb_1.npy.tmp-999").write_bytes(b"half")
+    (tmp_path / "out" / "metadata" / "metadata_00001.parquet").unlink()
+    (tmp_path / "out" / "img_emb" / ".img_emb_00001.npy.tmp-999").write_bytes(b"half")
     report = embed(str(tmp_path / "cc" / "*.tar"), tmp_path / "out", **args)
     assert (report.parts_skipped, report.parts_done, report.embedded) == (2, 1, 4)
     after, meta_after = _read(tmp_path / "out")
@@ -146,7 +146,7 @@ def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    marker = tmp_path / "out" / "metadata" / "metadata_1.parquet"
+    marker = tmp_path / "out" / "metadata" / "metadata_00001.parquet"
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -332,55 +332,24 @@ def test_cli_embed_shards_and_readable_errors(tmp_path):
 
 def test_real_img2dataset_shards_from_a_local_http_server(tmp_path, tiny):
     """img2dataset itself downloads from 127.0.0.1 into webdataset shards, then we embed them."""
-    img2dataset = Path(sys.executable).parent / "img2dataset"
-    if not img2dataset.exists():
+    if not (Path(sys.executable).parent / "img2dataset").exists():
         pytest.skip("img2dataset is not installed")
-    import functools
-    import http.server
-    import threading
-
     www = tmp_path / "www"
     www.mkdir()
     for i in range(8):
         fmt = "PNG" if i % 4 == 3 else "JPEG"  # PNG bytes served (and stored) as .jpg
         (www / f"{i}.jpg").write_bytes(encode(synthetic_photo(320, 240, seed=i), fmt))
     (www / "page.jpg").write_bytes(b"<!DOCTYPE html><html>moved</html>")
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(www))
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
     names = [f"{i}.jpg" for i in range(8)] + ["page.jpg", "missing.jpg"]
-    (tmp_path / "urls.txt").write_text("".join(f"http://127.0.0.1:{port}/{n}\n" for n in names))
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
-    try:
-        run = subprocess.run(
-            [
-                str(img2dataset),
-                f"--url_list={tmp_path / 'urls.txt'}",
-                f"--output_folder={tmp_path / 'shards'}",
-                "--output_format=webdataset",
-                "--input_format=txt",
-                "--processes_count=1",
-                "--thread_count=4",
-                "--number_sample_per_shard=4",
-                "--timeout=5",
-                "--retries=0",
-                "--disable_all_reencoding=True",
-                "--enable_wandb=False",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
+    with serve_directory(www) as base:
+        (tmp_path / "urls.txt").write_text("".join(f"{base}/{n}\n" for n in names))
+        run = run_img2dataset(
+            tmp_path / "urls.txt",
+            tmp_path / "shards",
+            "--output_format=webdataset",
+            "--input_format=txt",
+            "--number_sample_per_shard=4",
         )
-    finally:
-        server.shutdown()
     assert run.returncode == 0, run.stderr[-2000:]
     report = embed(
         str(tmp_path / "shards" / "*.tar"),

@@ -44,12 +44,12 @@ def _tar(path: Path, samples: list[tuple[str, bytes]]) -> None:
 
 def _read(out: Path) -> tuple[np.ndarray, dict, dict]:
     parts = sorted(int(p.stem.rsplit("_", 1)[1]) for p in (out / "metadata").glob("*.parquet"))
-    emb = np.concatenate([np.load(out / "img_emb" / f"img_emb_{i}.npy") for i in parts])
+    emb = np.concatenate([np.load(out / "img_emb" / f"img_emb_{i:05d}.npy") for i in parts])
     meta = pa.concat_tables(
-        [pq.read_table(out / "metadata" / f"metadata_{i}.parquet") for i in parts]
+        [pq.read_table(out / "metadata" / f"metadata_{i:05d}.parquet") for i in parts]
     )
     fails = pa.concat_tables(
-        [pq.read_table(out / "failures" / f"failures_{i}.parquet") for i in parts]
+        [pq.read_table(out / "failures" / f"failures_{i:05d}.parquet") for i in parts]
     )
     return emb, meta.to_pydict(), fails.to_pydict()
 
@@ -180,7 +180,7 @@ def test_duplicate_detection_survives_resume(tmp_path, tiny_embedder):
     assert meta["sample_key"] == ["a", "b", "c"]
     assert fails["reason"] == ["duplicate key: b (first in part 0)"]
     # redoing part 1 alone gives the same answer
-    (tmp_path / "out" / "metadata" / "metadata_1.parquet").unlink()
+    (tmp_path / "out" / "metadata" / "metadata_00001.parquet").unlink()
     embed(shards, tmp_path / "out", **args)
     assert _read(tmp_path / "out")[1:] == (meta, fails)
 
@@ -344,10 +344,10 @@ def test_start_up_removes_only_temp_files_of_unclaimed_parts(tmp_path):
     out = tmp_path / "out"
     for sub in ("img_emb", "metadata"):
         (out / sub).mkdir(parents=True)
-    busy = out / "img_emb" / ".img_emb_0.npy.tmp-111"
+    busy = out / "img_emb" / ".img_emb_00000.npy.tmp-111"
     stale = [
-        out / "img_emb" / ".img_emb_1.npy.tmp-222",
-        out / "metadata" / ".metadata_1.parquet.tmp-3",
+        out / "img_emb" / ".img_emb_00001.npy.tmp-222",
+        out / "metadata" / ".metadata_00001.parquet.tmp-3",
     ]
     for path in [busy, *stale]:
         path.write_bytes(b"half")

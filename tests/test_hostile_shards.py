@@ -324,7 +324,7 @@ def test_embed_leaves_the_part_unfinished_when_the_feeder_panics(
     monkeypatch.setenv("STARKRET_DEBUG_PANIC", "batch-feeder:0004")
     with pytest.raises(RuntimeError, match="panicked"):
         starkret.embed(str(shard_dir / "s.tar"), out, **args)
-    assert not (out / "metadata" / "metadata_0.parquet").exists()
+    assert not (out / "metadata" / "metadata_00000.parquet").exists()
     assert not json.loads((out / "starkret.json").read_text())["complete"]
 
     monkeypatch.delenv("STARKRET_DEBUG_PANIC")

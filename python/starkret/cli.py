@@ -20,6 +20,50 @@ _USER_ERRORS = (
 )
 
 
+def _add_common(parser: argparse.ArgumentParser, *, json_help: str | None = None) -> None:
+    """``--threads`` and ``--quiet`` (every command that computes), ``--json`` where asked."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for decoding, search and torch (default: all cores)",
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars and no log lines"
+    )
+    if json_help is not None:
+        parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def _apply_common(args: argparse.Namespace) -> None:
+    """Set the thread count everywhere it matters before any work starts; quiet logs."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads <= 0:
+            raise ValueError(f"--threads must be a positive number, got {threads}")
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+        try:
+            import faiss
+        except ImportError:
+            pass
+        else:
+            faiss.omp_set_num_threads(threads)
+    if getattr(args, "quiet", False):
+        import logging
+
+        logging.getLogger("starkret").setLevel(logging.ERROR)
+        logging.getLogger("autofaiss").setLevel(logging.ERROR)
+
+
+def _show(args: argparse.Namespace) -> bool:
+    """Whether progress bars are shown."""
+    return not getattr(args, "quiet", False) and not getattr(args, "no_progress", False)
+
+
 def _find_benches() -> Path:
     """The benches/ folder of a source checkout (editable installs run from one)."""
     candidates = []
@@ -69,12 +113,14 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
         required=True,
-        help="source name tagging every row (cc12m, redcaps12m, chartqa, ...)",
+        help="source name tagging every row; the Stark sources cc12m, redcaps12m, chartqa, "
+        "ai2d and mathvision are known (their table columns need no flags)",
     )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"open_clip model name (default {DEFAULT_MODEL}; starkret-tiny needs no download)",
+        help=f"open_clip model name (default {DEFAULT_MODEL}; starkret-tiny needs no "
+        "download); clip-retrieval's spellings work too (open_clip:NAME/TAG, ViT-L/14@336px)",
     )
     parser.add_argument(
         "--pretrained",
@@ -96,7 +142,6 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         default=10_000,
         help="images per output part for folders and tables",
     )
-    parser.add_argument("--threads", type=int, default=None, help="decoder threads (all cores)")
     parser.add_argument(
         "--workers",
         type=int,
@@ -109,6 +154,7 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-column", default=None, help="tables: key column")
     parser.add_argument("--overwrite", action="store_true", help="start over, deleting output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(parser, json_help="print the run's summary as one JSON object")
     parser.set_defaults(func=_cmd_embed)
 
 
@@ -136,9 +182,17 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         caption_column=args.caption_column,
         key_column=args.key_column,
-        progress=not args.no_progress,
+        progress=_show(args),
     )
-    print(report.summary())
+    if args.json:
+        import dataclasses
+        import json
+
+        body = dataclasses.asdict(report)
+        body["images_per_second"] = round(report.images_per_second, 2)
+        print(json.dumps(body))
+    elif not args.quiet:
+        print(report.summary())
     # Design rule: a run that produced nothing exits non-zero.
     if report.total_embedded == 0 or (report.parts_done and not report.embedded):
         if report.failed:
@@ -155,18 +209,61 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_index(args: argparse.Namespace) -> int:
+    import json
+
     from .index import build_index, source_dirs
 
+    dirs = source_dirs(args.path)
+    bar = None
+    if _show(args):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(dirs), unit="source", desc="indexing", dynamic_ncols=True)
+    summaries = []
+    try:
+        for source_dir in dirs:
+            if bar is not None:
+                bar.set_postfix_str(source_dir.name)
+            infos = build_index(
+                source_dir,
+                kind=args.kind,
+                max_index_memory_usage=args.max_index_memory_usage,
+                max_index_query_time_ms=args.max_index_query_time_ms,
+                auto_exact_max_rows=args.auto_exact_max_rows,
+            )
+            summary = {"source_dir": str(source_dir), "kind": infos["kind"]}
+            summary["count"] = infos["count"]
+            for key in ("recall_at_10", "build_seconds"):
+                if key in infos:
+                    summary[key] = infos[key]
+            summaries.append(summary)
+            if bar is not None:
+                bar.update(1)
+            if not args.json and not args.quiet:
+                recall = (
+                    f", recall@10 {infos['recall_at_10']:.3f}" if "recall_at_10" in infos else ""
+                )
+                line = f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}"
+                (bar.write if bar is not None else print)(line)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps({"sources": summaries}))
+    return 0
+
+
+def _cmd_clip_back(args: argparse.Namespace) -> int:
+    from .clipback import adopt_index, link_for_clip_back
+    from .index import source_dirs
+
     for source_dir in source_dirs(args.path):
-        infos = build_index(
-            source_dir,
-            kind=args.kind,
-            max_index_memory_usage=args.max_index_memory_usage,
-            max_index_query_time_ms=args.max_index_query_time_ms,
-            auto_exact_max_rows=args.auto_exact_max_rows,
-        )
-        recall = f", recall@10 {infos['recall_at_10']:.3f}" if "recall_at_10" in infos else ""
-        print(f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}")
+        if args.adopt:
+            infos = adopt_index(source_dir)
+            if "adopted_from" in infos:
+                print(f"{source_dir}: uses {infos['adopted_from']} ({infos['count']:,} images)")
+        link = link_for_clip_back(source_dir)
+        print(f"{source_dir}: clip back can load it ({link.name} -> {os.readlink(link)})")
     return 0
 
 
@@ -176,7 +273,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from .db import ImageDB
 
     db = ImageDB.open(args.db)
-    hits = db.search(args.queries, k=args.k, sources=args.sources, device=args.device)
+    hits = db.search(
+        args.queries, k=args.k, sources=args.sources, device=args.device, threads=args.threads
+    )
     if args.json:
         print(
             json.dumps(
@@ -205,6 +304,8 @@ def _is_starkret_report(path: Path) -> bool:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
+    import json
+
     from .aligner import Aligner
     from .db import ImageDB
     from .dialogue import STATE_SUFFIX, align_file, check_writable_output
@@ -232,10 +333,42 @@ def _cmd_align(args: argparse.Namespace) -> int:
         args.dialogues,
         args.output,
         aligner=aligner,
-        progress=not args.no_progress,
+        progress=_show(args),
         keep=args.report is not None,
+        keys=args.keys,
+        fill=tuple("" if m == "none" else m for m in args.fill_modules.split(",")),
     )
-    print(report.summary())
+    if args.parquet:
+        from .stark import write_parquet
+
+        write_parquet(args.output, args.parquet)
+    if args.export_images:
+        from .stark import export_images
+
+        records = Path(args.output + ".images.jsonl")
+        with open(records, encoding="utf-8") as f:
+            written, problems = export_images(
+                db, (json.loads(line) for line in f if line.strip()), args.export_images
+            )
+        for problem in problems[:5]:
+            print(f"starkret align: not exported: {problem}", file=sys.stderr)
+    if args.json:
+        body = {
+            name: getattr(report, name)
+            for name in (
+                "episodes",
+                "skipped_episodes",
+                "moments",
+                "chosen",
+                "below_threshold",
+                "exhausted",
+            )
+        }
+        body["seconds"] = round(report.seconds, 3)
+        body["output"] = str(args.output)
+        print(json.dumps(body))
+    elif not args.quiet:
+        print(report.summary())
     if args.report:
         from .report import write_report
 
@@ -272,7 +405,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .db import ImageDB
     from .eval import evaluate, read_pairs
 
-    result = evaluate(ImageDB.open(args.db), read_pairs(args.pairs), sources=args.sources)
+    result = evaluate(
+        ImageDB.open(args.db), read_pairs(args.pairs), sources=args.sources, progress=_show(args)
+    )
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -334,7 +469,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=AUTO_EXACT_MAX_ROWS,
         help="kind=auto: exact search up to this many images",
     )
+    _add_common(build, json_help="print one JSON object: kind, count, recall per source")
     build.set_defaults(func=_cmd_build_index)
+
+    clip_back = sub.add_parser(
+        "clip-back",
+        help="make indexed sources loadable by clip-retrieval's clip back (image.index)",
+    )
+    clip_back.add_argument("path", help="an indexed source folder, or a DB folder of them")
+    clip_back.add_argument(
+        "--adopt",
+        action="store_true",
+        help="first take an index autofaiss or clip-retrieval built in the folder "
+        "(index/knn.index or image.index) as the source's index, if it fits",
+    )
+    clip_back.set_defaults(func=_cmd_clip_back)
 
     search = sub.add_parser("search", help="top images of every source for descriptions")
     search.add_argument("db", help="DB folder (one sub-folder per source)")
@@ -342,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5, help="results per source")
     search.add_argument("--sources", nargs="+", default=None, help="only these sources")
     search.add_argument("--device", default="cpu", help="cpu, or cuda for exact GPU search")
-    search.add_argument("--json", action="store_true", help="JSON output")
+    _add_common(search, json_help="JSON output")
     search.set_defaults(func=_cmd_search)
 
     align = sub.add_parser("align", help="choose an image for every sharing moment of a file")
@@ -355,6 +504,27 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--reuse", choices=["episode", "global", "none"], default="episode")
     align.add_argument("--report", default=None, help="also write this HTML report")
     align.add_argument("--no-progress", action="store_true")
+    align.add_argument(
+        "--keys",
+        choices=["stark", "db"],
+        default="stark",
+        help="images_key: Stark's image UUIDs (url:UUID for CC12M/RedCaps12M; default) "
+        "or the DB keys",
+    )
+    align.add_argument(
+        "--fill-modules",
+        default="retrieval,none",
+        help="align only turns whose images_module_name is one of these, comma-separated "
+        "('none': turns without one); p-t2i, t2i and web turns are left as they are",
+    )
+    align.add_argument("--parquet", default=None, help="also write the output as this parquet")
+    align.add_argument(
+        "--export-images",
+        default=None,
+        metavar="DIR",
+        help="write the chosen local images (not CC12M/RedCaps12M) as stark-image-style tars",
+    )
+    _add_common(align, json_help="print the run's summary as one JSON object")
     align.set_defaults(func=_cmd_align)
 
     srv = sub.add_parser("serve", help="serve a DB over HTTP: batched search, align, a page")
@@ -380,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("db", help="DB folder (the gallery)")
     ev.add_argument("pairs", help='JSONL: {"description"|"ultron_output", "image_key"}')
     ev.add_argument("--sources", nargs="+", default=None, help="only these sources")
-    ev.add_argument("--json", action="store_true", help="JSON output")
+    _add_common(ev, json_help="JSON output")
     ev.set_defaults(func=_cmd_eval)
     return parser
 
@@ -398,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        _apply_common(args)
         return int(args.func(args) or 0)
     except _USER_ERRORS as exc:
         message = " ".join(str(exc).splitlines())

@@ -117,10 +117,10 @@ def _plain_moment(record: object, where: str) -> dict:
     return {**ids, "session": session, "description": record["description"], "k": k}
 
 
-def _moments_of(episode: Episode) -> list[dict]:
+def _moments_of(episode: Episode, fill: tuple[str, ...] | None = None) -> list[dict]:
     if "moments" in episode.raw and not episode.sessions:
         return episode.raw["moments"]
-    return episode.moments()
+    return episode.moments(fill)
 
 
 # ==== Guarded outputs ====
@@ -242,8 +242,21 @@ def align_file(
     batch_episodes: int = 256,
     progress: bool = True,
     keep: bool = False,
+    keys: str = "stark",
+    fill: tuple[str, ...] | None = None,
 ) -> AlignReport:
-    """Align every moment of ``input_path`` into ``output_path`` (see the module doc)."""
+    """Align every moment of ``input_path`` into ``output_path`` (see the module doc).
+
+    ``keys="stark"`` (default) writes Stark's image UUIDs as ``images_key`` and Stark's
+    image records; ``keys="db"`` the DB keys. ``fill``: the ``images_module_name`` values
+    whose turns are aligned (default :data:`starkret.stark.DEFAULT_FILL`: ``retrieval``
+    and turns with none); other turns (``p-t2i``, ``t2i``, ``web``) are left as they are.
+    """
+    from .stark import DEFAULT_FILL
+
+    if keys not in ("stark", "db"):
+        raise ValueError(f"keys must be 'stark' or 'db', got {keys!r}")
+    fill = DEFAULT_FILL if fill is None else tuple(fill)
     started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
@@ -274,10 +287,10 @@ def align_file(
                     continue
                 batch.append(episode)
                 if len(batch) >= batch_episodes:
-                    _flush(batch, aligner, out, records, seen_images, report, bar, keep)
+                    _flush(batch, aligner, out, records, seen_images, report, bar, keep, keys, fill)
                     batch = []
             if batch:
-                _flush(batch, aligner, out, records, seen_images, report, bar, keep)
+                _flush(batch, aligner, out, records, seen_images, report, bar, keep, keys, fill)
     finally:
         if bar is not None:
             bar.close()
@@ -285,8 +298,10 @@ def align_file(
     return report
 
 
-def _flush(batch, aligner, out, records, seen_images, report, bar, keep) -> None:
-    moments = [m for episode in batch for m in _moments_of(episode)]
+def _flush(batch, aligner, out, records, seen_images, report, bar, keep, keys, fill) -> None:
+    from .stark import stark_image_key, stark_record
+
+    moments = [m for episode in batch for m in _moments_of(episode, fill)]
     alignments = aligner.align(moments) if moments else []
     by_episode: dict[str, list[Alignment]] = {}
     for a in alignments:
@@ -298,10 +313,16 @@ def _flush(batch, aligner, out, records, seen_images, report, bar, keep) -> None
             report.below_threshold += 1
         else:
             report.exhausted += 1
-        for image in a.images:
-            if image.stark_key not in seen_images:
-                seen_images.add(image.stark_key)
-                records.write(json.dumps({"key": image.stark_key, **image.image_record()}) + "\n")
+        for position, image in enumerate(a.images):
+            if keys == "stark":
+                key = stark_image_key(a.moment_id, position, image.source)
+                record = stark_record(key, image)
+            else:
+                key = image.stark_key
+                record = {"key": key, **image.image_record()}
+            if key not in seen_images:
+                seen_images.add(key)
+                records.write(json.dumps(record) + "\n")
     if keep:
         report.alignments.extend(alignments)
     for episode in batch:
@@ -309,7 +330,8 @@ def _flush(batch, aligner, out, records, seen_images, report, bar, keep) -> None
         if "moments" in episode.raw and not episode.sessions:
             line = {"episode_id": episode.episode_id}
         else:
-            line = {**episode.raw, "episode_id": episode.episode_id, **stark_fields(episode, mine)}
+            fields = stark_fields(episode, mine, keys=keys, fill=fill)
+            line = {**episode.raw, "episode_id": episode.episode_id, **fields}
         line["alignments"] = [a.to_dict() for a in mine]
         try:
             text = json.dumps(line, ensure_ascii=False)

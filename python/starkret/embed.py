@@ -168,6 +168,10 @@ class ClipEmbedder:
     ) -> None:
         import torch
 
+        from .modelspec import normalise_model
+
+        # clip-retrieval's spellings too: open_clip:NAME/TAG, ViT-L/14@336px
+        model, pretrained = normalise_model(model, pretrained, MODEL_DEFAULT)
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be an open_clip model name, got {model!r}")
         if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):

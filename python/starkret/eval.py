@@ -87,6 +87,7 @@ def evaluate(
     *,
     sources: Sequence[str] | None = None,
     batch_size: int = 256,
+    progress: bool = False,
 ) -> EvalResult:
     """Rank the gallery for every pair and report Recall@1/5/10 and MRR (x100).
 
@@ -103,6 +104,11 @@ def evaluate(
             f"{len(missing)} ground-truth keys are not in the gallery, e.g. {missing[:3]}"
         )
     ranks = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), unit="pair", desc="evaluating", dynamic_ncols=True)
     for start in range(0, len(texts), batch_size):
         vectors = db.encode(texts[start : start + batch_size])
         located = locations[start : start + batch_size]
@@ -115,4 +121,8 @@ def evaluate(
                     rows = np.asarray(part[chunk : chunk + 65536], np.float32)
                     better += (vectors @ rows.T > target[:, None] + 1e-6).sum(axis=1)
         ranks.extend((better + 1).tolist())
+        if bar is not None:
+            bar.update(len(vectors))
+    if bar is not None:
+        bar.close()
     return retrieval_metrics(ranks)

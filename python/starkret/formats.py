@@ -253,6 +253,8 @@ class Utterance:
     text: str
     image_description: str | None = None
     image_source: str | None = None
+    #: ``images_module_name`` already in the input (``retrieval``, ``p-t2i``, ``t2i``, ``web``)
+    module: str = ""
 
 
 @dataclass
@@ -265,11 +267,17 @@ class Episode:
     #: Where the episode was read from (``file:line`` or ``file episode #i``), for errors.
     where: str = ""
 
-    def moments(self) -> list[dict]:
-        """The image-sharing moments, as the Aligner takes them (session order)."""
+    def moments(self, fill: tuple[str, ...] | None = None) -> list[dict]:
+        """The image-sharing moments, as the Aligner takes them (session order).
+
+        ``fill``: only turns whose input ``images_module_name`` is one of these (``""``:
+        none yet); None: every sharing turn.
+        """
         out = []
         for session in sorted(self.sessions):
             for turn, u in enumerate(self.sessions[session]):
+                if fill is not None and u.module not in fill:
+                    continue
                 if u.image_description:
                     out.append(
                         {
@@ -319,12 +327,14 @@ def _nested(record: dict, where: str) -> Episode:
                     "'sharing_info' must be an object"
                 )
             at = f"{where} (episode {episode_id}): session {number} turn {t}"
+            module = info.get("images_module_name", turn.get("images_module_name"))
             turns.append(
                 Utterance(
                     turn.get("speaker"),
                     _utterance(turn.get("utterance"), f"{at}: utterance"),
                     _optional_text(info.get("image_description"), "image_description", at),
                     _optional_text(info.get("image_source"), "image_source", at),
+                    module if isinstance(module, str) else "",
                 )
             )
         sessions[number] = turns
@@ -361,7 +371,7 @@ def _flat(record: dict, where: str) -> Episode:
             return values
 
         speakers, descriptions = column("speakers"), column("image_descriptions")
-        sources = column("image_sources")
+        sources, modules = column("image_sources"), column("images_module_name")
         at = f"{where} (episode {episode_id}): session{number}"
         sessions[number] = [
             Utterance(
@@ -369,9 +379,10 @@ def _flat(record: dict, where: str) -> Episode:
                 _utterance(u, f"{at}: dialogue[{t}]"),
                 _optional_text(d, f"image_descriptions[{t}]", at),
                 _optional_text(src, f"image_sources[{t}]", at),
+                m if isinstance(m, str) else "",
             )
-            for t, (s, u, d, src) in enumerate(
-                zip(speakers, dialogue, descriptions, sources, strict=True)
+            for t, (s, u, d, src, m) in enumerate(
+                zip(speakers, dialogue, descriptions, sources, modules, strict=True)
             )
         ]
     return Episode(episode_id, sessions, record, where)
@@ -407,6 +418,10 @@ def read_episodes(path: str | os.PathLike) -> Iterator[Episode]:
     """
     path = Path(path)
     with open(path, "rb") as f:
+        if f.read(4) == b"PAR1":  # parquet (stark-dialogue ships stark.parquet)
+            yield from _parquet_episodes(path)
+            return
+        f.seek(0)
         first = f.read(1)
         while first and first.isspace():
             first = f.read(1)
@@ -420,22 +435,55 @@ def read_episodes(path: str | os.PathLike) -> Iterator[Episode]:
         yield _episode(record, f"{path}:{number}")
 
 
-def stark_fields(episode: Episode, alignments: list) -> dict:
+def _parquet_episodes(path: Path) -> Iterator[Episode]:
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise FormatError(f"{path}: not a readable parquet file ({exc})"[:300]) from None
+    row = 0
+    for batch in file.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield _episode(record, f"{path} row {row}")
+            row += 1
+
+
+def stark_fields(
+    episode: Episode, alignments: list, *, keys: str = "db", fill: tuple[str, ...] | None = None
+) -> dict:
     """Stark's per-session fields for an aligned episode.
 
-    ``session<N>:images_key`` (per utterance: the chosen image keys, `url:` for
-    CC12M/RedCaps12M, empty where nothing is shared or nothing was found) and
-    ``session<N>:images_module_name`` (``retrieval`` where the DB supplied the image).
+    ``session<N>:images_key`` (per utterance: the chosen image keys, empty where nothing
+    is shared or nothing was found) and ``session<N>:images_module_name`` (``retrieval``
+    where the DB supplied the image). ``keys="db"``: DB keys (``url:`` + URL for
+    CC12M/RedCaps12M); ``keys="stark"``: Stark's image UUIDs (:mod:`starkret.stark`).
+    Turns outside ``fill`` (see :meth:`Episode.moments`) keep the input's values.
     """
+    from .stark import stark_image_key
+
     by_moment = {a.moment_id: a for a in alignments}
     out: dict[str, list] = {}
     for session in sorted(episode.sessions):
-        keys, modules = [], []
-        for turn, _u in enumerate(episode.sessions[session]):
-            a = by_moment.get(f"{episode.episode_id}:s{session}:t{turn}")
-            chosen = [c.stark_key for c in a.images] if a is not None else []
-            keys.append(chosen[0] if len(chosen) == 1 else (chosen or ""))
+        keys_out, modules = [], []
+        old_keys = episode.raw.get(f"session{session}:images_key")
+        old_modules = episode.raw.get(f"session{session}:images_module_name")
+        for turn, u in enumerate(episode.sessions[session]):
+            if fill is not None and u.module not in fill:
+                keep = isinstance(old_keys, list) and turn < len(old_keys)
+                keys_out.append(old_keys[turn] if keep else "")
+                keep = isinstance(old_modules, list) and turn < len(old_modules)
+                modules.append(old_modules[turn] if keep else u.module)
+                continue
+            moment_id = f"{episode.episode_id}:s{session}:t{turn}"
+            a = by_moment.get(moment_id)
+            images = a.images if a is not None else []
+            if keys == "stark":
+                chosen = [stark_image_key(moment_id, i, c.source) for i, c in enumerate(images)]
+            else:
+                chosen = [c.stark_key for c in images]
+            keys_out.append(chosen[0] if len(chosen) == 1 else (chosen or ""))
             modules.append(a.module if a is not None and chosen else "")
-        out[f"session{session}:images_key"] = keys
+        out[f"session{session}:images_key"] = keys_out
         out[f"session{session}:images_module_name"] = modules
     return out

@@ -109,6 +109,15 @@ class SourceIndex:
         parts = _Parts.load(source_dir)
         infos_path = source_dir / "index" / "infos.json"
         infos = json.loads(infos_path.read_text()) if infos_path.exists() else {"kind": "exact"}
+        foreign = [p for p in ("index/knn.index", "image.index") if (source_dir / p).is_file()]
+        if not infos_path.exists() and foreign:
+            _logger.warning(
+                "%s: %s was not built by starkret and is not used (exact search); "
+                "`starkret clip-back --adopt %s` checks it and uses it",
+                source_dir,
+                foreign[0],
+                source_dir,
+            )
         return cls.open_with(source_dir, manifest, parts, infos)
 
     @classmethod
@@ -244,6 +253,10 @@ def build_index(
         raise ValueError(f"kind must be 'auto', 'exact' or 'autofaiss', got {kind!r}")
     source_dir = Path(source_dir)
     manifest = _manifest(source_dir)
+    if kind != "exact":  # autofaiss reads files in name order: pad a pre-padding folder's names
+        from .layout import pad_part_names
+
+        pad_part_names(source_dir)
     parts = _Parts.load(source_dir)
     if kind == "auto":
         kind = "exact" if parts.count <= auto_exact_max_rows else "autofaiss"
@@ -280,7 +293,14 @@ def build_index(
 
 
 def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
-    from autofaiss import build_index as autofaiss_build
+    try:
+        from autofaiss import build_index as autofaiss_build
+    except ImportError:
+        raise ImportError(
+            "kind='autofaiss' needs the autofaiss extra: pip install 'starkret[autofaiss]' "
+            "(it pins numpy<2, pyarrow<18 and faiss-cpu 1.9.0.post1 for autofaiss 2.18); "
+            "or use kind='exact'"
+        ) from None
 
     files = embedding_parts(source_dir)
     order = sorted(range(len(files)), key=lambda i: str(files[i]))

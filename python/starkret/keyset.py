@@ -92,9 +92,10 @@ class KeySet:
     def _keys_of(self, part: int) -> list[str]:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(
-            self.metadata_dir / f"metadata_{part}.parquet", columns=["sample_key"]
-        )
+        path = self.metadata_dir / f"metadata_{part:05d}.parquet"
+        if not path.exists():  # a folder from before zero-padded names
+            path = self.metadata_dir / f"metadata_{part}.parquet"
+        table = pq.read_table(path, columns=["sample_key"])
         return table.column("sample_key").to_pylist()
 
     @staticmethod

@@ -2,9 +2,9 @@
 
 Output (readable by autofaiss and clip-retrieval unchanged)::
 
-    OUT/img_emb/img_emb_{i}.npy          float16, L2-normalised rows
-    OUT/metadata/metadata_{i}.parquet    one row per embedding, same order
-    OUT/failures/failures_{i}.parquet    every sample of part i that could not be embedded
+    OUT/img_emb/img_emb_{i:05d}.npy          float16, L2-normalised rows
+    OUT/metadata/metadata_{i:05d}.parquet    one row per embedding, same order
+    OUT/failures/failures_{i:05d}.parquet    every sample of part i that could not be embedded
     OUT/starkret.json                    model, preprocessing, counts, parts (the manifest)
 
 Part ``i`` is one input shard or one fixed-size chunk of a folder or table. Each file
@@ -36,6 +36,7 @@ import numpy as np
 from .claims import WorkFolder
 from .embed import DEFAULT_MODEL, MODEL_DEFAULT, ClipEmbedder
 from .keyset import MAX_PARTS, KeySet
+from .layout import pad_part_names, part_file
 from .sources import Part, PreprocessOptions, plan_parts
 
 __all__ = ["EmbedReport", "embed"]
@@ -84,10 +85,11 @@ class EmbedReport:
 
 
 def _paths(out: Path, i: int) -> tuple[Path, Path, Path]:
+    """Part ``i``'s files, zero-padded names (:mod:`starkret.layout`)."""
     return (
-        out / "img_emb" / f"img_emb_{i}.npy",
-        out / "metadata" / f"metadata_{i}.parquet",
-        out / "failures" / f"failures_{i}.parquet",
+        part_file(out, "img_emb", i),
+        part_file(out, "metadata", i),
+        part_file(out, "failures", i),
     )
 
 
@@ -259,7 +261,7 @@ def _duplicates(keys: list[str], index: int, known: KeySet) -> dict[int, str]:
 def _remove_temps(out: Path, index: int) -> None:
     """Remove part ``index``'s temporary files (call only while holding its claim)."""
     for sub in ("img_emb", "metadata", "failures"):
-        for stale in (out / sub).glob(f".{sub}_{index}.*.tmp-*"):
+        for stale in (out / sub).glob(f".{sub}_*.tmp-*"):
             match = _PART_TEMP.match(stale.name)
             if match is not None and int(match.group(1)) == index:
                 stale.unlink(missing_ok=True)
@@ -340,6 +342,10 @@ def embed_part(
                 "height": pa.array(meta["height"], pa.int32()),
                 "shard": pa.array(meta["shard"], pa.string()),
                 "id": pa.array((np.int64(index) << ID_PART_SHIFT) + np.arange(n, dtype=np.int64)),
+                # clip-retrieval's column: the file of a folder image, else the sample key
+                "image_path": pa.array(
+                    [_image_path(part, k) for k in meta["sample_key"]], pa.string()
+                ),
             }
         )
         fails = pa.table(
@@ -360,6 +366,12 @@ def embed_part(
     else:
         commit(index, list(meta["sample_key"]), write)
     return kept, failures
+
+
+def _image_path(part: Part, key: str) -> str:
+    if part.kind == "files" and not part.layout:
+        return os.path.join(part.path, key)
+    return key
 
 
 # ==== Driver ====
@@ -412,6 +424,7 @@ def embed(
         image_column=image_column,
         caption_column=caption_column,
         key_column=key_column,
+        source=source_name,
     )
     plan = [p.describe() for p in parts]
     if len(parts) > MAX_PARTS:
@@ -447,6 +460,9 @@ def embed(
                     )
                 _clean(out)
             _check_manifest(out, identity, plan, others_running)
+            if not others_running:
+                # a folder from before zero-padded names: rename its finished parts
+                pad_part_names(out)
             for sub in ("img_emb", "metadata", "failures"):
                 (out / sub).mkdir(parents=True, exist_ok=True)
             _remove_unclaimed_temps(out, folder)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _core
@@ -30,9 +30,10 @@ __all__ = ["IMAGE_SUFFIXES", "Part", "PreprocessOptions", "plan_parts"]
 #: File suffixes taken as images in folders (the bytes decide the format, not the name).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _TABLE_SUFFIXES = (".parquet", ".arrow")
-_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_bytes", "bytes")
-_CAPTION_COLUMNS = ("caption", "text", "txt", "description", "question")
+_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
+_CAPTION_COLUMNS = ("caption", "text", "txt", "description", "question", "query")
 _KEY_COLUMNS = ("key", "id", "image_id", "filename", "file_name")
+_URL_COLUMNS = ("url", "image_url")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,13 @@ class Part:
     start: int = 0  # table: first row
     stop: int = 0  # table: one past the last row
     root: str = ""  # table: the dataset folder its image paths must stay inside
+    # Not part of the identity (``describe``), so folders embedded before them resume:
+    #: table: resolved (image, caption, key, url, status) columns; files: unused
+    columns: tuple[str | None, ...] = ()
+    #: table: what positional keys start with (``train/data-00000-of-00001``)
+    key_prefix: str = ""
+    #: files: "img2dataset" -> key = file stem, url from the KEY.json sidecar
+    layout: str = ""
 
     def describe(self) -> str:
         """A stable one-line identity, recorded in the manifest to detect changed inputs."""
@@ -108,6 +116,7 @@ class _RawBatch:
     captions: list[str | None]
     shard: str
     failures: list[tuple[str, str | None, str]]
+    urls: list[str | None] = field(default_factory=list)
 
 
 def plan_parts(
@@ -117,14 +126,21 @@ def plan_parts(
     image_column: str | None = None,
     caption_column: str | None = None,
     key_column: str | None = None,
+    source: str | None = None,
 ) -> list[Part]:
     """Cut ``inputs`` into parts, in a stable order.
 
     Each input is a shard pattern (paths, globs, brace ranges of ``.tar`` files), an
     image folder (searched recursively; key = path relative to the folder; a
-    ``KEY.txt`` beside an image is its caption), a ``.parquet``/``.arrow`` file, or a
-    folder of them (a Hugging Face dataset saved with ``save_to_disk`` or exported
-    to parquet).
+    ``KEY.txt`` beside an image is its caption), a ``.parquet``/``.arrow`` file, a
+    folder of them (a Hugging Face dataset or ``DatasetDict`` saved with
+    ``save_to_disk`` or exported to parquet), or a folder img2dataset wrote (any
+    output format, :mod:`starkret.known`).
+
+    Table columns: the flags win; then the columns of a known ``source``
+    (``KNOWN_SOURCES``) where present; then by type (a Hugging Face ``Image`` struct
+    or a binary column holds the image, before a string column named ``image``) and
+    by name.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -132,20 +148,38 @@ def plan_parts(
         raise ValueError("no input given")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    from .known import KNOWN_SOURCES, img2dataset_format
+
     columns = {"image": image_column, "caption": caption_column, "key": key_column}
+    known = KNOWN_SOURCES.get(source or "")
+    hints = {"image": known.image, "caption": known.caption, "key": known.key} if known else {}
     parts: list[Part] = []
     for item in inputs:
         text = os.fspath(item)
         path = Path(text)
-        if path.is_dir():
+        layout = img2dataset_format(path) if path.is_dir() else None
+        if layout == "webdataset":
+            for shard in sorted(path.glob("*.tar")):
+                parts.append(Part("shard", os.path.abspath(shard), shard.name))
+        elif layout == "files":
+            parts.extend(_folder_parts(path, chunk_size, layout="img2dataset"))
+        elif layout == "parquet":
+            tables = sorted(path.glob("*.parquet"))
+            prefixes = _key_prefixes(tables, path)
+            for table in tables:
+                parts.extend(_table_parts(table, chunk_size, columns, hints, path, prefixes[table]))
+        elif path.is_dir():
             tables = sorted(p for p in path.rglob("*") if p.suffix in _TABLE_SUFFIXES)
             if tables:
+                prefixes = _key_prefixes(tables, path)
                 for table in tables:
-                    parts.extend(_table_parts(table, chunk_size, columns, root=path))
+                    parts.extend(
+                        _table_parts(table, chunk_size, columns, hints, path, prefixes[table])
+                    )
             else:
                 parts.extend(_folder_parts(path, chunk_size))
         elif path.suffix in _TABLE_SUFFIXES and path.is_file():
-            parts.extend(_table_parts(path, chunk_size, columns, root=path.parent))
+            parts.extend(_table_parts(path, chunk_size, columns, hints, path.parent, path.stem))
         else:
             for shard in expand_shard_paths(text):
                 parts.append(Part("shard", os.path.abspath(shard), Path(shard).name))
@@ -161,7 +195,16 @@ def plan_parts(
 # ==== Image folders ====
 
 
-def _folder_parts(root: Path, chunk_size: int) -> list[Part]:
+def _key_prefixes(tables: list[Path], root: Path) -> dict[Path, str]:
+    """Positional keys start with the table's name (``data-00000-of-00001``), or with its
+    path under ``root`` where names repeat (a ``DatasetDict``: ``train/data-...``)."""
+    stems = [t.stem for t in tables]
+    if len(set(stems)) == len(stems):
+        return {t: t.stem for t in tables}
+    return {t: t.relative_to(root).with_suffix("").as_posix() for t in tables}
+
+
+def _folder_parts(root: Path, chunk_size: int, layout: str = "") -> list[Part]:
     files = sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
@@ -176,6 +219,7 @@ def _folder_parts(root: Path, chunk_size: int) -> list[Part]:
             root_text,
             f"{root.name}/{i // chunk_size:05d}",
             tuple(files[i : i + chunk_size]),
+            layout=layout,
         )
         for i in range(0, len(files), chunk_size)
     ]
@@ -196,10 +240,27 @@ def _file_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
                 caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
             except OSError:
                 caption = None
+            url = None
+            if part.layout == "img2dataset":  # key without folder and extension, as in its tars
+                url = _sidecar_url((root / rel).with_suffix(".json"))
             batch.images.append(data)
-            batch.keys.append(rel)
+            batch.keys.append(Path(rel).stem if part.layout == "img2dataset" else rel)
             batch.captions.append(caption)
+            batch.urls.append(url)
         yield batch
+
+
+def _sidecar_url(path: Path) -> str | None:
+    """The ``url`` of an img2dataset ``KEY.json`` sidecar (None if absent or unreadable)."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    url = meta.get("url") if isinstance(meta, dict) else None
+    return url if isinstance(url, str) else None
 
 
 # ==== Tables (parquet, Arrow / Hugging Face save_to_disk) ====
@@ -219,6 +280,45 @@ def _open_table(path: Path):
             pass
     with pa.memory_map(str(path)) as source:
         return pa.ipc.open_file(source).read_all()
+
+
+def _is_image_type(kind) -> bool:
+    """A Hugging Face ``Image`` struct ({bytes, path}) or a binary column."""
+    import pyarrow as pa
+
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True
+    if pa.types.is_struct(kind):
+        names = [kind.field(i).name for i in range(kind.num_fields)]
+        return "bytes" in names
+    return False
+
+
+def _resolve_columns(schema, columns: dict, hints: dict, path: Path) -> tuple[str | None, ...]:
+    """(image, caption, key, url, status) columns of a table (see :func:`plan_parts`)."""
+    import pyarrow as pa
+
+    names = list(schema.names)
+    typed = [n for n in names if _is_image_type(schema.field(n).type)]
+    image = columns["image"]
+    if image is None and hints.get("image") in names:
+        image = hints["image"]
+    if image is None and typed:
+        image = next((n for n in _IMAGE_COLUMNS if n in typed), typed[0])
+    image = _pick(names, image, _IMAGE_COLUMNS, "image", path, required=True)
+    caption, key = columns["caption"], columns["key"]
+    if caption is None and hints.get("caption") in names:
+        caption = hints["caption"]
+    if key is None and hints.get("key") in names:
+        key = hints["key"]
+    caption = _pick(names, caption, _CAPTION_COLUMNS, "caption", path, required=False)
+    key = _pick(names, key, _KEY_COLUMNS, "key", path, required=False)
+    url = next((n for n in _URL_COLUMNS if n in names and n != image), None)
+    if url is not None and not pa.types.is_string(schema.field(url).type):
+        url = None
+    # img2dataset's parquet output keeps the rows it could not download (status != success)
+    status = "status" if {"status", "error_message"} <= set(names) else None
+    return image, caption, key, url, status
 
 
 def _pick(
@@ -245,27 +345,33 @@ def _pick(
 
 
 def _table_parts(
-    path: Path, chunk_size: int, columns: dict[str, str | None], *, root: Path
+    path: Path,
+    chunk_size: int,
+    columns: dict[str, str | None],
+    hints: dict[str, str | None],
+    root: Path,
+    prefix: str,
 ) -> list[Part]:
     import pyarrow.parquet as pq
 
     if path.suffix == ".parquet":
         rows = pq.ParquetFile(path).metadata.num_rows
-        names = pq.ParquetFile(path).schema_arrow.names
+        schema = pq.ParquetFile(path).schema_arrow
     else:
         table = _open_table(path)
-        rows, names = table.num_rows, table.column_names
-    _pick(names, columns["image"], _IMAGE_COLUMNS, "image", path, required=True)
-    stem = path.stem
+        rows, schema = table.num_rows, table.schema
+    resolved = _resolve_columns(schema, columns, hints, path)
     return [
         Part(
             "table",
             f"{os.path.abspath(path)}#{columns['image'] or ''}#{columns['caption'] or ''}"
             f"#{columns['key'] or ''}",
-            f"{stem}/{i // chunk_size:05d}",
+            f"{prefix}/{i // chunk_size:05d}",
             start=i,
             stop=min(i + chunk_size, rows),
             root=os.path.abspath(root),
+            columns=resolved,
+            key_prefix=prefix,
         )
         for i in range(0, rows, chunk_size)
     ]
@@ -283,6 +389,8 @@ def _image_bytes(value, table_dir: str, root: str) -> bytes | str:
         path = value.get("path")
         if path:
             return _read_inside(path, table_dir, root)
+    if isinstance(value, str) and value:  # a column of image file paths
+        return _read_inside(value, table_dir, root)
     return "empty: no image bytes in the row"
 
 
@@ -316,21 +424,33 @@ def _table_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
     path = Path(file)
     table_dir, root = str(path.parent), part.root or str(path.parent)
     table = _open_table(path).slice(part.start, part.stop - part.start)
-    names = table.column_names
-    image_col = _pick(names, image_col or None, _IMAGE_COLUMNS, "image", path, required=True)
-    caption_col = _pick(names, caption_col or None, _CAPTION_COLUMNS, "caption", path, False)
-    key_col = _pick(names, key_col or None, _KEY_COLUMNS, "key", path, required=False)
+    if part.columns:
+        image_col, caption_col, key_col, url_col, status_col = part.columns
+    else:  # a Part made by hand
+        explicit = {"image": image_col or None, "caption": caption_col or None}
+        explicit["key"] = key_col or None
+        image_col, caption_col, key_col, url_col, status_col = _resolve_columns(
+            table.schema, explicit, {}, path
+        )
+    prefix = part.key_prefix or path.stem
     for start in range(0, table.num_rows, batch_size):
         chunk = table.slice(start, batch_size)
+        n = chunk.num_rows
         images = chunk.column(image_col).to_pylist()
-        captions = chunk.column(caption_col).to_pylist() if caption_col else [None] * len(images)
+        captions = chunk.column(caption_col).to_pylist() if caption_col else [None] * n
+        urls = chunk.column(url_col).to_pylist() if url_col else [None] * n
+        status = chunk.column(status_col).to_pylist() if status_col else ["success"] * n
         keys = (
             [str(k) for k in chunk.column(key_col).to_pylist()]
             if key_col
-            else [f"{path.stem}/{part.start + start + i}" for i in range(len(images))]
+            else [f"{prefix}/{part.start + start + i}" for i in range(n)]
         )
         batch = _RawBatch([], [], [], part.name, [])
-        for key, value, caption in zip(keys, images, captions, strict=True):
+        for key, value, caption, url, state in zip(
+            keys, images, captions, urls, status, strict=True
+        ):
+            if state != "success":  # never downloaded: not in the webdataset form either
+                continue
             data = _image_bytes(value, table_dir, root)
             if isinstance(data, str):
                 batch.failures.append((part.name, key, data))
@@ -338,6 +458,7 @@ def _table_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
             batch.images.append(data)
             batch.keys.append(key)
             batch.captions.append(None if caption is None else str(caption))
+            batch.urls.append(url)
         yield batch
 
 
@@ -364,7 +485,7 @@ def _prefetched(
             keys=[batch.keys[i] for i in idx],
             shards=[batch.shard] * len(idx),
             captions=[batch.captions[i] for i in idx],
-            urls=[None] * len(idx),
+            urls=[batch.urls[i] for i in idx] if batch.urls else [None] * len(idx),
             jsons=[None] * len(idx),
             widths=[w for w, _ in sizes],
             heights=[h for _, h in sizes],

@@ -6,13 +6,14 @@ like real photographs (a flat or pure-noise image would not exercise the decoder
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zlib
 
 import numpy as np
 
-__all__ = ["encode", "raw_png", "synthetic_photo"]
+__all__ = ["encode", "raw_png", "run_img2dataset", "serve_directory", "synthetic_photo"]
 
 
 def synthetic_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -103,7 +104,7 @@ def write_source(
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     for part, start in enumerate(range(0, max(n, 1), part_size)):
         stop = min(start + part_size, n)
-        np.save(folder / "img_emb" / f"img_emb_{part}.npy", unit[start:stop].astype(np.float16))
+        np.save(folder / "img_emb" / f"img_emb_{part:05d}.npy", unit[start:stop].astype(np.float16))
         rows = range(start, stop)
         pq.write_table(
             pa.table(
@@ -119,7 +120,7 @@ def write_source(
                     "id": [(part << 32) | (i - start) for i in rows],
                 }
             ),
-            folder / "metadata" / f"metadata_{part}.parquet",
+            folder / "metadata" / f"metadata_{part:05d}.parquet",
         )
     manifest = {
         "model": model,
@@ -176,3 +177,57 @@ def reference_select(moments, *, reuse: str, threshold: float, min_score: float,
             outcome = "ok"
         out.append((picked, outcome))
     return out
+
+
+@contextlib.contextmanager
+def serve_directory(folder):
+    """Serve ``folder`` over HTTP on 127.0.0.1 (a free port) for the block; yields the base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_img2dataset(url_list, output_folder, *extra: str, timeout: float = 240, wait: bool = True):
+    """Run the real ``img2dataset`` CLI beside this interpreter on one process, quietly,
+    with no reencoding; returns the CompletedProcess (None if img2dataset is not installed).
+    ``wait=False``: return the running Popen (stdout/stderr to pipes) instead."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "img2dataset"
+    if not exe.exists():
+        return None
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    command = [
+        str(exe),
+        f"--url_list={url_list}",
+        f"--output_folder={output_folder}",
+        "--processes_count=1",
+        "--thread_count=4",
+        "--timeout=5",
+        "--retries=0",
+        "--disable_all_reencoding=True",
+        "--enable_wandb=False",
+        *extra,
+    ]
+    if not wait:
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

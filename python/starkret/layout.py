@@ -1,0 +1,77 @@
+"""Names of an embedded source's part files, as clip-retrieval and autofaiss read them.
+
+Part ``i`` is written as ``img_emb/img_emb_{i:05d}.npy``, ``metadata/metadata_{i:05d}.parquet``
+and ``failures/failures_{i:05d}.parquet``. autofaiss (through embedding-reader) and
+clip-retrieval's ``clip back`` take the files in *name* order, so the numbers are
+zero-padded like clip-retrieval's own writer pads them: name order is part order for
+the first 100,000 parts (beyond that the numbers simply grow a digit; starkret itself
+always orders by number).
+
+Folders written before the padding (``img_emb_7.npy``) are still read (every reader
+orders by number). :func:`pad_part_names` renames such a folder's files in place;
+``embed`` does it when it resumes into an old folder, and ``build-index`` before it
+hands the folder to autofaiss, so the two layouts never mix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+__all__ = ["PART_DIGITS", "SUBFOLDERS", "pad_part_names", "part_file", "part_number"]
+
+#: Digits of a part number in file names (clip-retrieval pads, img2dataset uses 5 too).
+PART_DIGITS = 5
+#: The per-part sub-folders of an embedded source, and the file suffix in each.
+SUBFOLDERS = {"img_emb": ".npy", "metadata": ".parquet", "failures": ".parquet"}
+_NAME = re.compile(r"^(img_emb|metadata|failures)_(\d+)\.(npy|parquet)$")
+
+_logger = logging.getLogger("starkret")
+
+
+def part_file(out: str | os.PathLike, sub: str, index: int) -> Path:
+    """Part ``index``'s file in sub-folder ``sub`` (``img_emb``, ``metadata``, ``failures``)."""
+    return Path(out) / sub / f"{sub}_{index:0{PART_DIGITS}d}{SUBFOLDERS[sub]}"
+
+
+def part_number(path: str | os.PathLike) -> int:
+    """The part number in a part file's name (padded or not)."""
+    return int(Path(path).stem.rsplit("_", 1)[1])
+
+
+def pad_part_names(out: str | os.PathLike) -> int:
+    """Rename unpadded part files (``img_emb_7.npy``) of ``out`` to padded names; returns
+    how many were renamed.
+
+    Call it only while no other process writes the folder. The metadata file marks a
+    part as done, so it is renamed last: an interrupted rename leaves each part either
+    done under one name or redone on resume, never half of each. A part whose padded
+    file already exists keeps it and the unpadded one is left alone (and reported):
+    nothing is overwritten.
+    """
+    out = Path(out)
+    renamed = 0
+    for sub in ("img_emb", "failures", "metadata"):
+        folder = out / sub
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            match = _NAME.match(path.name)
+            if match is None or match.group(1) != sub:
+                continue
+            number = match.group(2)
+            if len(number) >= PART_DIGITS:
+                continue
+            target = part_file(out, sub, int(number))
+            if target.exists():
+                _logger.warning(
+                    "%s: both %s and %s exist; kept both", folder, path.name, target.name
+                )
+                continue
+            os.replace(path, target)
+            renamed += 1
+    if renamed:
+        _logger.info("%s: renamed %d part files to zero-padded names", out, renamed)
+    return renamed
