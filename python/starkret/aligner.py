@@ -28,6 +28,8 @@ __all__ = ["MAX_IMAGES_PER_MOMENT", "Aligner", "Alignment", "Candidate", "Moment
 MAX_IMAGES_PER_MOMENT = 32
 
 _OUTCOMES = ("ok", "below_threshold", "exhausted")
+#: Candidates per moment whose vectors the choice reads first (more only if it needs them).
+SELECT_PREFIX = 8
 #: An image's id in the choice: its source's number shifted by this, or'd with its row.
 IMAGE_ID_SOURCE_SHIFT = 40
 #: Sources whose images Stark refers to by URL (`url:` keys).
@@ -266,27 +268,54 @@ class Aligner:
                 )
 
     def _select(self, moments: list[Moment], cands: _Candidates):
+        """The Rust choice over the chunk, reading candidate vectors only as needed.
+
+        The greedy choice of a moment looks at its candidates in order and stops once
+        it has its images or meets a score under ``min_score``; it never looks further.
+        So it first runs on a short prefix of every list (vectors read for those rows
+        only), and again with longer prefixes only for the moments whose prefix ran
+        out: the result is the one over the full lists.
+        """
         episodes: dict[str, int] = {}
         episode_ids = np.array(
             [episodes.setdefault(m.episode_id, len(episodes)) for m in moments], np.uint64
         )
-        vectors = np.zeros((len(cands.rows), self.db.dim), np.float32)
+        ks = np.array([m.k for m in moments], np.int64)
+        sizes = np.diff(cands.offsets)
+        limit = np.minimum(sizes, np.maximum(SELECT_PREFIX, 2 * ks))
+        vectors = np.empty((len(cands.rows), self.db.dim), np.float32)
+        have = np.zeros(len(cands.rows), bool)
+        while True:
+            # flat indices of every moment's prefix, in moment order
+            starts = np.repeat(cands.offsets[:-1], limit)
+            within = np.arange(int(limit.sum())) - np.repeat(np.cumsum(limit) - limit, limit)
+            idx = starts + within
+            self._read_vectors(cands, idx[~have[idx]], vectors)
+            have[idx] = True
+            offsets = np.zeros(len(moments) + 1, np.int64)
+            offsets[1:] = np.cumsum(limit)
+            picked, counts, outcomes = _core.select_images(
+                episode_ids,
+                ks,
+                offsets,
+                cands.ids[idx],
+                cands.scores[idx],
+                vectors[idx],
+                reuse=self.reuse,
+                threshold=self.threshold,
+                min_score=self.min_score,
+                used=self._used_globally,
+            )
+            cut = [j for j, o in enumerate(outcomes) if o == 2 and limit[j] < sizes[j]]
+            if not cut:
+                return idx[np.asarray(picked, np.int64)], counts, outcomes
+            limit[cut] = np.minimum(limit[cut] * 4, sizes[cut])
+
+    def _read_vectors(self, cands: _Candidates, idx: np.ndarray, out: np.ndarray) -> None:
         for s, name in enumerate(self.db.sources):
-            mask = cands.sources == s
-            if mask.any():
-                vectors[mask] = self.db.vectors(name, cands.rows[mask])
-        return _core.select_images(
-            episode_ids,
-            np.array([m.k for m in moments], np.int64),
-            cands.offsets,
-            cands.ids,
-            cands.scores,
-            vectors,
-            reuse=self.reuse,
-            threshold=self.threshold,
-            min_score=self.min_score,
-            used=self._used_globally,
-        )
+            mine = idx[cands.sources[idx] == s]
+            if len(mine):
+                out[mine] = self.db.vectors(name, cands.rows[mine])
 
     def _alignments(self, moments, cands: _Candidates, picked, counts, outcomes):
         """Alignment objects; metadata is read only for the candidates they hold."""
