@@ -283,15 +283,17 @@ class Aligner:
         ks = np.array([m.k for m in moments], np.int64)
         sizes = np.diff(cands.offsets)
         limit = np.minimum(sizes, np.maximum(SELECT_PREFIX, 2 * ks))
-        vectors = np.empty((len(cands.rows), self.db.dim), np.float32)
-        have = np.zeros(len(cands.rows), bool)
+        # vectors read so far, compact: slot[i] is candidate i's row in `store` (-1: unread)
+        store = np.zeros((0, self.db.dim), np.float32)
+        slot = np.full(len(cands.rows), -1, np.int64)
         while True:
             # flat indices of every moment's prefix, in moment order
             starts = np.repeat(cands.offsets[:-1], limit)
             within = np.arange(int(limit.sum())) - np.repeat(np.cumsum(limit) - limit, limit)
             idx = starts + within
-            self._read_vectors(cands, idx[~have[idx]], vectors)
-            have[idx] = True
+            new = idx[slot[idx] < 0]
+            slot[new] = len(store) + np.arange(len(new))
+            store = np.concatenate([store, self._read_vectors(cands, new)])
             offsets = np.zeros(len(moments) + 1, np.int64)
             offsets[1:] = np.cumsum(limit)
             picked, counts, outcomes = _core.select_images(
@@ -300,7 +302,7 @@ class Aligner:
                 offsets,
                 cands.ids[idx],
                 cands.scores[idx],
-                vectors[idx],
+                store[slot[idx]],
                 reuse=self.reuse,
                 threshold=self.threshold,
                 min_score=self.min_score,
@@ -311,11 +313,14 @@ class Aligner:
                 return idx[np.asarray(picked, np.int64)], counts, outcomes
             limit[cut] = np.minimum(limit[cut] * 4, sizes[cut])
 
-    def _read_vectors(self, cands: _Candidates, idx: np.ndarray, out: np.ndarray) -> None:
+    def _read_vectors(self, cands: _Candidates, idx: np.ndarray) -> np.ndarray:
+        """Vectors (float32) of candidates ``idx``, in that order."""
+        out = np.empty((len(idx), self.db.dim), np.float32)
         for s, name in enumerate(self.db.sources):
-            mine = idx[cands.sources[idx] == s]
+            mine = np.flatnonzero(cands.sources[idx] == s)
             if len(mine):
-                out[mine] = self.db.vectors(name, cands.rows[mine])
+                out[mine] = self.db.vectors(name, cands.rows[idx[mine]])
+        return out
 
     def _alignments(self, moments, cands: _Candidates, picked, counts, outcomes):
         """Alignment objects; metadata is read only for the candidates they hold."""
