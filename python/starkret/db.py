@@ -173,6 +173,7 @@ class ImageDB:
         topk over float16 tiles) instead of the CPU scan or the AutoFaiss index.
         Metadata is read only for the rows returned.
         """
+        _check_k(k)
         results = self.search_arrays(
             self.encode(queries),
             k,
@@ -199,8 +200,7 @@ class ImageDB:
         ``exclude``: keys, as in :meth:`search`; ``exclude_rows``: per source name, rows
         never to return (:class:`~starkret.topk.Exclusions`).
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        _check_k(k)
         names = list(self._sources) if sources is None else list(sources)
         for name in names:
             if name not in self._sources:
@@ -293,6 +293,11 @@ class ImageDB:
     def vectors(self, source: str, rows: Sequence[int]) -> np.ndarray:
         """Image embeddings (float32) of ``rows`` of ``source``."""
         return self._sources[source].index.parts.rows(np.asarray(rows, dtype=np.int64))
+
+
+def _check_k(k: object) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
 
 
 def _key_exclusions(source: _Source, banned) -> Exclusions | None:
