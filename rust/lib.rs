@@ -21,6 +21,7 @@ mod dedup;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod keyindex;
 mod preprocess;
 mod resample;
 pub mod shards;
@@ -569,6 +570,92 @@ fn topk_search<'py>(
     ))
 }
 
+/// A part's rows as the search reads them: float32, or float16 bits.
+enum PartRows<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F16(PyReadonlyArray2<'py, u16>),
+}
+
+fn part_arrays<'py>(parts: &[Bound<'py, PyAny>]) -> PyResult<Vec<PartRows<'py>>> {
+    let mut arrays = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        if let Ok(a) = part.cast::<PyArray2<f32>>() {
+            arrays.push(PartRows::F32(a.readonly()));
+        } else if let Ok(a) = part.cast::<PyArray2<u16>>() {
+            arrays.push(PartRows::F16(a.readonly()));
+        } else {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "part {i} must be a 2-D float32 array or float16 bits (uint16)"
+            )));
+        }
+    }
+    Ok(arrays)
+}
+
+/// The parts as databases, checked against the queries' dimension `d`.
+fn part_databases<'a>(arrays: &'a [PartRows<'_>], d: usize) -> PyResult<Vec<topk::Database<'a>>> {
+    let mut dbs = Vec::with_capacity(arrays.len());
+    for array in arrays {
+        let (rows, part_d) = match array {
+            PartRows::F32(a) => (topk::Rows::F32(a.as_slice()?), a.shape()[1]),
+            PartRows::F16(a) => (topk::Rows::F16Bits(a.as_slice()?), a.shape()[1]),
+        };
+        if part_d != d {
+            return Err(PyValueError::new_err(format!(
+                "queries have dimension {d}, the database {part_d}"
+            )));
+        }
+        dbs.push(topk::Database::new(rows, d).map_err(PyValueError::new_err)?);
+    }
+    Ok(dbs)
+}
+
+/// Exact inner-product top-k over several parts searched as one database (ids run on
+/// across the parts in order), in one pass on all cores with the GIL released.
+#[pyfunction]
+#[pyo3(signature = (queries, parts, k, *, exclude=None, exclude_per_query=None, threads=None))]
+fn topk_search_parts<'py>(
+    py: Python<'py>,
+    queries: PyReadonlyArray2<'py, f32>,
+    parts: Vec<Bound<'py, PyAny>>,
+    k: usize,
+    exclude: Option<PyReadonlyArray1<'py, i64>>,
+    exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
+    threads: Option<usize>,
+) -> PyResult<TopKArrays<'py>> {
+    let exclude = exclusion(exclude, exclude_per_query)?;
+    let arrays = part_arrays(&parts)?;
+    let dbs = part_databases(&arrays, queries.shape()[1])?;
+    let q = queries.as_slice()?;
+    let result = py
+        .detach(|| topk::search_parts(q, &dbs, k, &exclude, threads.unwrap_or(0)))
+        .map_err(PyValueError::new_err)?;
+    topk_arrays(py, result)
+}
+
+/// Per query, the number of rows of the parts scoring strictly above its threshold
+/// (same kernel as the search).
+#[pyfunction]
+#[pyo3(signature = (queries, parts, thresholds, *, exclude=None, exclude_per_query=None, threads=None))]
+fn count_above_parts<'py>(
+    py: Python<'py>,
+    queries: PyReadonlyArray2<'py, f32>,
+    parts: Vec<Bound<'py, PyAny>>,
+    thresholds: PyReadonlyArray1<'py, f32>,
+    exclude: Option<PyReadonlyArray1<'py, i64>>,
+    exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray1<u64>>> {
+    let exclude = exclusion(exclude, exclude_per_query)?;
+    let arrays = part_arrays(&parts)?;
+    let dbs = part_databases(&arrays, queries.shape()[1])?;
+    let (q, t) = (queries.as_slice()?, thresholds.as_slice()?);
+    let counts = py
+        .detach(|| topk::count_above(q, &dbs, t, &exclude, threads.unwrap_or(0)))
+        .map_err(PyValueError::new_err)?;
+    Ok(PyArray1::from_vec(py, counts))
+}
+
 /// Exact merge of top lists laid side by side: (q, m) scores and global ids (-1 = none).
 #[pyfunction]
 fn merge_topk<'py>(
@@ -592,6 +679,48 @@ fn merge_topk<'py>(
     topk_arrays(py, result)
 }
 
+// ==== Key index ====
+
+/// Stable 64-bit hashes of `prefix + key` for each key (see `rust/keyindex.rs`).
+#[pyfunction]
+#[pyo3(signature = (keys, *, prefix=""))]
+fn key_hashes<'py>(py: Python<'py>, keys: Vec<String>, prefix: &str) -> Bound<'py, PyArray1<u64>> {
+    let p = prefix.as_bytes();
+    let hashes: Vec<u64> = keys
+        .iter()
+        .map(|k| keyindex::key_hash(p, k.as_bytes()))
+        .collect();
+    PyArray1::from_vec(py, hashes)
+}
+
+/// The same hashes for an Arrow string array given as its offsets and data buffers.
+#[pyfunction]
+#[pyo3(signature = (offsets, data, *, prefix=""))]
+fn string_hashes<'py>(
+    py: Python<'py>,
+    offsets: &Bound<'py, PyAny>,
+    data: PyReadonlyArray1<'py, u8>,
+    prefix: &str,
+) -> PyResult<Bound<'py, PyArray1<u64>>> {
+    let bytes = data.as_slice()?;
+    let p = prefix.as_bytes();
+    let hashes = if let Ok(o) = offsets.cast::<PyArray1<i32>>() {
+        let o = o.readonly();
+        let o = o.as_slice()?;
+        py.detach(|| keyindex::hash_strings(p, o, bytes))
+    } else if let Ok(o) = offsets.cast::<PyArray1<i64>>() {
+        let o = o.readonly();
+        let o = o.as_slice()?;
+        py.detach(|| keyindex::hash_strings(p, o, bytes))
+    } else {
+        return Err(pyo3::exceptions::PyTypeError::new_err(
+            "offsets must be a 1-D int32 or int64 array",
+        ));
+    }
+    .map_err(PyValueError::new_err)?;
+    Ok(PyArray1::from_vec(py, hashes))
+}
+
 // ==== Module ====
 
 #[pymodule]
@@ -604,6 +733,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(expand_shard_paths, m)?)?;
     m.add_function(wrap_pyfunction!(topk_search, m)?)?;
     m.add_function(wrap_pyfunction!(merge_topk, m)?)?;
+    m.add_function(wrap_pyfunction!(topk_search_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(count_above_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(key_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(string_hashes, m)?)?;
     m.add_class::<PySample>()?;
     m.add_class::<PyShardReader>()?;
     m.add_class::<PyShardBatches>()?;

@@ -154,6 +154,9 @@ struct Best {
     heap: Vec<Hit>,
     /// A hit whose rank key is below this cannot enter; -inf until the heap is full.
     floor: f32,
+    /// Counting instead of ranking: hits admitted (scores above a fixed floor).
+    counting: bool,
+    count: u64,
 }
 
 impl Best {
@@ -162,6 +165,19 @@ impl Best {
             k,
             heap: Vec::with_capacity(k.min(capacity)),
             floor: f32::NEG_INFINITY,
+            counting: false,
+            count: 0,
+        }
+    }
+
+    /// Counts the rows scoring strictly above `threshold` (NaN scores never count).
+    fn counter(threshold: f32) -> Self {
+        Self {
+            k: 0,
+            heap: Vec::new(),
+            floor: next_up(threshold),
+            counting: true,
+            count: 0,
         }
     }
 
@@ -171,6 +187,10 @@ impl Best {
     }
 
     fn push(&mut self, hit: Hit) {
+        if self.counting {
+            self.count += 1;
+            return;
+        }
         if self.heap.len() < self.k {
             self.heap.push(hit);
             let mut i = self.heap.len() - 1;
@@ -210,6 +230,19 @@ impl Best {
     }
 }
 
+/// The smallest f32 above `x` (`x` itself for NaN and +inf), so that `>= next_up(x)`
+/// means `> x`.
+fn next_up(x: f32) -> f32 {
+    if x.is_nan() || x == f32::INFINITY {
+        return x;
+    }
+    if x == 0.0 {
+        return f32::from_bits(1);
+    }
+    let bits = x.to_bits();
+    f32::from_bits(if x > 0.0 { bits + 1 } else { bits - 1 })
+}
+
 /// The best `k` of `hits` in rank order, padded with (-inf, -1) to exactly `k`.
 fn write_row(mut hits: Vec<Hit>, k: usize, scores: &mut [f32], ids: &mut [i64]) {
     hits.sort_unstable_by(order);
@@ -237,13 +270,16 @@ const BLOCK_BYTES: usize = 256 * 1024;
 /// Smallest share of rows given to one task, so small searches are not split to dust.
 const MIN_CHUNK_ROWS: usize = 256;
 
+/// One part of the database scanned for the whole batch.
+#[derive(Clone, Copy)]
 struct Job<'a> {
     /// q rows of `dp` values, zero-padded.
-    queries: Vec<f32>,
+    queries: &'a [f32],
     q: usize,
     dp: usize,
     db: Database<'a>,
-    k: usize,
+    /// Global id of the part's first row (ids run on across the parts, in order).
+    base: usize,
     exclude: &'a Exclude,
 }
 
@@ -256,9 +292,74 @@ pub fn search(
     exclude: &Exclude,
     threads: usize,
 ) -> Result<TopK, String> {
-    let d = db.d;
+    search_parts(queries, std::slice::from_ref(db), k, exclude, threads)
+}
+
+/// The exact top-`k` rows of several parts searched as one database: the rows of
+/// `parts[0]` get ids `0..n0`, those of `parts[1]` the next ids, and so on.
+///
+/// The parts are cut into shares of rows that workers take in turn; each worker
+/// keeps one running top-`k` per query and the workers' lists are merged pairwise at
+/// the end, so memory is O(threads x q x k) whatever the number of parts.
+pub fn search_parts(
+    queries: &[f32],
+    parts: &[Database<'_>],
+    k: usize,
+    exclude: &Exclude,
+    threads: usize,
+) -> Result<TopK, String> {
     if k == 0 {
         return Err("k must be at least 1".into());
+    }
+    let q = query_count(queries, parts)?;
+    if q.checked_mul(k)
+        .is_none_or(|len| len > isize::MAX as usize / 8)
+    {
+        return Err(format!("{q} queries x k={k} results do not fit in memory"));
+    }
+    let total: usize = parts.iter().map(|p| p.n).sum();
+    let fresh = || -> Vec<Best> { (0..q).map(|_| Best::new(k, total)).collect() };
+    let best = scan_parts(queries, parts, exclude, threads, fresh)?;
+    let mut scores = vec![0f32; q * k];
+    let mut ids = vec![0i64; q * k];
+    let rows = scores.chunks_exact_mut(k).zip(ids.chunks_exact_mut(k));
+    for (qi, (s, i)) in rows.enumerate() {
+        let hits = best.get(qi).map(|b| b.heap.clone()).unwrap_or_default();
+        write_row(hits, k, s, i);
+    }
+    Ok(TopK { scores, ids, q, k })
+}
+
+/// For each query, how many rows of the parts score strictly above its threshold (the
+/// rank of an image among all others, as retrieval metrics need), with the same
+/// kernel and the same arithmetic as [`search_parts`].
+pub fn count_above(
+    queries: &[f32],
+    parts: &[Database<'_>],
+    thresholds: &[f32],
+    exclude: &Exclude,
+    threads: usize,
+) -> Result<Vec<u64>, String> {
+    let q = query_count(queries, parts)?;
+    if thresholds.len() != q {
+        return Err(format!("{} thresholds for {q} queries", thresholds.len()));
+    }
+    let fresh = || -> Vec<Best> { thresholds.iter().map(|&t| Best::counter(t)).collect() };
+    let best = scan_parts(queries, parts, exclude, threads, fresh)?;
+    Ok((0..q).map(|i| best.get(i).map_or(0, |b| b.count)).collect())
+}
+
+/// The number of queries, once the parts and the queries are checked to agree.
+fn query_count(queries: &[f32], parts: &[Database<'_>]) -> Result<usize, String> {
+    let Some(first) = parts.first() else {
+        return Err("the database has no parts".into());
+    };
+    let d = first.d;
+    if let Some((i, p)) = parts.iter().enumerate().find(|(_, p)| p.d != d) {
+        return Err(format!(
+            "part {i} has rows of dimension {}, part 0 of {d}",
+            p.d
+        ));
     }
     if !queries.len().is_multiple_of(d) {
         return Err(format!(
@@ -266,7 +367,25 @@ pub fn search(
             queries.len()
         ));
     }
-    let q = queries.len() / d;
+    Ok(queries.len() / d)
+}
+
+/// Scans every part for the whole batch. The parts are cut into shares of rows that
+/// workers take in turn; each worker keeps one running list per query (from `fresh`)
+/// and the workers' lists are merged pairwise at the end, so memory is
+/// O(threads x q x k) whatever the number of parts.
+fn scan_parts<F>(
+    queries: &[f32],
+    parts: &[Database<'_>],
+    exclude: &Exclude,
+    threads: usize,
+    fresh: F,
+) -> Result<Vec<Best>, String>
+where
+    F: Fn() -> Vec<Best> + Sync + Send,
+{
+    let q = query_count(queries, parts)?;
+    let d = parts[0].d;
     if let Exclude::PerQuery(lists) = exclude {
         if lists.len() != q {
             return Err(format!(
@@ -275,46 +394,56 @@ pub fn search(
             ));
         }
     }
-    if q.checked_mul(k)
-        .is_none_or(|len| len > isize::MAX as usize / 8)
-    {
-        return Err(format!("{q} queries x k={k} results do not fit in memory"));
-    }
     let dp = d.div_ceil(PAD) * PAD;
     let mut padded = vec![0f32; q * dp];
     for (dst, src) in padded.chunks_exact_mut(dp).zip(queries.chunks_exact(d)) {
         dst[..d].copy_from_slice(src);
     }
-    let job = Job {
-        queries: padded,
-        q,
-        dp,
-        db: *db,
-        k,
-        exclude,
-    };
     let pool = cpu::pool(threads)?;
     let workers = pool.current_num_threads();
-    let n = db.n;
-    let chunk = n.div_ceil(workers * 4).max(MIN_CHUNK_ROWS);
-    let ranges: Vec<Range<usize>> = (0..n)
-        .step_by(chunk)
-        .map(|s| s..(s + chunk).min(n))
-        .collect();
-    let parts: Vec<Vec<Best>> =
-        pool.install(|| ranges.into_par_iter().map(|r| scan(&job, r)).collect());
-
-    let mut scores = vec![0f32; q * k];
-    let mut ids = vec![0i64; q * k];
-    let rows = scores.chunks_exact_mut(k).zip(ids.chunks_exact_mut(k));
-    for (qi, (s, i)) in rows.enumerate() {
-        let hits: Vec<Hit> = parts
-            .iter()
-            .flat_map(|part| part[qi].heap.iter().copied())
-            .collect();
-        write_row(hits, k, s, i);
+    let total: usize = parts.iter().map(|p| p.n).sum();
+    let chunk = total.div_ceil(workers * 4).max(MIN_CHUNK_ROWS);
+    let mut shares: Vec<(Job<'_>, Range<usize>)> = Vec::new();
+    let mut base = 0;
+    for part in parts {
+        let job = Job {
+            queries: &padded,
+            q,
+            dp,
+            db: *part,
+            base,
+            exclude,
+        };
+        shares.extend(
+            (0..part.n)
+                .step_by(chunk)
+                .map(|s| (job, s..(s + chunk).min(part.n))),
+        );
+        base += part.n;
     }
-    Ok(TopK { scores, ids, q, k })
+    Ok(pool.install(|| {
+        shares
+            .into_par_iter()
+            .fold(&fresh, |mut best, (job, rows)| {
+                scan(&job, rows, &mut best);
+                best
+            })
+            .reduce(Vec::new, merge_best)
+    }))
+}
+
+/// Two workers' running top lists as one (either may be empty: no share scanned).
+fn merge_best(mut a: Vec<Best>, b: Vec<Best>) -> Vec<Best> {
+    if a.is_empty() {
+        return b;
+    }
+    for (into, from) in a.iter_mut().zip(b) {
+        into.count += from.count;
+        for hit in from.heap {
+            into.push(hit);
+        }
+    }
+    a
 }
 
 /// Exact merge of per-part results: `scores` and `ids` are q x m (several parts' top
@@ -359,34 +488,34 @@ pub fn merge(scores: &[f32], ids: &[i64], q: usize, m: usize, k: usize) -> Resul
 
 /// One share of the rows with the widest SIMD path this CPU has. The choice depends
 /// only on the CPU, so every share of one search computes scores the same way.
-fn scan(job: &Job<'_>, rows: Range<usize>) -> Vec<Best> {
+fn scan(job: &Job<'_>, rows: Range<usize>, best: &mut [Best]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c") {
             // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { scan_avx512(job, rows) };
+            return unsafe { scan_avx512(job, rows, best) };
         }
         if has!("avx2") && has!("fma") && has!("f16c") {
             // SAFETY: as above.
-            return unsafe { scan_avx2(job, rows) };
+            return unsafe { scan_avx2(job, rows, best) };
         }
     }
-    scan_rows::<Portable, 4, 4>(job, rows)
+    scan_rows::<Portable, 4, 4>(job, rows, best)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn scan_avx512(job: &Job<'_>, rows: Range<usize>) -> Vec<Best> {
+unsafe fn scan_avx512(job: &Job<'_>, rows: Range<usize>, best: &mut [Best]) {
     // 4 x 6 accumulators + 6 rows + 1 query = 31 of the 32 zmm registers.
-    scan_rows::<x86::Avx512, 4, 6>(job, rows)
+    scan_rows::<x86::Avx512, 4, 6>(job, rows, best)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scan_avx2(job: &Job<'_>, rows: Range<usize>) -> Vec<Best> {
+unsafe fn scan_avx2(job: &Job<'_>, rows: Range<usize>, best: &mut [Best]) {
     // 2 x 4 accumulators + 4 rows + 1 query fit the 16 ymm registers.
-    scan_rows::<x86::Avx2, 2, 4>(job, rows)
+    scan_rows::<x86::Avx2, 2, 4>(job, rows, best)
 }
 
 /// Batches up to this size stream rows straight from the database into the kernel
@@ -398,18 +527,16 @@ const STREAM_MAX_QUERIES: usize = 48;
 fn scan_rows<I: Isa, const MR: usize, const NR: usize>(
     job: &Job<'_>,
     rows: Range<usize>,
-) -> Vec<Best> {
-    let capacity = rows.len();
-    let mut best: Vec<Best> = (0..job.q).map(|_| Best::new(job.k, capacity)).collect();
+    best: &mut [Best],
+) {
     if job.q <= STREAM_MAX_QUERIES {
         match job.db.rows {
-            Rows::F32(v) => stream::<I, f32, MR, NR>(job, v, rows, &mut best),
-            Rows::F16Bits(v) => stream::<I, u16, MR, NR>(job, v, rows, &mut best),
+            Rows::F32(v) => stream::<I, f32, MR, NR>(job, v, rows, best),
+            Rows::F16Bits(v) => stream::<I, u16, MR, NR>(job, v, rows, best),
         }
     } else {
-        blocked::<I, MR, NR>(job, rows, &mut best);
+        blocked::<I, MR, NR>(job, rows, best);
     }
-    best
 }
 
 /// Rows-outer order: each tile of NR database rows is read once, from memory, and
@@ -432,7 +559,7 @@ fn stream<I: Isa, E: Elem, const MR: usize, const NR: usize>(
             // Streaming rows in lockstep defeats the hardware prefetcher; fetch the
             // tile after next while this one is scored.
             ahead: 2 * NR * d,
-            first_id: start,
+            first_id: job.base + start,
             count,
         };
         for_query_tiles::<I, E, MR, NR>(job, &tile_rows, best);
@@ -466,7 +593,7 @@ fn blocked<I: Isa, const MR: usize, const NR: usize>(
                     stride: dp,
                     len: dp,
                     ahead: 0,
-                    first_id: start + r0,
+                    first_id: job.base + start + r0,
                     count: n_rows,
                 };
                 one_query_tile::<I, f32, MR, NR>(job, &tile_rows, qi, mr, &mut best[qi..qi + mr]);
@@ -1050,6 +1177,81 @@ mod tests {
             ids.extend(pb.ids[qi * 6..qi * 6 + 6].iter().map(|i| i + 400));
         }
         assert_eq!(merge(&scores, &ids, 3, 12, 6).unwrap(), whole);
+    }
+
+    #[test]
+    fn parts_searched_together_equal_the_concatenation() {
+        let d = 9;
+        let rows = data(1500, d, 21);
+        let bits = to_f16(&rows);
+        let queries = data(STREAM_MAX_QUERIES + 5, d, 22);
+        let whole = Database::new(Rows::F32(&rows), d).unwrap();
+        // uneven parts, an empty one, float16 and float32 mixed
+        let cuts = [0, 300, 300, 301, 1100, 1500];
+        let parts: Vec<Database<'_>> = cuts
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| {
+                let r = if i % 2 == 0 {
+                    Rows::F32(&rows[w[0] * d..w[1] * d])
+                } else {
+                    Rows::F16Bits(&bits[w[0] * d..w[1] * d])
+                };
+                Database::new(r, d).unwrap()
+            })
+            .collect();
+        let skip: Vec<i64> = vec![0, 299, 300, 301, 1099, 1100, 1499];
+        for exclude in [Exclude::Nothing, Exclude::global(skip.clone())] {
+            for threads in [1, 2, 3] {
+                for q in [3, queries.len() / d] {
+                    let qs = &queries[..q * d];
+                    let want = search(qs, &whole, 8, &exclude, 1).unwrap();
+                    let got = search_parts(qs, &parts, 8, &exclude, threads).unwrap();
+                    assert_eq!(got, want, "threads={threads} q={q}");
+                }
+            }
+        }
+        assert!(search_parts(&queries, &[], 3, &Exclude::Nothing, 1).is_err());
+        let other = Database::new(Rows::F32(&rows[..8 * 10]), 8).unwrap();
+        assert!(search_parts(&queries[..d], &[whole, other], 3, &Exclude::Nothing, 1).is_err());
+    }
+
+    #[test]
+    fn counts_above_thresholds_equal_brute_force_counts() {
+        let d = 11;
+        let rows = data(900, d, 31);
+        let queries = data(5, d, 32);
+        let (a, b) = rows.split_at(350 * d);
+        let parts = [
+            Database::new(Rows::F32(a), d).unwrap(),
+            Database::new(Rows::F32(b), d).unwrap(),
+        ];
+        // integer data: scores are exact, and thresholds equal to scores test ">"
+        let thresholds: Vec<f32> = (0..5).map(|i| (i as f32 - 2.0) * 7.0).collect();
+        let skip = vec![3i64, 400, 899];
+        let got = count_above(
+            &queries,
+            &parts,
+            &thresholds,
+            &Exclude::global(skip.clone()),
+            2,
+        );
+        let want: Vec<u64> = queries
+            .chunks_exact(d)
+            .zip(&thresholds)
+            .map(|(q, &t)| {
+                (0..900)
+                    .filter(|i| !skip.contains(&(*i as i64)))
+                    .filter(|&i| {
+                        let r = &rows[i * d..(i + 1) * d];
+                        q.iter().zip(r).map(|(x, y)| x * y).sum::<f32>() > t
+                    })
+                    .count() as u64
+            })
+            .collect();
+        assert_eq!(got.unwrap(), want);
+        assert_eq!(next_up(-0.0), f32::from_bits(1));
+        assert!(next_up(1.0) > 1.0 && next_up(-1.0) > -1.0);
     }
 
     #[test]

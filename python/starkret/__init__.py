@@ -33,7 +33,7 @@ from .preprocess import (
     preprocess_shards,
 )
 from .shards import Sample, read_shards
-from .topk import merge_topk, topk
+from .topk import merge_topk, topk, topk_parts
 
 try:
     __version__: str = _dist_version("starkret")
@@ -68,4 +68,5 @@ __all__ = [
     "preprocess_shards",
     "read_shards",
     "topk",
+    "topk_parts",
 ]

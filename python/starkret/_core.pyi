@@ -131,6 +131,29 @@ def topk_search(
     C-contiguous with equal d; ties rank the lower id first (GIL released).
     """
 
+def topk_search_parts(
+    queries: npt.NDArray[np.float32],
+    parts: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
+    k: int,
+    *,
+    exclude: npt.NDArray[np.int64] | None = None,
+    exclude_per_query: list[npt.NDArray[np.int64]] | None = None,
+    threads: int | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """``topk_search`` over several parts as one database: ids (and exclusions) run on
+    across the parts in order; one pass, memory O(q x k) for any number of parts."""
+
+def count_above_parts(
+    queries: npt.NDArray[np.float32],
+    parts: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
+    thresholds: npt.NDArray[np.float32],
+    *,
+    exclude: npt.NDArray[np.int64] | None = None,
+    exclude_per_query: list[npt.NDArray[np.int64]] | None = None,
+    threads: int | None = None,
+) -> npt.NDArray[np.uint64]:
+    """Per query, the rows of the parts scoring strictly above its threshold (same kernel)."""
+
 def merge_topk(
     scores: npt.NDArray[np.float32],
     ids: npt.NDArray[np.int64],
@@ -158,3 +181,16 @@ def select_images(
     moment (0 chosen, 1 below threshold, 2 exhausted). ``used``: images already used
     before these moments (for ``reuse="global"``).
     """
+
+# ==== Key index ====
+
+def key_hashes(keys: list[str], *, prefix: str = "") -> npt.NDArray[np.uint64]:
+    """Stable 64-bit hashes of ``prefix + key`` (FNV-1a + SplitMix64 finaliser; on-disk format)."""
+
+def string_hashes(
+    offsets: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    data: npt.NDArray[np.uint8],
+    *,
+    prefix: str = "",
+) -> npt.NDArray[np.uint64]:
+    """``key_hashes`` of an Arrow string array given as its offsets and data buffers."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _core
-from .db import Hit, ImageDB
+from .db import ImageDB
 
 __all__ = ["MAX_IMAGES_PER_MOMENT", "Aligner", "Alignment", "Candidate", "Moment"]
 
@@ -28,6 +28,10 @@ __all__ = ["MAX_IMAGES_PER_MOMENT", "Aligner", "Alignment", "Candidate", "Moment
 MAX_IMAGES_PER_MOMENT = 32
 
 _OUTCOMES = ("ok", "below_threshold", "exhausted")
+#: Candidates per moment whose vectors the choice reads first (more only if it needs them).
+SELECT_PREFIX = 8
+#: An image's id in the choice: its source's number shifted by this, or'd with its row.
+IMAGE_ID_SOURCE_SHIFT = 40
 #: Sources whose images Stark refers to by URL (`url:` keys).
 URL_SOURCES = frozenset({"cc12m", "redcaps12m"})
 
@@ -184,8 +188,7 @@ class Aligner:
         self.db, self.k_per_source, self.min_score = db, k_per_source, float(min_score)
         self.threshold, self.reuse = float(near_duplicate_threshold), reuse
         self.overfetch, self.max_fetch, self.chunk_moments = overfetch, max_fetch, chunk_moments
-        self._source_ids = {name: i for i, name in enumerate(db.sources)}
-        self._used_globally: set[int] = set()
+        self._used_globally = np.zeros(0, np.uint64)  # sorted image ids
 
     def align(self, moments: Iterable[Moment | Mapping]) -> list[Alignment]:
         """Alignments for ``moments``, returned in the order given.
@@ -193,7 +196,9 @@ class Aligner:
         Moments are processed in episode order (episodes by first appearance, then
         session, then the order given), so "already used in the episode" means used by
         an earlier moment of that episode. With ``reuse="global"`` the constraint spans
-        every call of this aligner.
+        every call of this aligner. Work goes in chunks of about ``chunk_moments``
+        whole episodes: queries are encoded, searched and chosen per chunk, with every
+        candidate kept as arrays, so memory is that of one chunk plus the results.
         """
         items = [Moment.coerce(m, i) for i, m in enumerate(moments)]
         if not items:
@@ -204,10 +209,10 @@ class Aligner:
         order = sorted(
             range(len(items)), key=lambda i: (first_seen[items[i].episode_id], items[i].session, i)
         )
-        vectors = self._vectors(items)
         results: list[Alignment | None] = [None] * len(items)
         for chunk in _episode_chunks(order, items, self.chunk_moments):
-            for i, alignment in zip(chunk, self._align_chunk(chunk, items, vectors), strict=True):
+            moments_of_chunk = [items[i] for i in chunk]
+            for i, alignment in zip(chunk, self._align_chunk(moments_of_chunk), strict=True):
                 results[i] = alignment
         return results  # type: ignore[return-value]
 
@@ -223,28 +228,135 @@ class Aligner:
             out[given] = self.db.encode(np.stack([np.asarray(items[i].vector) for i in given]))
         return out
 
-    def _align_chunk(self, chunk: list[int], items: list[Moment], vectors: np.ndarray):
+    def _align_chunk(self, moments: list[Moment]) -> list[Alignment]:
+        vectors = self._vectors(moments)
+        n_sources = len(self.db.sources)
         base = max(self.k_per_source, 1) * self.overfetch
-        fetch = [max(base, items[i].k * self.overfetch) for i in chunk]
+        fetch = np.array([max(base, m.k * self.overfetch) for m in moments], np.int64)
+        found: list[_Found | None] = [None] * len(moments)
+        pending = np.arange(len(moments))
         while True:
-            hits = self._search(chunk, vectors, fetch)
-            picked, counts, outcomes, flat = self._select(chunk, items, hits)
-            retry = False
-            for j in range(len(chunk)):
-                starved = outcomes[j] == 2 and fetch[j] < self.max_fetch
-                if starved and any(n >= fetch[j] for n in _per_source_counts(hits[j])):
-                    fetch[j] = min(fetch[j] * 2, self.max_fetch)
-                    retry = True
-            if not retry:
+            self._search(vectors, fetch, pending, found)
+            cands = _Candidates.stack(found)  # type: ignore[arg-type]
+            picked, counts, outcomes = self._select(moments, cands)
+            starved = [
+                j
+                for j, outcome in enumerate(outcomes)
+                if outcome == 2
+                and fetch[j] < self.max_fetch
+                and np.bincount(found[j].sources, minlength=n_sources).max() >= fetch[j]
+            ]
+            if not starved:
                 break
-        used = [flat[p] for p in picked]
-        if self.reuse == "global":
-            self._used_globally.update(self._image_id(h) for h in used)
-        out, start = [], 0
-        for j, i in enumerate(chunk):
-            m = items[i]
-            chosen = [_candidate(h) for h in used[start : start + counts[j]]]
-            start += counts[j]
+            pending = np.asarray(starved)
+            fetch[pending] = np.minimum(fetch[pending] * 2, self.max_fetch)
+        picked = np.asarray(picked, np.int64)
+        if self.reuse == "global" and len(picked):
+            self._used_globally = np.union1d(self._used_globally, cands.ids[picked])
+        return self._alignments(moments, cands, picked, np.asarray(counts), outcomes)
+
+    def _search(self, vectors, fetch, pending, found) -> None:
+        """Search the ``pending`` moments, one batched search per distinct fetch size."""
+        for size in np.unique(fetch[pending]).tolist():
+            group = pending[fetch[pending] == size]
+            res = self.db.search_arrays(vectors[group], int(size))
+            valid = res.valid()
+            for row, j in enumerate(group.tolist()):
+                keep = valid[row]
+                found[j] = _Found(
+                    res.sources[row, keep], res.rows[row, keep], res.scores[row, keep]
+                )
+
+    def _select(self, moments: list[Moment], cands: _Candidates):
+        """The Rust choice over the chunk, reading candidate vectors only as needed.
+
+        The greedy choice of a moment looks at its candidates in order and stops once
+        it has its images or meets a score under ``min_score``; it never looks further.
+        So it first runs on a short prefix of every list (vectors read for those rows
+        only), and again with longer prefixes only for the moments whose prefix ran
+        out: the result is the one over the full lists.
+        """
+        episodes: dict[str, int] = {}
+        episode_ids = np.array(
+            [episodes.setdefault(m.episode_id, len(episodes)) for m in moments], np.uint64
+        )
+        ks = np.array([m.k for m in moments], np.int64)
+        sizes = np.diff(cands.offsets)
+        limit = np.minimum(sizes, np.maximum(SELECT_PREFIX, 2 * ks))
+        # vectors read so far, compact: slot[i] is candidate i's row in `store` (-1: unread)
+        store = np.zeros((0, self.db.dim), np.float32)
+        slot = np.full(len(cands.rows), -1, np.int64)
+        while True:
+            # flat indices of every moment's prefix, in moment order
+            starts = np.repeat(cands.offsets[:-1], limit)
+            within = np.arange(int(limit.sum())) - np.repeat(np.cumsum(limit) - limit, limit)
+            idx = starts + within
+            new = idx[slot[idx] < 0]
+            slot[new] = len(store) + np.arange(len(new))
+            store = np.concatenate([store, self._read_vectors(cands, new)])
+            offsets = np.zeros(len(moments) + 1, np.int64)
+            offsets[1:] = np.cumsum(limit)
+            picked, counts, outcomes = _core.select_images(
+                episode_ids,
+                ks,
+                offsets,
+                cands.ids[idx],
+                cands.scores[idx],
+                store[slot[idx]],
+                reuse=self.reuse,
+                threshold=self.threshold,
+                min_score=self.min_score,
+                used=self._used_globally,
+            )
+            cut = [j for j, o in enumerate(outcomes) if o == 2 and limit[j] < sizes[j]]
+            if not cut:
+                return idx[np.asarray(picked, np.int64)], counts, outcomes
+            limit[cut] = np.minimum(limit[cut] * 4, sizes[cut])
+
+    def _read_vectors(self, cands: _Candidates, idx: np.ndarray) -> np.ndarray:
+        """Vectors (float32) of candidates ``idx``, in that order."""
+        out = np.empty((len(idx), self.db.dim), np.float32)
+        for s, name in enumerate(self.db.sources):
+            mine = np.flatnonzero(cands.sources[idx] == s)
+            if len(mine):
+                out[mine] = self.db.vectors(name, cands.rows[idx[mine]])
+        return out
+
+    def _alignments(self, moments, cands: _Candidates, picked, counts, outcomes):
+        """Alignment objects; metadata is read only for the candidates they hold."""
+        names = self.db.sources
+        moment_of = np.repeat(np.arange(len(moments)), np.diff(cands.offsets))
+        # The first k_per_source candidates of every (moment, source): candidates are
+        # ranked best first within a moment, so these are each source's top.
+        group = moment_of * len(names) + cands.sources
+        order = np.argsort(group, kind="stable")
+        first = np.searchsorted(group[order], group[order], side="left")
+        rank = np.empty(len(group), np.int64)
+        rank[order] = np.arange(len(group)) - first
+        shown = rank < self.k_per_source
+        needed = shown.copy()
+        needed[picked] = True
+        made: dict[int, Candidate] = {}
+        for s, name in enumerate(names):
+            idx = np.flatnonzero(needed & (cands.sources == s))
+            if len(idx) == 0:
+                continue
+            meta = self.db.metadata(name).take(cands.rows[idx], ("key", "url", "caption"))
+            scores = cands.scores[idx].tolist()
+            for n, i in enumerate(idx.tolist()):
+                made[i] = Candidate(
+                    name, meta["key"][n], scores[n], meta["url"][n], meta["caption"][n]
+                )
+        out = []
+        start = 0
+        for j, m in enumerate(moments):
+            a, b = int(cands.offsets[j]), int(cands.offsets[j + 1])
+            chosen = [made[int(i)] for i in picked[start : start + counts[j]]]
+            start += int(counts[j])
+            per_source: dict[str, list[Candidate]] = {name: [] for name in names}
+            for i in np.flatnonzero(shown[a:b]).tolist():
+                c = made[a + i]
+                per_source[c.source].append(c)
             out.append(
                 Alignment(
                     m.moment_id,
@@ -253,79 +365,46 @@ class Aligner:
                     m.description,
                     _OUTCOMES[outcomes[j]],
                     chosen,
-                    self._per_source(hits[j]),
+                    per_source,
                 )
             )
         return out
 
-    def _search(self, chunk, vectors, fetch) -> list[list[Hit]]:
-        # One batched search per distinct fetch size (usually just one).
-        hits: list[list[Hit]] = [[] for _ in chunk]
-        for size in sorted(set(fetch)):
-            rows = [j for j, f in enumerate(fetch) if f == size]
-            found = self.db.search(vectors[[chunk[j] for j in rows]], k=size)
-            for j, h in zip(rows, found, strict=True):
-                hits[j] = h
-        return hits
 
-    def _image_id(self, hit: Hit) -> int:
-        return (self._source_ids[hit.source] << 40) | hit.row
+@dataclass
+class _Found:
+    """One moment's candidates, best first: source number, row and score arrays."""
 
-    def _select(self, chunk, items, hits):
-        flat = [h for per_moment in hits for h in per_moment]
-        offsets = np.zeros(len(chunk) + 1, np.int64)
-        offsets[1:] = np.cumsum([len(h) for h in hits])
-        episodes = {}
-        episode_ids = np.array(
-            [episodes.setdefault(items[i].episode_id, len(episodes)) for i in chunk], np.uint64
+    sources: np.ndarray
+    rows: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class _Candidates:
+    """A chunk's candidates, flat: moment ``j`` owns ``offsets[j]:offsets[j + 1]``."""
+
+    offsets: np.ndarray
+    sources: np.ndarray
+    rows: np.ndarray
+    scores: np.ndarray
+    ids: np.ndarray  # (source number << IMAGE_ID_SOURCE_SHIFT) | row: one id per image
+
+    @classmethod
+    def stack(cls, found: list[_Found]) -> _Candidates:
+        offsets = np.zeros(len(found) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(f.rows) for f in found])
+        sources = np.concatenate([f.sources for f in found]).astype(np.int64)
+        rows = np.concatenate([f.rows for f in found]).astype(np.int64)
+        scores = np.ascontiguousarray(np.concatenate([f.scores for f in found]), np.float32)
+        ids = (sources.astype(np.uint64) << np.uint64(IMAGE_ID_SOURCE_SHIFT)) | rows.astype(
+            np.uint64
         )
-        ids = np.array([self._image_id(h) for h in flat], np.uint64)
-        scores = np.array([h.score for h in flat], np.float32)
-        vectors = self._candidate_vectors(flat)
-        picked, counts, outcomes = _core.select_images(
-            episode_ids,
-            np.array([items[i].k for i in chunk], np.int64),
-            offsets,
-            ids,
-            scores,
-            vectors,
-            reuse=self.reuse,
-            threshold=self.threshold,
-            min_score=self.min_score,
-            used=np.array(sorted(self._used_globally), np.uint64),
-        )
-        return picked, counts, outcomes, flat
-
-    def _candidate_vectors(self, flat: list[Hit]) -> np.ndarray:
-        out = np.zeros((len(flat), self.db.dim), np.float32)
-        by_source: dict[str, list[int]] = {}
-        for n, h in enumerate(flat):
-            by_source.setdefault(h.source, []).append(n)
-        for source, positions in by_source.items():
-            out[positions] = self.db.vectors(source, [flat[p].row for p in positions])
-        return out
-
-    def _per_source(self, hits: list[Hit]) -> dict[str, list[Candidate]]:
-        out: dict[str, list[Candidate]] = {s: [] for s in self.db.sources}
-        for h in hits:
-            if len(out[h.source]) < self.k_per_source:
-                out[h.source].append(_candidate(h))
-        return out
+        return cls(offsets, sources, rows, scores, ids)
 
 
 def _is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _candidate(hit: Hit) -> Candidate:
-    return Candidate(hit.source, hit.key, hit.score, hit.url, hit.caption)
-
-
-def _per_source_counts(hits: list[Hit]) -> list[int]:
-    counts: dict[str, int] = {}
-    for h in hits:
-        counts[h.source] = counts.get(h.source, 0) + 1
-    return list(counts.values())
 
 
 def _episode_chunks(order: list[int], items: list[Moment], size: int):

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import SourceIndex, source_dirs, torch_exact_search
+from .index import SourceIndex, source_dirs
+from .keyindex import KeyIndex
+from .metadata import Metadata
+from .topk import Exclusions, split_exclude
 
-__all__ = ["Hit", "ImageDB"]
+__all__ = ["Hit", "ImageDB", "Results"]
 
 #: Manifest fields every source of one DB must share: their vectors are compared.
 _SAME_SPACE = ("model", "pretrained", "dim", "image_size", "mean", "std")
@@ -30,49 +33,39 @@ class Hit:
     row: int  # global row of the image in its source (its embedding)
 
 
+@dataclass
+class Results:
+    """Search results as arrays, before any metadata is read: ``(q, m)`` each.
+
+    Per query, hits of every searched source are ranked together (score descending,
+    then source name, then row); ``rows`` is -1 (score -inf) past the last hit.
+    ``sources[q, j]`` indexes :attr:`ImageDB.sources`.
+    """
+
+    sources: np.ndarray  # int16
+    rows: np.ndarray  # int64
+    scores: np.ndarray  # float32
+
+    def valid(self) -> np.ndarray:
+        return self.rows >= 0
+
+
 class _Source:
+    """One source of the DB: its index (vectors, search), metadata and key lookups.
+    Opening reads file headers only; nothing per row is loaded."""
+
     def __init__(self, name: str, index: SourceIndex) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         self.name, self.index = name, index
-        files = sorted(
-            (index.source_dir / "metadata").glob("metadata_*.parquet"),
-            key=lambda p: int(p.stem.rsplit("_", 1)[1]),
-        )
-        table = pa.concat_tables(
-            [pq.read_table(f, columns=["key", "id", "url", "caption"]) for f in files]
-        )
-        if table.num_rows != index.count:
-            raise ValueError(
-                f"{index.source_dir}: {table.num_rows} metadata rows for {index.count} "
-                "embeddings; the folder is damaged, re-run embed-shards"
-            )
-        self.keys = table.column("key").to_pylist()
-        self.ids = table.column("id").to_numpy()
-        self.urls = table.column("url").to_pylist()
-        self.captions = table.column("caption").to_pylist()
-        self._row_of_key: dict[str, int] | None = None
+        self.metadata = Metadata.open(index.source_dir, index.parts.offsets, index.infos)
+        self.keys = KeyIndex.open(index.source_dir, self.metadata, index.infos)
 
-    def row_of(self, key: str) -> int | None:
-        """Row of a DB key (``cc12m/0001``) or of a Stark ``url:`` key."""
-        if self._row_of_key is None:
-            self._row_of_key = {k: i for i, k in enumerate(self.keys)}
-            for i, url in enumerate(self.urls):
-                if url:
-                    self._row_of_key.setdefault(f"url:{url}", i)
-        return self._row_of_key.get(key)
-
-    def hit(self, row: int, score: float) -> Hit:
-        return Hit(
-            self.keys[row],
-            self.name,
-            float(score),
-            int(self.ids[row]),
-            self.urls[row],
-            self.captions[row],
-            int(row),
-        )
+    def rows_of(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """Every row of each key found (DB keys and Stark ``url:`` keys)."""
+        owner, rows = self.keys.lookup(keys, every=True)
+        found: dict[str, list[int]] = {}
+        for o, r in zip(owner.tolist(), rows.tolist(), strict=True):
+            found.setdefault(keys[o], []).append(r)
+        return {k: np.asarray(v, np.int64) for k, v in found.items()}
 
 
 class ImageDB:
@@ -178,45 +171,107 @@ class ImageDB:
         ``exclude`` holds image keys never to return: one collection for all queries,
         or one per query. ``device="cuda"`` scans exactly on the GPU (torch matmul +
         topk over float16 tiles) instead of the CPU scan or the AutoFaiss index.
+        Metadata is read only for the rows returned.
         """
-        if not isinstance(k, int) or k <= 0:
-            raise ValueError(f"k must be a positive int, got {k!r}")
-        vectors = self.encode(queries)
+        _check_k(k)
+        results = self.search_arrays(
+            self.encode(queries),
+            k,
+            sources=sources,
+            exclude=exclude,
+            device=device,
+            threads=threads,
+        )
+        return self.hits(results)
+
+    def search_arrays(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        *,
+        sources: Sequence[str] | None = None,
+        exclude: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        exclude_rows: dict[str, Exclusions] | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> Results:
+        """:meth:`search` for unit query ``vectors``, as arrays (no metadata read).
+
+        ``exclude``: keys, as in :meth:`search`; ``exclude_rows``: per source name, rows
+        never to return (:class:`~starkret.topk.Exclusions`).
+        """
+        _check_k(k)
         names = list(self._sources) if sources is None else list(sources)
         for name in names:
             if name not in self._sources:
                 raise ValueError(f"unknown source {name!r}; this DB has {self.sources}")
-        banned_keys = _per_query_keys(exclude, len(vectors))
-        results: list[list[Hit]] = [[] for _ in range(len(vectors))]
+        n = len(vectors)
+        banned = split_exclude(exclude, n, keys=True)
+        rank = {name: i for i, name in enumerate(sorted(self._sources))}
+        number = {name: i for i, name in enumerate(self._sources)}
+        scores, rows, which, order_key = [], [], [], []
         for name in names:
             source = self._sources[name]
-            banned = None
-            if banned_keys is not None:
-                banned = [
-                    {r for r in (source.row_of(key) for key in keys) if r is not None}
-                    for keys in banned_keys
-                ]
-            scores, rows = self._search_source(source, vectors, k, banned, device, threads)
-            for q in range(len(vectors)):
-                results[q].extend(
-                    source.hit(int(r), s) for s, r in zip(scores[q], rows[q], strict=True) if r >= 0
-                )
-        for hits in results:
-            hits.sort(key=lambda h: (-h.score, h.source, h.row))
-        return results
+            exclusions = _key_exclusions(source, banned)
+            if exclude_rows and name in exclude_rows:
+                exclusions = _union(exclusions, exclude_rows[name], n)
+            s, r = source.index.search(
+                vectors, int(k), exclude=exclusions, device=device, threads=threads
+            )
+            scores.append(s)
+            rows.append(r)
+            which.append(np.full(s.shape, number[name], np.int16))
+            order_key.append(np.full(s.shape, rank[name], np.int16))
+        if not names:
+            empty = np.zeros((n, 0))
+            return Results(empty.astype(np.int16), empty.astype(np.int64), empty.astype(np.float32))
+        s, r = np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)
+        w, o = np.concatenate(which, axis=1), np.concatenate(order_key, axis=1)
+        ranked = np.lexsort((r, o, -s), axis=-1)
+        take = lambda a: np.take_along_axis(a, ranked, axis=1)  # noqa: E731
+        return Results(take(w), take(r), take(s))
 
-    def _search_source(self, source: _Source, vectors, k, banned, device, threads):
-        if device != "cpu":
-            return torch_exact_search(vectors, source.index.parts, k, device=device, exclude=banned)
-        return source.index.search(vectors, k, exclude=banned, threads=threads)
+    def hits(self, results: Results) -> list[list[Hit]]:
+        """:class:`Hit` objects for the rows of ``results`` (metadata read once per source)."""
+        valid = results.valid()
+        names = self.sources
+        meta: dict[int, dict] = {}
+        position = np.full(results.rows.shape, -1, np.int64)
+        for s in np.unique(results.sources[valid]).tolist():
+            mask = valid & (results.sources == s)
+            meta[s] = self._sources[names[s]].metadata.take(results.rows[mask])
+            position[mask] = np.arange(int(mask.sum()))
+        out: list[list[Hit]] = []
+        for q in range(results.rows.shape[0]):
+            hits = []
+            for j in np.flatnonzero(valid[q]).tolist():
+                s, p = int(results.sources[q, j]), int(position[q, j])
+                m = meta[s]
+                hits.append(
+                    Hit(
+                        m["key"][p],
+                        names[s],
+                        float(results.scores[q, j]),
+                        int(m["id"][p]),
+                        m["url"][p],
+                        m["caption"][p],
+                        int(results.rows[q, j]),
+                    )
+                )
+            out.append(hits)
+        return out
 
     def locate(self, key: str, sources: Sequence[str] | None = None) -> tuple[str, int] | None:
         """``(source, row)`` of an image key (DB key or Stark ``url:`` key), or None."""
         for name in self.sources if sources is None else sources:
-            row = self._sources[name].row_of(key)
-            if row is not None:
+            row = int(self._sources[name].keys.lookup([key])[0])
+            if row >= 0:
                 return name, row
         return None
+
+    def metadata(self, source: str) -> Metadata:
+        """The metadata rows of ``source`` (memory-mapped; read per row on demand)."""
+        return self._sources[source].metadata
 
     def embeddings(self, source: str) -> list[np.ndarray]:
         """The memory-mapped float16 parts of ``source``, in row order."""
@@ -240,15 +295,33 @@ class ImageDB:
         return self._sources[source].index.parts.rows(np.asarray(rows, dtype=np.int64))
 
 
-def _per_query_keys(exclude, n_queries: int) -> list[set[str]] | None:
-    """``exclude`` (None, keys for all queries, or one collection per query) per query."""
-    if exclude is None:
+def _check_k(k: object) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+
+
+def _key_exclusions(source: _Source, banned) -> Exclusions | None:
+    """Rows of ``source`` for excluded keys (``banned`` from :func:`split_exclude`)."""
+    if banned is None:
         return None
-    if isinstance(exclude, str):
-        raise TypeError("exclude must be a collection of keys, not a single key")
-    items = list(exclude)
-    if items and not isinstance(items[0], str):
-        if len(items) != n_queries:
-            raise ValueError(f"exclude has {len(items)} collections for {n_queries} queries")
-        return [set(e) for e in items]
-    return [set(items)] * n_queries
+    shape, items = banned
+    collections = [items] if shape == "shared" else items
+    wanted = sorted({str(key) for keys in collections for key in keys})
+    found = source.rows_of(wanted) if wanted else {}
+    none = np.zeros(0, np.int64)
+
+    def rows(keys) -> np.ndarray:
+        hits = [found[str(key)] for key in keys if str(key) in found]
+        return np.unique(np.concatenate(hits)) if hits else none
+
+    if shape == "shared":
+        return Exclusions(shared=rows(items))
+    return Exclusions(per_query=tuple(rows(keys) for keys in items))
+
+
+def _union(a: Exclusions | None, b: Exclusions, n: int) -> Exclusions:
+    if a is None:
+        return b
+    if a.per_query is None and b.per_query is None:
+        return Exclusions(shared=np.union1d(a.shared, b.shared))
+    return Exclusions(per_query=tuple(np.union1d(a.of_query(q), b.of_query(q)) for q in range(n)))

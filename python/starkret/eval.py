@@ -16,8 +16,13 @@ import numpy as np
 
 from .db import ImageDB
 from .formats import FormatError, iter_jsonl, parse_ultron_output
+from .topk import count_above
 
 __all__ = ["EvalResult", "evaluate", "read_pairs", "retrieval_metrics"]
+
+#: Gallery images must beat the ground truth's score by more than this to rank above it
+#: (scores of one image computed two ways may differ in the last bits).
+RANK_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -116,10 +121,8 @@ def evaluate(
         target = np.sum(vectors * truth, axis=1)
         better = np.zeros(len(vectors), np.int64)
         for name in names:
-            for part in db.embeddings(name):
-                for chunk in range(0, part.shape[0], 65536):
-                    rows = np.asarray(part[chunk : chunk + 65536], np.float32)
-                    better += (vectors @ rows.T > target[:, None] + 1e-6).sum(axis=1)
+            # the search's own scan, counting the rows that beat the ground truth
+            better += count_above(vectors, db.embeddings(name), target + RANK_TOLERANCE)
         ranks.extend((better + 1).tolist())
         if bar is not None:
             bar.update(len(vectors))

@@ -1,9 +1,12 @@
 """Indices over one embedded source: exact (Rust scan of the float16 parts) or AutoFaiss.
 
 ``build_index(dir)`` writes ``dir/index/infos.json`` (and ``dir/index/knn.index`` for
-AutoFaiss). ``SourceIndex.open(dir)`` searches either kind and returns global row
-numbers: rows of the source's parts concatenated in part order (part 0 first), the
-same order as its metadata.
+AutoFaiss), and for every kind the memory-mapped metadata (``index/metadata.arrow``,
+see :mod:`starkret.metadata`) and key index (``index/key_*.npy``, see
+:mod:`starkret.keyindex`). ``SourceIndex.open(dir)`` searches either kind and returns
+global row numbers: rows of the source's parts concatenated in part order (part 0
+first), the same order as its metadata. Which function searches a source is chosen by
+its kind and the device (:func:`starkret.search.searcher`).
 """
 
 from __future__ import annotations
@@ -12,12 +15,22 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AUTO_EXACT_MAX_ROWS", "SourceIndex", "build_index", "embedding_parts", "source_dirs"]
+from .keyindex import write_key_index
+from .metadata import Metadata, write_metadata_arrow
+from .search import Exclusions, Parts, embedding_parts, exact_search, register_searcher, searcher
+
+__all__ = [
+    "AUTO_EXACT_MAX_ROWS",
+    "SourceIndex",
+    "build_index",
+    "embedding_parts",
+    "exact_search",
+    "source_dirs",
+]
 
 #: ``kind="auto"`` builds AutoFaiss above this many rows and searches exactly below it.
 #: Exact float16 search streams the whole source once per query batch; at ~10 GB/s per
@@ -30,19 +43,6 @@ DEFAULT_MAX_QUERY_TIME_MS = 10.0
 RECALL_WARNING = 0.9
 
 _logger = logging.getLogger("starkret")
-
-
-def _part_number(path: Path) -> int:
-    return int(path.stem.rsplit("_", 1)[1])
-
-
-def embedding_parts(source_dir: str | os.PathLike) -> list[Path]:
-    """The ``img_emb_{i}.npy`` files of an embedded source, in part order."""
-    folder = Path(source_dir) / "img_emb"
-    parts = sorted(folder.glob("img_emb_*.npy"), key=_part_number)
-    if not parts:
-        raise FileNotFoundError(f"no embeddings in {folder}: run embed-shards first")
-    return parts
 
 
 def source_dirs(path: str | os.PathLike) -> list[Path]:
@@ -69,36 +69,14 @@ def _manifest(source_dir: Path) -> dict:
     return manifest
 
 
-@dataclass
-class _Parts:
-    arrays: list[np.ndarray]  # memory-mapped, float16
-    offsets: np.ndarray  # offsets[i] = global row of part i's first row
-
-    @classmethod
-    def load(cls, source_dir: Path) -> _Parts:
-        arrays = [np.load(p, mmap_mode="r") for p in embedding_parts(source_dir)]
-        sizes = [a.shape[0] for a in arrays]
-        return cls(arrays, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
-
-    @property
-    def count(self) -> int:
-        return int(self.offsets[-1])
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Vectors of global rows ``ids`` (any order), as float32."""
-        ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(ids), self.arrays[0].shape[1]), np.float32)
-        part = np.searchsorted(self.offsets, ids, side="right") - 1
-        for p in np.unique(part):
-            mask = part == p
-            out[mask] = self.arrays[p][ids[mask] - self.offsets[p]]
-        return out
+#: The name older code (and other modules) import.
+_Parts = Parts
 
 
 class SourceIndex:
     """Search one source: exact over its memory-mapped parts, or its AutoFaiss index."""
 
-    def __init__(self, source_dir: Path, manifest: dict, parts: _Parts, infos: dict, faiss_index):
+    def __init__(self, source_dir: Path, manifest: dict, parts: Parts, infos: dict, faiss_index):
         self.source_dir, self.manifest, self.parts = source_dir, manifest, parts
         self.infos, self._faiss = infos, faiss_index
 
@@ -106,7 +84,7 @@ class SourceIndex:
     def open(cls, source_dir: str | os.PathLike) -> SourceIndex:
         source_dir = Path(source_dir)
         manifest = _manifest(source_dir)
-        parts = _Parts.load(source_dir)
+        parts = Parts.load(source_dir)
         infos_path = source_dir / "index" / "infos.json"
         infos = json.loads(infos_path.read_text()) if infos_path.exists() else {"kind": "exact"}
         foreign = [p for p in ("index/knn.index", "image.index") if (source_dir / p).is_file()]
@@ -121,7 +99,7 @@ class SourceIndex:
         return cls.open_with(source_dir, manifest, parts, infos)
 
     @classmethod
-    def open_with(cls, source_dir: Path, manifest: dict, parts: _Parts, infos: dict):
+    def open_with(cls, source_dir: Path, manifest: dict, parts: Parts, infos: dict):
         faiss_index = None
         if infos.get("kind") == "autofaiss":
             import faiss
@@ -148,43 +126,54 @@ class SourceIndex:
         exclude=None,
         exact: bool | None = None,
         threads: int | None = None,
+        device: str = "cpu",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (scores, global rows) per query; rows are -1 where fewer exist."""
-        use_exact = self._faiss is None if exact is None else exact
-        if use_exact:
-            return exact_search(queries, self.parts, k, exclude=exclude, threads=threads)
-        return self._faiss_search(queries, k, exclude)
+        """Top-``k`` (scores, global rows) per query; rows are -1 where fewer exist.
 
-    def _faiss_search(self, queries, k, exclude):
-        banned = per_query_exclusions(exclude, len(queries))
-        # Excluded rows are filtered after the search: ask for enough extra ones.
-        extra = max((len(b) for b in banned), default=0) if banned else 0
-        scores, ids = self._faiss.search(np.ascontiguousarray(queries, np.float32), k + extra)
-        order = np.asarray(self.infos["faiss_order"], dtype=np.int64)
-        rows = _faiss_ids_to_rows(ids, order, self.parts.offsets)
-        if not banned:
-            return scores[:, :k], rows[:, :k]
-        out_s = np.full((len(rows), k), -np.inf, np.float32)
-        out_r = np.full((len(rows), k), -1, np.int64)
-        for q, (row, ban) in enumerate(zip(rows, banned, strict=True)):
-            keep = [i for i, r in enumerate(row) if r >= 0 and int(r) not in ban][:k]
-            out_s[q, : len(keep)] = scores[q, keep]
-            out_r[q, : len(keep)] = row[keep]
-        return out_s, out_r
+        ``exclude``: global rows never returned (any form :func:`~starkret.topk.split_exclude`
+        reads, or :class:`~starkret.topk.Exclusions`). ``exact=True`` scans exactly
+        whatever the index kind; the function is :func:`~starkret.search.searcher`'s
+        choice for the kind and ``device``.
+        """
+        queries = np.ascontiguousarray(queries, np.float32)
+        exclusions = Exclusions.parse(exclude, len(queries))
+        kind = "exact" if exact else self.kind
+        search = searcher(kind, device)
+        return search(self, queries, k, exclusions, threads=threads, device=device)
+
+    def metadata(self) -> Metadata:
+        """The source's metadata, memory-mapped if ``build-index`` wrote it."""
+        return Metadata.open(self.source_dir, self.parts.offsets, self.infos)
+
+
+def _faiss_search(index: SourceIndex, queries, k, exclude: Exclusions | None, **_):
+    # Excluded rows are filtered after the search: ask for enough extra ones.
+    extra = exclude.largest() if exclude is not None else 0
+    scores, ids = index._faiss.search(queries, k + extra)
+    order = np.asarray(index.infos["faiss_order"], dtype=np.int64)
+    rows = _faiss_ids_to_rows(ids, order, index.parts.offsets)
+    if exclude is None:
+        return scores[:, :k], rows[:, :k]
+    out_s = np.full((len(rows), k), -np.inf, np.float32)
+    out_r = np.full((len(rows), k), -1, np.int64)
+    for q, row in enumerate(rows):
+        keep = np.flatnonzero((row >= 0) & ~np.isin(row, exclude.of_query(q)))[:k]
+        out_s[q, : len(keep)] = scores[q, keep]
+        out_r[q, : len(keep)] = row[keep]
+    return out_s, out_r
+
+
+register_searcher("autofaiss", "cpu", _faiss_search)
 
 
 def per_query_exclusions(exclude, n_queries: int) -> list[set[int]] | None:
     """``exclude`` (None, one collection of rows for all queries, or one per query) as
-    one set per query."""
-    if exclude is None:
+    one set per query (read by :func:`~starkret.topk.split_exclude`)."""
+    parsed = Exclusions.parse(exclude, n_queries)
+    if parsed is None:
         return None
-    items = list(exclude)
-    if items and not np.isscalar(items[0]):
-        if len(items) != n_queries:
-            raise ValueError(f"exclude has {len(items)} sets for {n_queries} queries")
-        return [{int(r) for r in e} for e in items]
-    shared = {int(r) for r in items}
-    return [shared] * n_queries
+    parsed.check(n_queries)
+    return [set(parsed.of_query(q).tolist()) for q in range(n_queries)]
 
 
 def _faiss_ids_to_rows(ids, order, offsets):
@@ -197,32 +186,6 @@ def _faiss_ids_to_rows(ids, order, offsets):
     rows = np.full(flat.shape, -1, np.int64)
     rows[valid] = offsets[order[slot]] + (flat[valid] - faiss_offsets[slot])
     return rows.reshape(ids.shape)
-
-
-def exact_search(queries, parts: _Parts, k: int, *, exclude=None, threads=None):
-    """Exact top-k over all parts (Rust scan of each part, then an exact merge)."""
-    from .topk import merge_topk, topk
-
-    banned = per_query_exclusions(exclude, len(queries))
-    results = []
-    for i, array in enumerate(parts.arrays):
-        if array.shape[0] == 0:
-            continue
-        offset = int(parts.offsets[i])
-        local = _localise(banned, offset, array.shape[0])
-        scores, ids = topk(queries, array, k, exclude=local, threads=threads)
-        results.append((scores, np.where(ids >= 0, ids + offset, -1)))
-    if not results:
-        q = len(queries)
-        return np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
-    return merge_topk(results, k)
-
-
-def _localise(banned, offset, size):
-    """Global excluded rows (one set per query) -> row numbers inside one part."""
-    if banned is None:
-        return None
-    return [{r - offset for r in rows if offset <= r < offset + size} for rows in banned]
 
 
 # ==== Building ====
@@ -257,7 +220,7 @@ def build_index(
         from .layout import pad_part_names
 
         pad_part_names(source_dir)
-    parts = _Parts.load(source_dir)
+    parts = Parts.load(source_dir)
     if kind == "auto":
         kind = "exact" if parts.count <= auto_exact_max_rows else "autofaiss"
     index_dir = source_dir / "index"
@@ -286,6 +249,9 @@ def build_index(
                 recall,
                 RECALL_WARNING,
             )
+    infos["metadata_rows"] = write_metadata_arrow(source_dir, parts.offsets)
+    metadata = Metadata(source_dir, parts.offsets, source_dir / "index" / "metadata.arrow")
+    infos["key_index_rows"] = write_key_index(source_dir, metadata)
     tmp = index_dir / ".infos.json.tmp"
     tmp.write_text(json.dumps(infos, indent=2))
     os.replace(tmp, index_dir / "infos.json")
@@ -350,7 +316,7 @@ def _available_memory(meminfo: str = "/proc/meminfo") -> str:
     return "16G"
 
 
-def _recall_at_10(index: SourceIndex, parts: _Parts, n: int, seed: int) -> float:
+def _recall_at_10(index: SourceIndex, parts: Parts, n: int, seed: int) -> float:
     """recall@10 of the approximate index against exact search, on held-out queries."""
     rng = np.random.default_rng(seed)
     rows = parts.rows(rng.integers(0, parts.count, min(n, parts.count)))
@@ -363,7 +329,7 @@ def _recall_at_10(index: SourceIndex, parts: _Parts, n: int, seed: int) -> float
 
 
 def torch_exact_search(
-    queries, parts: _Parts, k: int, *, device: str = "cuda", tile_rows: int = 1 << 20, exclude=None
+    queries, parts: Parts, k: int, *, device: str = "cuda", tile_rows: int = 1 << 20, exclude=None
 ):
     """Exact top-k with torch: float16 tiles of the parts, matmul and topk on ``device``.
 
@@ -406,3 +372,11 @@ def torch_exact_search(
     scores[:, :n] = best_s.cpu().numpy()
     rows[:, :n] = np.where(np.isfinite(scores[:, :n]), best_i.cpu().numpy(), -1)
     return scores, rows
+
+
+def _torch_search(index: SourceIndex, queries, k, exclude: Exclusions | None, *, device, **_):
+    return torch_exact_search(queries, index.parts, k, device=device, exclude=exclude)
+
+
+register_searcher("*", "cuda", _torch_search)
+register_searcher("*", "mps", _torch_search)

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import _core
 
-__all__ = ["Exclude", "merge_topk", "topk"]
+__all__ = [
+    "Exclude",
+    "Exclusions",
+    "count_above",
+    "merge_topk",
+    "split_exclude",
+    "topk",
+    "topk_parts",
+]
 
 #: Row ids to leave out: one collection for every query, or one per query.
 Exclude = Iterable[int] | Sequence[Iterable[int]] | None
@@ -68,12 +77,79 @@ def topk(
         raise ValueError(
             f"queries have dimension {q.shape[1]} but the database rows have {db.shape[1]}"
         )
+    return topk_parts(q, [db], k, exclude=exclude, threads=threads)
+
+
+def topk_parts(
+    queries: np.ndarray,
+    parts: Sequence[np.ndarray | str | os.PathLike[str]],
+    k: int,
+    *,
+    exclude: Exclude | Exclusions = None,
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`topk` over several parts searched as one database, in one pass.
+
+    Row ids run on across the parts in order (``parts[1]``'s first row follows
+    ``parts[0]``'s last), as if the parts were concatenated, and ``exclude`` uses the
+    same global ids. Nothing is concatenated or loaded: each part (array, memory map or
+    ``.npy`` path) is read in place, and memory is O(queries x k) for any part count.
+
+    >>> import numpy as np, starkret
+    >>> a = np.array([[1, 0], [0, 1]], dtype=np.float16)
+    >>> b = np.array([[1, 1]], dtype=np.float16)
+    >>> starkret.topk_parts(np.array([[1.0, 1.0]]), [a, b], k=2)[1].tolist()
+    [[2, 0]]
+    """
+    arrays = [_open_database(p) for p in parts]
+    if not arrays:
+        raise ValueError("the database has no parts")
+    q = _as_queries(queries)
+    for i, a in enumerate(arrays):
+        if a.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"queries have dimension {q.shape[1]} but the rows of part {i} have {a.shape[1]}"
+            )
     k = _check_k(k)
     _check_threads(threads)
-    options = {"threads": threads, **_exclusion(exclude, q.shape[0])}
-    if db.dtype == np.float16:
-        return _core.topk_search(q, db.view(np.uint16), k, **options)
-    return _core.topk_search(q, db, k, **options)
+    options: dict[str, object] = {"threads": threads}
+    exclusions = Exclusions.parse(exclude, q.shape[0])
+    if exclusions is not None:
+        exclusions.check(q.shape[0])
+        options.update(exclusions.core_options())
+    views = [a.view(np.uint16) if a.dtype == np.float16 else a for a in arrays]
+    return _core.topk_search_parts(q, views, k, **options)
+
+
+def count_above(
+    queries: np.ndarray,
+    parts: Sequence[np.ndarray | str | os.PathLike[str]],
+    thresholds: np.ndarray,
+    *,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Per query, how many rows of ``parts`` score strictly above its threshold.
+
+    The same Rust scan as :func:`topk_parts` (same kernel, same float32 arithmetic),
+    counting instead of ranking: the rank of a known image among all others, which
+    retrieval metrics (MRR) need, in one pass whatever the rank.
+
+    >>> import numpy as np
+    >>> from starkret.topk import count_above
+    >>> db = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float16)
+    >>> count_above(np.array([[1.0, 0.0]]), [db], np.array([0.5])).tolist()
+    [2]
+    """
+    arrays = [_open_database(p) for p in parts]
+    if not arrays:
+        raise ValueError("the database has no parts")
+    q = _as_queries(queries)
+    thresholds = np.ascontiguousarray(thresholds, np.float32).reshape(-1)
+    if len(thresholds) != len(q):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(q)} queries")
+    _check_threads(threads)
+    views = [a.view(np.uint16) if a.dtype == np.float16 else a for a in arrays]
+    return _core.count_above_parts(q, views, thresholds, threads=threads).astype(np.int64)
 
 
 def merge_topk(
@@ -169,20 +245,92 @@ def _id_array(ids: Iterable[int], what: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
-def _exclusion(exclude: Exclude, q: int) -> dict[str, object]:
+# ==== Exclusions: the one parser ====
+
+
+def _is_row(item: object) -> bool:
+    return isinstance(item, (int, np.integer)) and not isinstance(item, bool)
+
+
+def _is_key(item: object) -> bool:
+    return isinstance(item, str)
+
+
+def split_exclude(exclude, n_queries: int, *, keys: bool = False):
+    """The shape of an ``exclude`` argument: ``None``, ``("shared", items)`` (one
+    collection for every query) or ``("per_query", [items, ...])`` (one per query).
+
+    Items are row ids, or image keys with ``keys=True``. This is the only place that
+    reads the shape, so :func:`topk`, ``SourceIndex.search`` and ``ImageDB.search``
+    accept the same forms: a set, list, tuple or 1-D array of items; a sequence of
+    ``n_queries`` such collections; or a 2-D array (one row per query).
+    """
     if exclude is None:
-        return {}
-    if isinstance(exclude, np.ndarray) and exclude.ndim == 2:
-        exclude = list(exclude)
-    per_query = (
-        isinstance(exclude, Sequence)
-        and not isinstance(exclude, (str, bytes))
-        and len(exclude) > 0
-        and all(not isinstance(e, (int, np.integer)) for e in exclude)
-    )
-    if not per_query:
-        return {"exclude": _id_array(exclude, "exclude")}
-    if len(exclude) != q:
-        raise ValueError(f"exclude has {len(exclude)} per-query collections for {q} queries")
-    lists = [_id_array(e, f"exclude[{i}]") for i, e in enumerate(exclude)]
-    return {"exclude_per_query": lists}
+        return None
+    is_item = _is_key if keys else _is_row
+    what = "keys" if keys else "row ids"
+    if isinstance(exclude, (str, bytes)):
+        raise TypeError(
+            f"exclude must be a collection of {what}, not a single {type(exclude).__name__}"
+        )
+    if isinstance(exclude, np.ndarray):
+        if exclude.ndim == 2:
+            items = list(exclude)
+        elif exclude.ndim <= 1:
+            return ("shared", exclude.reshape(-1))
+        else:
+            raise ValueError(f"exclude must be 1-D or 2-D, got shape {exclude.shape}")
+    elif isinstance(exclude, (set, frozenset)):
+        return ("shared", exclude)
+    else:
+        items = list(exclude)
+    if not items or all(is_item(i) for i in items):
+        return ("shared", items)
+    if any(is_item(i) or isinstance(i, (str, bytes)) for i in items):
+        raise TypeError(
+            f"exclude mixes single {what} and collections; give one collection for all "
+            "queries or one per query"
+        )
+    if len(items) != n_queries:
+        raise ValueError(f"exclude has {len(items)} per-query collections for {n_queries} queries")
+    return ("per_query", items)
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Row ids never to return: ``shared`` for every query, or one array per query."""
+
+    shared: np.ndarray | None = None
+    per_query: tuple[np.ndarray, ...] | None = None
+
+    @classmethod
+    def parse(cls, exclude, n_queries: int) -> Exclusions | None:
+        """Row ids given in any form :func:`split_exclude` reads (or an ``Exclusions``)."""
+        if exclude is None or isinstance(exclude, Exclusions):
+            return exclude
+        shape, items = split_exclude(exclude, n_queries)
+        if shape == "shared":
+            return cls(shared=_id_array(items, "exclude"))
+        return cls(per_query=tuple(_id_array(e, f"exclude[{i}]") for i, e in enumerate(items)))
+
+    def of_query(self, q: int) -> np.ndarray:
+        """The rows excluded for query ``q``."""
+        return self.shared if self.per_query is None else self.per_query[q]
+
+    def largest(self) -> int:
+        """Most rows excluded for one query (how many extra hits a post-filter needs)."""
+        if self.per_query is None:
+            return len(self.shared)
+        return max((len(e) for e in self.per_query), default=0)
+
+    def check(self, n_queries: int) -> None:
+        if self.per_query is not None and len(self.per_query) != n_queries:
+            raise ValueError(
+                f"exclude has {len(self.per_query)} per-query collections for {n_queries} queries"
+            )
+
+    def core_options(self) -> dict[str, object]:
+        """Keyword arguments of the Rust search."""
+        if self.per_query is None:
+            return {"exclude": self.shared}
+        return {"exclude_per_query": list(self.per_query)}
