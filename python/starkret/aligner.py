@@ -168,6 +168,7 @@ class Aligner:
         overfetch: int = 4,
         max_fetch: int = 4096,
         chunk_moments: int = 2048,
+        device: str = "cpu",
     ) -> None:
         if reuse not in ("episode", "global", "none"):
             raise ValueError(f"reuse must be 'episode', 'global' or 'none', got {reuse!r}")
@@ -184,6 +185,7 @@ class Aligner:
         self.db, self.k_per_source, self.min_score = db, k_per_source, float(min_score)
         self.threshold, self.reuse = float(near_duplicate_threshold), reuse
         self.overfetch, self.max_fetch, self.chunk_moments = overfetch, max_fetch, chunk_moments
+        self.device = device  # passed to ImageDB.search: "cpu", "cuda", "cuda:N"
         self._source_ids = {name: i for i, name in enumerate(db.sources)}
         self._used_globally: set[int] = set()
 
@@ -263,7 +265,9 @@ class Aligner:
         hits: list[list[Hit]] = [[] for _ in chunk]
         for size in sorted(set(fetch)):
             rows = [j for j, f in enumerate(fetch) if f == size]
-            found = self.db.search(vectors[[chunk[j] for j in rows]], k=size)
+            found = self.db.search(
+                vectors[[chunk[j] for j in rows]], k=size, device=self.device
+            )
             for j, h in zip(rows, found, strict=True):
                 hits[j] = h
         return hits

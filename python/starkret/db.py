@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import SourceIndex, source_dirs, torch_exact_search
+from .index import SourceIndex, source_dirs
 
 __all__ = ["Hit", "ImageDB"]
 
@@ -53,6 +53,7 @@ class _Source:
         self.urls = table.column("url").to_pylist()
         self.captions = table.column("caption").to_pylist()
         self._row_of_key: dict[str, int] | None = None
+        self._device_searchers: dict[str, object] = {}  # device -> gpu_search.DeviceSearcher
 
     def row_of(self, key: str) -> int | None:
         """Row of a DB key (``cc12m/0001``) or of a Stark ``url:`` key."""
@@ -176,8 +177,10 @@ class ImageDB:
         """Top ``k`` images of each source for every query, best first.
 
         ``exclude`` holds image keys never to return: one collection for all queries,
-        or one per query. ``device="cuda"`` scans exactly on the GPU (torch matmul +
-        topk over float16 tiles) instead of the CPU scan or the AutoFaiss index.
+        or one per query. ``device="cuda"`` (or ``"cuda:N"``) scans exactly on the GPU
+        (:mod:`starkret.gpu_search`: float32 scores, tiles sized to free GPU memory,
+        parts kept resident when they fit) instead of the CPU scan or the approximate
+        index; ``device="torch-cpu"`` runs that same code on the CPU.
         """
         if not isinstance(k, int) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
@@ -207,7 +210,14 @@ class ImageDB:
 
     def _search_source(self, source: _Source, vectors, k, banned, device, threads):
         if device != "cpu":
-            return torch_exact_search(vectors, source.index.parts, k, device=device, exclude=banned)
+            from .gpu_search import DeviceSearcher
+
+            searcher = source._device_searchers.get(device)
+            if searcher is None:
+                dev = "cpu" if device == "torch-cpu" else device
+                searcher = DeviceSearcher(source.index.parts.arrays, device=dev)
+                source._device_searchers[device] = searcher
+            return searcher.search(vectors, k, exclude=banned)
         return source.index.search(vectors, k, exclude=banned, threads=threads)
 
     def locate(self, key: str, sources: Sequence[str] | None = None) -> tuple[str, int] | None:
