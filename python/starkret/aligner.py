@@ -265,9 +265,7 @@ class Aligner:
         hits: list[list[Hit]] = [[] for _ in chunk]
         for size in sorted(set(fetch)):
             rows = [j for j, f in enumerate(fetch) if f == size]
-            found = self.db.search(
-                vectors[[chunk[j] for j in rows]], k=size, device=self.device
-            )
+            found = self.db.search(vectors[[chunk[j] for j in rows]], k=size, device=self.device)
             for j, h in zip(rows, found, strict=True):
                 hits[j] = h
         return hits

@@ -72,7 +72,7 @@ class DeviceSearcher:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.parts = [p for p in parts]
+        self.parts = list(parts)
         if not self.parts:
             raise ValueError("no parts to search")
         dims = {int(p.shape[1]) for p in self.parts}
@@ -88,6 +88,9 @@ class DeviceSearcher:
         self._query_chunk, self._tile_rows = query_chunk, tile_rows
         self._resident_wanted = resident
         self._resident: list | None = None
+        if self.parts and not isinstance(self.parts[0], np.ndarray):
+            # torch tensors (already on the device, e.g. generated there): search in place
+            self._resident = [p.to(self.device, torch.float16) for p in self.parts]
         self._pinned: list | None = None
         self._mm_out_dtype = self.cuda  # cleared if this torch has no mm(out_dtype=)
 
@@ -316,7 +319,7 @@ def _top_keys(torch, keys, k: int):
 
 def _tile_top_keys(torch, scores, k: int, first: int):
     """Keys of a tile's top-k entries per query, ties at the k-th score to the lower row."""
-    n, t = scores.shape
+    _n, t = scores.shape
     m = min(k, t)
     top = torch.topk(scores, m, dim=1, sorted=False)
     rows = top.indices.to(torch.int64) + first
@@ -350,7 +353,9 @@ def _exclusion_pairs(exclude, n_queries: int):
     per_query = bool(items) and all(not np.isscalar(e) for e in items)
     if per_query:
         if len(items) != n_queries:
-            raise ValueError(f"exclude has {len(items)} per-query collections for {n_queries} queries")
+            raise ValueError(
+                f"exclude has {len(items)} per-query collections for {n_queries} queries"
+            )
         rows_list = [np.fromiter((int(r) for r in e), np.int64) for e in items]
         qs = np.repeat(np.arange(n_queries, dtype=np.int64), [len(r) for r in rows_list])
         rows = np.concatenate(rows_list) if rows_list else np.zeros(0, np.int64)

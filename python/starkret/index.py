@@ -243,6 +243,7 @@ def build_index(
     auto_exact_max_rows: int = AUTO_EXACT_MAX_ROWS,
     recall_queries: int = 1000,
     seed: int = 0,
+    ivf_nlist: int | None = None,
 ) -> dict:
     """Build the index of one embedded source; returns (and writes) its ``infos.json``.
 
@@ -298,7 +299,12 @@ def build_index(
 
         infos.update(
             build_ivf(
-                source_dir, parts, index_dir, max_index_memory_usage=max_index_memory_usage, seed=seed
+                source_dir,
+                parts,
+                index_dir,
+                max_index_memory_usage=max_index_memory_usage,
+                nlist=ivf_nlist,
+                seed=seed,
             )
         )
     tmp = index_dir / ".infos.json.tmp"
@@ -373,7 +379,6 @@ def _recall_at_10(index: SourceIndex, parts: _Parts, n: int, seed: int) -> float
     _, approx = index.search(queries, 10, exact=False)
     hits = sum(len(set(t[t >= 0]) & set(a[a >= 0])) for t, a in zip(truth, approx, strict=True))
     return hits / max(1, int((truth >= 0).sum()))
-
 
 
 def _recall_text_like(index: SourceIndex, parts: _Parts, n: int, seed: int) -> float:

@@ -18,6 +18,7 @@ measured recall, the pair and the grid tried are written to ``infos.json``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -61,7 +62,7 @@ def choose_nlist(count: int) -> int:
     """Cells: a power of two near 4 sqrt(n), with >= 39 training rows per cell."""
     if count < 39 * 2:
         return 1
-    target = 1 << int(round(np.log2(max(1.0, 4 * np.sqrt(count)))))
+    target = 1 << round(np.log2(max(1.0, 4 * np.sqrt(count))))
     return int(max(1, min(target, 65536, 1 << int(np.log2(count // 39)))))
 
 
@@ -99,7 +100,7 @@ def rerank(parts, queries: np.ndarray, candidates: np.ndarray, k: int, banned=No
                 if ban:
                     cand[j, np.isin(cand[j], list(ban))] = -1
         valid = cand >= 0
-        vectors = np.zeros(cand.shape + (queries.shape[1],), np.float32)
+        vectors = np.zeros((*cand.shape, queries.shape[1]), np.float32)
         vectors[valid] = parts.rows(cand[valid])
         scores = np.einsum("qcd,qd->qc", vectors, queries[start : start + step])
         scores[~valid] = -np.inf
@@ -118,10 +119,8 @@ def _set_probe(index, nprobe: int) -> None:
 
     space = faiss.ParameterSpace()
     space.set_index_parameter(index, "nprobe", int(nprobe))
-    try:
+    with contextlib.suppress(RuntimeError):  # a flat coarse quantizer (nlist = 1) has none
         space.set_index_parameter(index, "quantizer_efSearch", max(64, 2 * int(nprobe)))
-    except RuntimeError:
-        pass  # a flat coarse quantizer (nlist = 1) has no efSearch
 
 
 class IvfIndex:
