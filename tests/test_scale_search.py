@@ -81,6 +81,23 @@ def test_device_search_pads_like_the_rust_scan_when_rows_run_out():
     assert r2[1].tolist() == [-1] * 6 and np.isneginf(s2[1]).all()
 
 
+def test_split_float16_query_halves_give_float32_scores():
+    # The CUDA path scores [hi; lo] float16 halves of each query with float32
+    # accumulation; checked here with the same halves multiplied in float64.
+    import torch
+
+    from starkret.gpu_search import split_halves
+
+    rng = np.random.default_rng(4)
+    q = _unit(rng, 50, 768)
+    rows = _unit(rng, 400, 768).astype(np.float16).astype(np.float64)
+    both = split_halves(torch, torch.from_numpy(q)).double().numpy()
+    approx = both[:50] @ rows.T + (both[50:] @ rows.T) / 4096
+    exact = q.astype(np.float64) @ rows.T
+    assert np.abs(approx - exact).max() < 2e-7  # float16 queries alone: ~1e-4
+    assert np.abs(both[:50] @ rows.T - exact).max() > 1e-5
+
+
 def test_imagedb_and_aligner_reach_the_device_path(tmp_path):
     rng = np.random.default_rng(3)
     write_source(tmp_path / "db" / "a", "a", _unit(rng, 300, 16), part_size=70)

@@ -33,6 +33,8 @@ __all__ = [
     "IvfIndex",
     "build_ivf",
     "parse_bytes",
+    "best_of",
+    "candidate_scores",
     "rerank",
 ]
 
@@ -85,32 +87,48 @@ def rerank(parts, queries: np.ndarray, candidates: np.ndarray, k: int, banned=No
     Scores are float32 dot products with the float16 rows widened exactly; ties rank
     the lower row first. ``banned``: one set of rows per query (or None).
     """
-    n = len(queries)
-    out_s = np.full((n, k), -np.inf, np.float32)
-    out_r = np.full((n, k), -1, np.int64)
-    if n == 0:
-        return out_s, out_r
-    width = max(1, candidates.shape[1])
-    step = max(1, (64 << 20) // (width * queries.shape[1] * 4))
+    cand = np.asarray(candidates, np.int64)
+    if banned is not None:
+        cand = cand.copy()
+        for j, ban in enumerate(banned):
+            if ban:
+                cand[j, np.isin(cand[j], list(ban))] = -1
+    return best_of(candidate_scores(parts, queries, cand), cand, k)
+
+
+def candidate_scores(parts, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """float32 inner products of each query with its candidate rows (``-inf`` for ``-1``)."""
+    n, width = candidates.shape
+    dim = queries.shape[1]
+    scores = np.full((n, width), -np.inf, np.float32)
+    step = max(1, (64 << 20) // (max(1, width) * dim * 4))
     for start in range(0, n, step):
         cand = candidates[start : start + step]
-        if banned is not None:
-            cand = cand.copy()
-            for j, ban in enumerate(banned[start : start + step]):
-                if ban:
-                    cand[j, np.isin(cand[j], list(ban))] = -1
         valid = cand >= 0
-        vectors = np.zeros((*cand.shape, queries.shape[1]), np.float32)
-        vectors[valid] = parts.rows(cand[valid])
-        scores = np.einsum("qcd,qd->qc", vectors, queries[start : start + step])
-        scores[~valid] = -np.inf
-        rows = np.where(valid, cand, np.iinfo(np.int64).max)
-        order = np.lexsort((rows, -scores), axis=1)[:, :k]
-        s = np.take_along_axis(scores, order, 1)
-        r = np.take_along_axis(cand, order, 1)
-        m = s.shape[1]
-        out_s[start : start + step, :m] = s
-        out_r[start : start + step, :m] = np.where(np.isfinite(s), r, -1)
+        flat = cand[valid]
+        order = np.argsort(flat, kind="stable")  # read the memory maps in row order
+        vectors = np.empty((len(flat), dim), np.float32)
+        vectors[order] = parts.rows(flat[order])
+        owner = np.nonzero(valid)[0]
+        part = scores[start : start + step]
+        part[valid] = np.einsum("cd,cd->c", vectors, queries[start : start + step][owner])
+    return scores
+
+
+def best_of(scores: np.ndarray, candidates: np.ndarray, k: int):
+    """Top-``k`` ``(scores, rows)`` per query of scored candidates; ties to the lower row."""
+    n = len(scores)
+    out_s = np.full((n, k), -np.inf, np.float32)
+    out_r = np.full((n, k), -1, np.int64)
+    if n == 0 or scores.shape[1] == 0:
+        return out_s, out_r
+    rows = np.where(candidates >= 0, candidates, np.iinfo(np.int64).max)
+    order = np.lexsort((rows, -scores), axis=1)[:, :k]
+    s = np.take_along_axis(scores, order, 1)
+    r = np.take_along_axis(candidates, order, 1)
+    m = s.shape[1]
+    out_s[:, :m] = s
+    out_r[:, :m] = np.where(np.isfinite(s), r, -1)
     return out_s, out_r
 
 
@@ -183,7 +201,7 @@ def build_ivf(
     factory = f"IVF{nlist}_HNSW32,{codes}" if nlist > 1 else f"IVF1,{codes}"
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    sample_n = min(count, max(train_rows, 39 * nlist))
+    sample_n = min(count, max(39 * nlist, min(train_rows, 64 * nlist)))
     sample = np.sort(rng.choice(count, sample_n, replace=False))
     index.train(parts.rows(sample))
     for array in parts.arrays:  # faiss ids are assigned in add order = global rows
@@ -202,8 +220,9 @@ def build_ivf(
     while True:
         _set_probe(index, nprobe)
         _, ids = index.search(queries, grid[-1])
+        scored = candidate_scores(parts, queries, ids)  # once; each c is a prefix
         for c in grid:
-            _, got = rerank(parts, queries, ids[:, :c], RECALL_K)
+            _, got = best_of(scored[:, :c], ids[:, :c], RECALL_K)
             recall = recall_at(truth, got, RECALL_K)
             # cost in row-equivalents: codes scanned (SQ8 = half a float16 row) + re-ranked
             cost = nprobe * per_cell * _code_fraction(codes, dim) + c * 4
