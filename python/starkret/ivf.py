@@ -31,10 +31,10 @@ __all__ = [
     "INDEX_FILE",
     "TARGET_RECALL",
     "IvfIndex",
-    "build_ivf",
-    "parse_bytes",
     "best_of",
+    "build_ivf",
     "candidate_scores",
+    "parse_bytes",
     "rerank",
 ]
 
