@@ -231,7 +231,7 @@ def build_ivf(
                 best = (cost, nprobe, c, recall)
         if nprobe >= nlist or (best is not None and nprobe >= 4 * best[1]):
             break
-        nprobe = min(nlist, nprobe * 2)
+        nprobe = min(nlist, _next_probe(nprobe))
     met = best is not None
     if not met:
         top = max(tried, key=lambda t: (t["recall_at_5"], -t["nprobe"], -t["candidates"]))
@@ -272,3 +272,12 @@ def build_ivf(
 def _code_fraction(codes: str, dim: int) -> float:
     code_bytes = dim if codes == "SQ8" else int(codes[2:])
     return code_bytes / (2 * dim)
+
+
+def _next_probe(nprobe: int) -> int:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, ...: steps of 1.5x / 1.33x, finer than doubling."""
+    if nprobe < 2:
+        return nprobe + 1
+    if nprobe & (nprobe - 1) == 0:  # a power of two
+        return nprobe * 3 // 2
+    return 1 << int(nprobe).bit_length()
