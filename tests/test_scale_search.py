@@ -176,3 +176,13 @@ def test_auto_kind_is_exact_up_to_the_limit_and_ivf_above(tmp_path):
     assert build_index(tmp_path / "src", kind="auto")["kind"] == "exact"
     infos = build_index(tmp_path / "src", kind="auto", auto_exact_max_rows=1000)
     assert infos["kind"] == "ivf" and SourceIndex.open(tmp_path / "src").kind == "ivf"
+
+
+def test_cli_align_and_search_take_a_device():
+    from starkret.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["align", "db", "d.jsonl", "-o", "out.jsonl", "--device", "cuda:1"])
+    assert args.device == "cuda:1"
+    assert parser.parse_args(["search", "db", "a dog", "--device", "cuda"]).device == "cuda"
+    assert parser.parse_args(["align", "db", "d.jsonl", "-o", "o"]).device == "cpu"
