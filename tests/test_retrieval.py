@@ -9,7 +9,8 @@ import pytest
 
 import starkret
 from starkret import Aligner, ImageDB, build_index
-from starkret.index import SourceIndex, torch_exact_search
+from starkret.gpu_search import device_search
+from starkret.index import SourceIndex
 from starkret.testing import reference_select, write_source
 
 DIM = 32
@@ -108,9 +109,9 @@ def test_torch_exact_path_equals_the_rust_scan(db_dir):
     index = SourceIndex.open(root / "cc12m")
     queries = _unit(np.random.default_rng(4), 5)
     s1, r1 = index.search(queries, 7)
-    s2, r2 = torch_exact_search(
+    s2, r2 = device_search(
         queries,
-        index.parts,
+        index.parts.arrays,
         7,
         device="cpu",
         tile_rows=100,

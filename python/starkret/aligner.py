@@ -172,6 +172,7 @@ class Aligner:
         overfetch: int = 4,
         max_fetch: int = 4096,
         chunk_moments: int = 2048,
+        device: str = "cpu",
     ) -> None:
         if reuse not in ("episode", "global", "none"):
             raise ValueError(f"reuse must be 'episode', 'global' or 'none', got {reuse!r}")
@@ -188,6 +189,7 @@ class Aligner:
         self.db, self.k_per_source, self.min_score = db, k_per_source, float(min_score)
         self.threshold, self.reuse = float(near_duplicate_threshold), reuse
         self.overfetch, self.max_fetch, self.chunk_moments = overfetch, max_fetch, chunk_moments
+        self.device = device  # passed to ImageDB.search_arrays: "cpu", "cuda", "cuda:N"
         self._used_globally = np.zeros(0, np.uint64)  # sorted image ids
 
     def align(self, moments: Iterable[Moment | Mapping]) -> list[Alignment]:
@@ -259,7 +261,7 @@ class Aligner:
         """Search the ``pending`` moments, one batched search per distinct fetch size."""
         for size in np.unique(fetch[pending]).tolist():
             group = pending[fetch[pending] == size]
-            res = self.db.search_arrays(vectors[group], int(size))
+            res = self.db.search_arrays(vectors[group], int(size), device=self.device)
             valid = res.valid()
             for row, j in enumerate(group.tolist()):
                 keep = valid[row]

@@ -233,7 +233,7 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
             )
             summary = {"source_dir": str(source_dir), "kind": infos["kind"]}
             summary["count"] = infos["count"]
-            for key in ("recall_at_10", "build_seconds"):
+            for key in ("recall_at_10", "recall_at_5_text_like", "build_seconds"):
                 if key in infos:
                     summary[key] = infos[key]
             summaries.append(summary)
@@ -243,6 +243,10 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
                 recall = (
                     f", recall@10 {infos['recall_at_10']:.3f}" if "recall_at_10" in infos else ""
                 )
+                if "recall_at_5_text_like" in infos:
+                    recall += (
+                        f", recall@5 on text-like queries {infos['recall_at_5_text_like']:.3f}"
+                    )
                 line = f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}"
                 (bar.write if bar is not None else print)(line)
     finally:
@@ -327,6 +331,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         min_score=args.min_score,
         near_duplicate_threshold=args.near_duplicate_threshold,
         reuse=args.reuse,
+        device=args.device,
     )
     report = align_file(
         db,
@@ -458,16 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .index import AUTO_EXACT_MAX_ROWS, DEFAULT_MAX_INDEX_MEMORY, DEFAULT_MAX_QUERY_TIME_MS
 
-    build = sub.add_parser("build-index", help="index embedded sources (exact or AutoFaiss)")
+    build = sub.add_parser("build-index", help="index embedded sources (exact, ivf or AutoFaiss)")
     build.add_argument("path", help="an embed-shards output, or a DB folder of them")
-    build.add_argument("--kind", choices=["auto", "exact", "autofaiss"], default="auto")
+    build.add_argument("--kind", choices=["auto", "exact", "ivf", "autofaiss"], default="auto")
     build.add_argument("--max-index-memory-usage", default=DEFAULT_MAX_INDEX_MEMORY)
     build.add_argument("--max-index-query-time-ms", type=float, default=DEFAULT_MAX_QUERY_TIME_MS)
     build.add_argument(
         "--auto-exact-max-rows",
         type=int,
         default=AUTO_EXACT_MAX_ROWS,
-        help="kind=auto: exact search up to this many images",
+        help="kind=auto: exact search up to this many images, ivf above",
     )
     _add_common(build, json_help="print one JSON object: kind, count, recall per source")
     build.set_defaults(func=_cmd_build_index)
@@ -490,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("queries", nargs="+", help="image descriptions")
     search.add_argument("-k", type=int, default=5, help="results per source")
     search.add_argument("--sources", nargs="+", default=None, help="only these sources")
-    search.add_argument("--device", default="cpu", help="cpu, or cuda for exact GPU search")
+    search.add_argument(
+        "--device", default="cpu", help="cpu, or cuda / cuda:N for exact search on a GPU"
+    )
     _add_common(search, json_help="JSON output")
     search.set_defaults(func=_cmd_search)
 
@@ -502,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--min-score", type=float, default=0.2)
     align.add_argument("--near-duplicate-threshold", type=float, default=0.94)
     align.add_argument("--reuse", choices=["episode", "global", "none"], default="episode")
+    align.add_argument(
+        "--device", default="cpu", help="cpu, or cuda / cuda:N for exact search on a GPU"
+    )
     align.add_argument("--report", default=None, help="also write this HTML report")
     align.add_argument("--no-progress", action="store_true")
     align.add_argument(

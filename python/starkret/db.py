@@ -169,9 +169,10 @@ class ImageDB:
         """Top ``k`` images of each source for every query, best first.
 
         ``exclude`` holds image keys never to return: one collection for all queries,
-        or one per query. ``device="cuda"`` scans exactly on the GPU (torch matmul +
-        topk over float16 tiles) instead of the CPU scan or the AutoFaiss index.
-        Metadata is read only for the rows returned.
+        or one per query. ``device="cuda"`` (or ``"cuda:N"``) scans exactly on the GPU
+        (:mod:`starkret.gpu_search`: float32 scores, tiles sized to free GPU memory,
+        parts kept resident when they fit) instead of the CPU scan or the approximate
+        index; ``device="torch-cpu"`` runs that same code on the CPU.
         """
         _check_k(k)
         results = self.search_arrays(

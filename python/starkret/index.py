@@ -26,13 +26,15 @@ from .search import Exclusions, Parts, embedding_parts, exact_search, register_s
 __all__ = [
     "AUTO_EXACT_MAX_ROWS",
     "SourceIndex",
+    "auto_kind",
     "build_index",
     "embedding_parts",
     "exact_search",
     "source_dirs",
 ]
 
-#: ``kind="auto"`` builds AutoFaiss above this many rows and searches exactly below it.
+#: ``kind="auto"`` builds an ivf index (:mod:`starkret.ivf`) above this many rows and
+#: searches exactly up to it.
 #: Exact float16 search streams the whole source once per query batch; at ~10 GB/s per
 #: machine that is ~0.3 s per batch at 2M x 768 rows, about what 30 single AutoFaiss
 #: queries at Stark's 10 ms budget cost, and it has recall 1.0.
@@ -79,6 +81,11 @@ class SourceIndex:
     def __init__(self, source_dir: Path, manifest: dict, parts: Parts, infos: dict, faiss_index):
         self.source_dir, self.manifest, self.parts = source_dir, manifest, parts
         self.infos, self._faiss = infos, faiss_index
+        self._ivf = None
+        if infos.get("kind") == "ivf":
+            from .ivf import IvfIndex
+
+            self._ivf = IvfIndex.open(source_dir / "index", parts, infos)
 
     @classmethod
     def open(cls, source_dir: str | os.PathLike) -> SourceIndex:
@@ -200,6 +207,7 @@ def build_index(
     auto_exact_max_rows: int = AUTO_EXACT_MAX_ROWS,
     recall_queries: int = 1000,
     seed: int = 0,
+    ivf_nlist: int | None = None,
 ) -> dict:
     """Build the index of one embedded source; returns (and writes) its ``infos.json``.
 
@@ -207,13 +215,17 @@ def build_index(
     Rust); ``"autofaiss"`` runs ``autofaiss.build_index`` with Stark's settings (inner
     product, 16GB, 10 ms; all overridable) and then measures recall@10 against exact
     search on held-out queries (perturbed rows, not rows of the index), stored in the
-    infos and warned about below 0.9; ``"auto"`` picks exact up to
-    ``auto_exact_max_rows`` rows.
+    infos and warned about below 0.9, and recall@5 on text-like queries
+    (:mod:`starkret.text_like`); ``"ivf"`` builds :mod:`starkret.ivf`'s index (IVF with
+    an HNSW coarse quantizer and SQ8/PQ codes, candidates re-ranked exactly, nprobe and
+    candidates calibrated to recall@5 >= 0.95 on text-like queries within
+    ``max_index_memory_usage``); ``"auto"`` picks exact up to ``auto_exact_max_rows``
+    rows and ivf above.
 
     >>> build_index("db/cc12m", kind="auto")  # doctest: +SKIP
     """
-    if kind not in ("auto", "exact", "autofaiss"):
-        raise ValueError(f"kind must be 'auto', 'exact' or 'autofaiss', got {kind!r}")
+    if kind not in ("auto", "exact", "autofaiss", "ivf"):
+        raise ValueError(f"kind must be 'auto', 'exact', 'ivf' or 'autofaiss', got {kind!r}")
     source_dir = Path(source_dir)
     manifest = _manifest(source_dir)
     if kind != "exact":  # autofaiss reads files in name order: pad a pre-padding folder's names
@@ -222,7 +234,7 @@ def build_index(
         pad_part_names(source_dir)
     parts = Parts.load(source_dir)
     if kind == "auto":
-        kind = "exact" if parts.count <= auto_exact_max_rows else "autofaiss"
+        kind = auto_kind(parts.count, auto_exact_max_rows)
     index_dir = source_dir / "index"
     index_dir.mkdir(exist_ok=True)
     infos = {
@@ -241,6 +253,7 @@ def build_index(
         index = SourceIndex.open_with(source_dir, manifest, parts, infos)
         recall = _recall_at_10(index, parts, recall_queries, seed)
         infos["recall_at_10"] = recall
+        infos["recall_at_5_text_like"] = _recall_text_like(index, parts, recall_queries, seed)
         if recall < RECALL_WARNING:
             _logger.warning(
                 "%s: AutoFaiss recall@10 is %.3f (< %.2f); consider a larger "
@@ -249,6 +262,19 @@ def build_index(
                 recall,
                 RECALL_WARNING,
             )
+    if kind == "ivf":
+        from .ivf import build_ivf
+
+        infos.update(
+            build_ivf(
+                source_dir,
+                parts,
+                index_dir,
+                max_index_memory_usage=max_index_memory_usage,
+                nlist=ivf_nlist,
+                seed=seed,
+            )
+        )
     infos["metadata_rows"] = write_metadata_arrow(source_dir, parts.offsets)
     metadata = Metadata(source_dir, parts.offsets, source_dir / "index" / "metadata.arrow")
     infos["key_index_rows"] = write_key_index(source_dir, metadata)
@@ -256,6 +282,11 @@ def build_index(
     tmp.write_text(json.dumps(infos, indent=2))
     os.replace(tmp, index_dir / "infos.json")
     return infos
+
+
+def auto_kind(count: int, auto_exact_max_rows: int = AUTO_EXACT_MAX_ROWS) -> str:
+    """``kind="auto"``'s rule: ``"exact"`` up to ``auto_exact_max_rows`` rows, else ``"ivf"``."""
+    return "exact" if count <= auto_exact_max_rows else "ivf"
 
 
 def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
@@ -328,55 +359,34 @@ def _recall_at_10(index: SourceIndex, parts: Parts, n: int, seed: int) -> float:
     return hits / max(1, int((truth >= 0).sum()))
 
 
-def torch_exact_search(
-    queries, parts: Parts, k: int, *, device: str = "cuda", tile_rows: int = 1 << 20, exclude=None
-):
-    """Exact top-k with torch: float16 tiles of the parts, matmul and topk on ``device``.
+def _recall_text_like(index: SourceIndex, parts: _Parts, n: int, seed: int) -> float:
+    """recall@5 of the approximate index against exact search on text-like queries."""
+    from .text_like import recall_at, text_like_queries
 
-    The GPU path for Stark-scale alignment (every query against every row, recall 1.0):
-    each tile is copied once and scored against the whole query batch. On CPU the tiles
-    are computed in float32. Returns the same (scores, global rows) as the Rust scan.
-    """
-    import torch
-
-    dev = torch.device(device)
-    half = dev.type == "cuda"
-    q = torch.as_tensor(np.ascontiguousarray(queries, np.float32), device=dev)
-    q = q.half() if half else q
-    banned = per_query_exclusions(exclude, len(queries))
-    best_s = torch.full((len(queries), 0), -float("inf"), device=dev)
-    best_i = torch.full((len(queries), 0), -1, dtype=torch.int64, device=dev)
-    for p, array in enumerate(parts.arrays):
-        for start in range(0, array.shape[0], tile_rows):
-            tile = torch.from_numpy(np.array(array[start : start + tile_rows]))  # owned copy
-            tile = tile.to(dev, non_blocking=True)
-            tile = tile if half else tile.float()
-            scores = (q @ tile.T).float()
-            first = int(parts.offsets[p]) + start
-            if banned:
-                for qi, rows in enumerate(banned):
-                    local = [r - first for r in rows if first <= r < first + tile.shape[0]]
-                    if local:
-                        scores[qi, local] = -float("inf")
-            tile_top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-            cand_s = torch.cat([best_s, tile_top.values], dim=1)
-            cand_i = torch.cat([best_i, tile_top.indices + first], dim=1)
-            # ties: lower row first, as the Rust scan does (topk keeps the first of equals)
-            order = torch.argsort(cand_i, dim=1)
-            cand_s, cand_i = cand_s.gather(1, order), cand_i.gather(1, order)
-            top = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1, sorted=True)
-            best_s, best_i = top.values, cand_i.gather(1, top.indices)
-    scores = np.full((len(queries), k), -np.inf, np.float32)
-    rows = np.full((len(queries), k), -1, np.int64)
-    n = best_s.shape[1]
-    scores[:, :n] = best_s.cpu().numpy()
-    rows[:, :n] = np.where(np.isfinite(scores[:, :n]), best_i.cpu().numpy(), -1)
-    return scores, rows
+    dim = parts.arrays[0].shape[1]
+    queries = text_like_queries(parts.rows, parts.count, min(n, 500), dim, seed=seed + 1)
+    _, truth = index.search(queries, 5, exact=True)
+    _, approx = index.search(queries, 5, exact=False)
+    return round(recall_at(truth, approx, 5), 4)
 
 
-def _torch_search(index: SourceIndex, queries, k, exclude: Exclusions | None, *, device, **_):
-    return torch_exact_search(queries, index.parts, k, device=device, exclude=exclude)
+def _ivf_search(index: SourceIndex, queries, k, exclude: Exclusions | None, **_):
+    return index._ivf.search(queries, k, exclude=exclude)
 
 
-register_searcher("*", "cuda", _torch_search)
-register_searcher("*", "mps", _torch_search)
+def _device_search(index: SourceIndex, queries, k, exclude: Exclusions | None, *, device, **_):
+    from .gpu_search import DeviceSearcher
+
+    searchers = index.__dict__.setdefault("_device_searchers", {})
+    if device not in searchers:  # parts stay resident on the device between calls
+        torch_device = "cpu" if device == "torch-cpu" else device  # the GPU code, run on CPU
+        searchers[device] = DeviceSearcher(index.parts.arrays, device=torch_device)
+    if exclude is not None:
+        exclude = exclude.shared if exclude.per_query is None else list(exclude.per_query)
+    return searchers[device].search(queries, k, exclude=exclude)
+
+
+register_searcher("ivf", "cpu", _ivf_search)
+register_searcher("*", "cuda", _device_search)
+register_searcher("*", "mps", _device_search)
+register_searcher("*", "torch-cpu", _device_search)
