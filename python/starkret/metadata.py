@@ -74,6 +74,7 @@ class Metadata:
         self._batches: list | None = None  # record batches of the mapped Arrow file
         self._batch_offsets: np.ndarray | None = None
         self._parquet: OrderedDict[int, object] = OrderedDict()
+        self._parquet_files: list[Path] | None = None  # listed on the first parquet read
 
     @classmethod
     def open(cls, source_dir: str | os.PathLike, offsets: np.ndarray, infos: dict) -> Metadata:
@@ -166,7 +167,11 @@ class Metadata:
             return table
         import pyarrow.parquet as pq
 
-        path = self.source_dir / "metadata" / f"metadata_{part}.parquet"
+        if self._parquet_files is None:
+            self._parquet_files = metadata_parts(self.source_dir)
+        files = self._parquet_files
+        # Part i is the i-th file in part order, whatever its name's padding.
+        path = files[part] if part < len(files) else self.source_dir / "metadata" / f"part {part}"
         try:
             table = pq.read_table(path, columns=list(COLUMNS))
         except FileNotFoundError:
