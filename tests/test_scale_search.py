@@ -186,3 +186,17 @@ def test_cli_align_and_search_take_a_device():
     assert args.device == "cuda:1"
     assert parser.parse_args(["search", "db", "a dog", "--device", "cuda"]).device == "cuda"
     assert parser.parse_args(["align", "db", "d.jsonl", "-o", "o"]).device == "cpu"
+
+
+def test_auto_keeps_exact_search_when_the_ivf_would_probe_most_cells(tmp_path):
+    # Unclustered rows: text-like queries need most cells for recall@5 >= 0.95, so an
+    # ivf would be a slower full scan; auto must keep exact search and say why.
+    rng = np.random.default_rng(3)
+    write_source(tmp_path / "src", "src", _unit(rng, 4000, 32), part_size=2000)
+    infos = build_index(tmp_path / "src", kind="auto", auto_exact_max_rows=1000)
+    assert infos["kind"] == "exact" and SourceIndex.open(tmp_path / "src").kind == "exact"
+    rejected = infos["auto_ivf_rejected"]
+    assert rejected["nprobe"] > 0.25 * rejected["nlist"] or not rejected["recall_target_met"]
+    assert not (tmp_path / "src" / "index" / "image.index").exists()
+    # kind="ivf" asked for by name is built whatever the calibration found
+    assert build_index(tmp_path / "src", kind="ivf")["kind"] == "ivf"

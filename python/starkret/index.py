@@ -233,7 +233,8 @@ def build_index(
 
         pad_part_names(source_dir)
     parts = Parts.load(source_dir)
-    if kind == "auto":
+    auto = kind == "auto"
+    if auto:
         kind = auto_kind(parts.count, auto_exact_max_rows)
     index_dir = source_dir / "index"
     index_dir.mkdir(exist_ok=True)
@@ -275,6 +276,20 @@ def build_index(
                 seed=seed,
             )
         )
+        if auto and not _ivf_pays_off(infos):
+            # The calibration had to probe most cells (text-like queries far from every
+            # cluster): the ivf would scan about everything, slower than the exact scan.
+            _logger.warning(
+                "%s: ivf needs nprobe %d of %d cells for recall@5 %.3f on text-like queries; "
+                "kind='auto' keeps exact search (build kind='ivf' to use it anyway)",
+                source_dir,
+                infos["nprobe"],
+                infos["nlist"],
+                infos["recall_at_5_text_like"],
+            )
+            (index_dir / infos["index_file"]).unlink(missing_ok=True)
+            ivf_infos = {k: infos.pop(k) for k in list(infos) if k not in _BASE_INFOS}
+            infos.update(kind="exact", auto_ivf_rejected=ivf_infos)
     infos["metadata_rows"] = write_metadata_arrow(source_dir, parts.offsets)
     metadata = Metadata(source_dir, parts.offsets, source_dir / "index" / "metadata.arrow")
     infos["key_index_rows"] = write_key_index(source_dir, metadata)
@@ -282,6 +297,18 @@ def build_index(
     tmp.write_text(json.dumps(infos, indent=2))
     os.replace(tmp, index_dir / "infos.json")
     return infos
+
+
+#: ``kind="auto"`` keeps an ivf index only if its calibrated nprobe probes at most this
+#: share of the cells (and reaches the recall target); otherwise it is no faster than exact.
+AUTO_IVF_MAX_PROBE_FRACTION = 0.25
+_BASE_INFOS = ("kind", "count", "dim", "model", "pretrained")
+
+
+def _ivf_pays_off(infos: dict) -> bool:
+    return bool(infos.get("recall_target_met")) and (
+        infos["nprobe"] <= AUTO_IVF_MAX_PROBE_FRACTION * infos["nlist"]
+    )
 
 
 def auto_kind(count: int, auto_exact_max_rows: int = AUTO_EXACT_MAX_ROWS) -> str:
