@@ -5,7 +5,10 @@
 The pairs come from `starkret.synthetic` (seed 1; seed 2 is the held-out gallery of the
 tests, seed 3 the validation gallery printed here). Every image goes through
 `starkret.preprocess` at the model's input size, exactly as `starkret.embed` feeds the
-image tower at inference. Two threads, fixed seeds: the same run gives the same weights.
+image tower at inference. Seeds are fixed; with the same thread count a rerun should give
+the same weights (not yet checked bit for bit). Sentences of everyday words outside the
+toy world are extra negatives, pushed below cosine 0 against every image, so the
+aligner's min_score rejects descriptions the model cannot know.
 
 The bundled weights were made with `--threads 4` (defaults otherwise): 20,000 pairs,
 1,000 steps of 128, in 541 s wall on a shared 2-core AMD EPYC. Held-out gallery (seed 2,
