@@ -1,11 +1,15 @@
-"""The README's main job on generated example data, offline, with the tiny random-weight model.
+"""The README's main job on generated example data, offline, with the bundled starkret-mini model.
 
-It builds a small cc12m-like source (img2dataset-style webdataset shards of photos)
-and a chartqa-like image folder, embeds both with `starkret.embed` (Rust shard reader
-and bit-exact preprocessing feeding the CLIP image tower), runs it again to show
-resume, indexes them, searches, aligns the bundled Stark-style dialogues
-(examples/stark_dialogues.jsonl) with an HTML report, and evaluates Recall/MRR on
-examples/eval_pairs.jsonl.
+It builds a small cc12m-like source (img2dataset-style webdataset shards of generated
+"photos": coloured shapes on plain, striped or dotted backgrounds) and a chartqa-like
+image folder (bar, line and pie charts and box diagrams), embeds both with
+`starkret.embed` (Rust shard reader and bit-exact preprocessing feeding the CLIP image
+tower), runs it again to show resume, indexes them, searches, aligns the bundled
+Stark-style dialogues (examples/stark_dialogues.jsonl, whose image descriptions match
+planted images) with an HTML report, and evaluates Recall/MRR on examples/eval_pairs.jsonl.
+
+starkret-mini is a toy CLIP trained by scripts/train_mini.py on `starkret.synthetic`
+scenes only: it checks the install and the whole chain, it knows nothing of real photos.
 """
 
 from __future__ import annotations
@@ -17,61 +21,121 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
-import PIL.ImageDraw
-
 import starkret
+from starkret import synthetic
 from starkret.dialogue import align_file
 from starkret.eval import evaluate, read_pairs
 from starkret.report import write_report
-from starkret.testing import encode, synthetic_photo
 
 OUT = Path("demo-output")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
+# Images the example dialogues and eval pairs talk about, planted among random ones:
+# (key, attributes). Keys are those of examples/*.jsonl.
+PHOTO = {"size": "large", "pattern": "plain", "position": None}
+PLANTED_PHOTOS = {
+    "000000003": dict(PHOTO, count=3, colour="red", shape="star", background="yellow"),
+    "000000017": dict(
+        PHOTO,
+        count=1,
+        colour="blue",
+        shape="circle",
+        background="white",
+        size="small",
+        position="left",
+    ),
+    "000010005": dict(
+        PHOTO, count=2, colour="green", shape="triangle", background="grey", pattern="striped"
+    ),
+    "000010022": dict(
+        PHOTO,
+        count=4,
+        colour="pink",
+        shape="square",
+        background="blue",
+        size="small",
+        pattern="dotted",
+    ),
+    "000020008": dict(
+        PHOTO, count=1, colour="orange", shape="cross", background="brown", position="centre"
+    ),
+}
+CHART = {"background": "white", "grid": False, "topic": "monthly rainfall"}
+PLANTED_CHARTS = {
+    "chart_003.png": dict(CHART, chart="bar", colour="blue", count=4, orientation="vertical"),
+    "chart_011.png": dict(
+        CHART, chart="line", colour="green", count=1, trend="up", topic="sales by region"
+    ),
+    "chart_020.png": dict(CHART, chart="pie", colour="purple", count=5, topic="votes per party"),
+    "chart_027.png": dict(
+        CHART, chart="diagram", colour="yellow", count=3, orientation="row", background="dark"
+    ),
+}
+
 
 def make_sources() -> None:
+    """40 photos in each of three shards (one truncated download) and 36 charts."""
+    planted = {synthetic.captions("photo", a)[0] for a in PLANTED_PHOTOS.values()}
+    planted |= {synthetic.captions("chart", a)[0] for a in PLANTED_CHARTS.values()}
+    photos = iter(s for s in synthetic.gallery(10, 200, kind="photo") if s.caption not in planted)
+    charts = iter(s for s in synthetic.gallery(11, 80, kind="chart") if s.caption not in planted)
     shards = OUT / "sources" / "cc12m"
     shards.mkdir(parents=True, exist_ok=True)
-    captions = ["a dog on a beach", "a red bicycle", "sunset over the sea", "a city street"]
     for s in range(3):
         with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
-            for i in range(16):
+            for i in range(40):
                 key = f"{s:05d}{i:04d}"
-                photo = encode(synthetic_photo(256, 256, seed=s * 100 + i), "JPEG", quality=90)
-                if (s, i) == (2, 15):
+                if key in PLANTED_PHOTOS:
+                    item = synthetic.make("photo", PLANTED_PHOTOS[key], seed=i)
+                else:
+                    item = next(photos)
+                photo, ext = item.data, "jpg" if item.format == "JPEG" else "png"
+                if (s, i) == (2, 39):
                     photo = photo[: len(photo) // 2]  # a truncated download: recorded, not fatal
-                meta = {"url": f"https://example.com/{key}.jpg", "key": key}
-                for ext, data in (
-                    ("jpg", photo),
-                    ("txt", captions[i % 4].encode()),
+                meta = {"url": f"https://example.com/{key}.{ext}", "key": key}
+                for name, data in (
+                    (ext, photo),
+                    ("txt", item.captions[1].encode()),
                     ("json", json.dumps(meta).encode()),
                 ):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info = tarfile.TarInfo(f"{key}.{name}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    charts = OUT / "sources" / "chartqa" / "png"
-    charts.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        image = PIL.Image.new("RGB", (480, 360), "white")
-        draw = PIL.ImageDraw.Draw(image)
-        for b, height in enumerate(rng.integers(40, 300, 6)):
-            draw.rectangle([40 + 70 * b, 330 - int(height), 90 + 70 * b, 330], fill=(60, 90, 200))
-        image.save(charts / f"chart_{i:03d}.png")
-        (charts / f"chart_{i:03d}.txt").write_text(f"bar chart number {i}")
+    folder = OUT / "sources" / "chartqa" / "png"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(36):
+        name = f"chart_{i:03d}.png"
+        if name in PLANTED_CHARTS:
+            item = synthetic.make(
+                "chart", PLANTED_CHARTS[name], width=480, height=360, seed=i, format="PNG"
+            )
+        else:
+            item = next(charts)
+        # ChartQA ships PNG files; whatever the generator encoded, store it as PNG.
+        data = item.data if item.format == "PNG" else _as_png(item.data)
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text(item.captions[1])
+
+
+def _as_png(data: bytes) -> bytes:
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.open(io.BytesIO(data)).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def main() -> None:
     started = time.perf_counter()
     print(f"starkret {starkret.__version__} demo (CPU, offline)")
-    print("NOTE: starkret-tiny has RANDOM weights: embeddings and scores below carry no meaning.")
-    print("      For real retrieval: --model ViT-L-14-336-quickgelu --pretrained openai")
-    print("      (or a local checkpoint file) on a machine that can download the weights.\n")
+    print("NOTE: starkret-mini is a TOY CLIP (64 px, ~1 MB) trained only on generated shapes and")
+    print("      charts (scripts/train_mini.py): it checks the install and the whole chain, and")
+    print("      knows nothing of real photos. For real data use OpenAI CLIP, as Stark does:")
+    print("      --model ViT-L-14-336-quickgelu --pretrained openai (or a local checkpoint file)")
+    print("      on a machine that can download the weights.\n")
     shutil.rmtree(OUT, ignore_errors=True)
     make_sources()
-    emb = starkret.ClipEmbedder(starkret.TINY_MODEL, device="cpu")
+    emb = starkret.ClipEmbedder(starkret.MINI_MODEL, device="cpu")
     for source, inputs in (
         ("cc12m", str(OUT / "sources/cc12m/{00000..00002}.tar")),
         ("chartqa", OUT / "sources/chartqa/png"),
@@ -101,20 +165,19 @@ def main() -> None:
 
     db = starkret.ImageDB.open(OUT / "db", embedder=emb)
     print(f"\n{db!r}")
-    for query, hits in zip(
-        ["a golden retriever running on a beach"],
-        db.search(["a golden retriever running on a beach"], k=2),
-        strict=True,
-    ):
+    queries = [
+        "three large red stars on a yellow background",
+        "a pie chart with five purple slices",
+        "a photo of my cat asleep on the sofa",
+    ]
+    for query, hits in zip(queries, db.search(queries, k=2), strict=True):
         print(f"search   {query!r}:")
-        for h in hits:
-            print(f"           {h.score:+.3f} {h.source:8} {h.key}")
+        for h in sorted(hits, key=lambda h: -h.score)[:3]:
+            print(f"           {h.score:+.3f} {h.source:8} {h.key:28} {h.caption}")
+    print("         (the last query is outside the toy model's world: low scores, as it should)")
 
-    # A random-weight model scores every text-image pair below 0.2 and maps all images
-    # close together (cosine ~0.96), so the demo relaxes both rules; with real CLIP
-    # weights keep the defaults (min_score=0.2, near_duplicate_threshold=0.94).
-    aligner = starkret.Aligner(db, k_per_source=3, min_score=-1.0,
-                               near_duplicate_threshold=0.999)
+    # The aligner's defaults: min_score=0.2, near_duplicate_threshold=0.94.
+    aligner = starkret.Aligner(db, k_per_source=3)
     report = align_file(
         db,
         EXAMPLES / "stark_dialogues.jsonl",
@@ -141,8 +204,8 @@ def main() -> None:
     result = evaluate(db, read_pairs(EXAMPLES / "eval_pairs.jsonl"))
     print(
         f"\neval     R@1 {result.recall_at_1:.1f}  R@5 {result.recall_at_5:.1f}  "
-        f"R@10 {result.recall_at_10:.1f}  MRR {result.mrr:.1f}  over {result.count} pairs "
-        "(random weights: chance level)"
+        f"R@10 {result.recall_at_10:.1f}  MRR {result.mrr:.1f}  over {result.count} pairs, "
+        f"gallery of {len(db)} images (chance R@1 {100 / len(db):.1f})"
     )
     print(f"outputs: {OUT}/aligned.jsonl, {OUT}/aligned.jsonl.images.jsonl, {OUT}/report.html")
     print(f"\ndone in {time.perf_counter() - started:.1f} s; outputs in {OUT}/")

@@ -63,7 +63,14 @@ def test_readme_demo_runs_offline(tmp_path):
         [sys.executable, str(demo)], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr
-    assert "RANDOM weights" in run.stdout
-    assert "embedded 47 images, failed 1 (truncated 1)" in run.stdout
+    assert "TOY CLIP" in run.stdout and "ViT-L-14-336-quickgelu --pretrained openai" in run.stdout
+    assert "embedded 119 images, failed 1 (truncated 1)" in run.stdout
     assert "skipped as done 3" in run.stdout
+    # starkret-mini finds the planted images: the right one first, a foreign one nowhere.
+    lines = run.stdout.splitlines()
+    first_hit = lines[lines.index("search   'three large red stars on a yellow background':") + 1]
+    assert "cc12m/000000003" in first_hit
+    assert "below_threshold -" in next(line for line in lines if "golden retriever" in line)
+    eval_line = next(line for line in lines if line.startswith("eval "))
+    assert float(eval_line.split()[2]) >= 50  # R@1 in %, chance is 0.6
     assert (tmp_path / "demo-output" / "db" / "chartqa" / "starkret.json").exists()

@@ -19,7 +19,7 @@ from importlib.metadata import version as _dist_version
 from . import _core
 from .aligner import Aligner, Alignment, Candidate, Moment
 from .db import Hit, ImageDB
-from .embed import DEFAULT_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
+from .embed import DEFAULT_MODEL, MINI_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
 from .index import build_index
 
 # `starkret.embed` is the pipeline function (the towers live in the submodule of the
@@ -46,6 +46,7 @@ core_version: str = _core.__version__
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MODEL",
+    "MINI_MODEL",
     "MODEL_DEFAULT",
     "TINY_MODEL",
     "Aligner",

@@ -12,15 +12,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_MODEL", "TINY_MODEL", "ClipEmbedder"]
+__all__ = ["DEFAULT_MODEL", "MINI_MODEL", "TINY_MODEL", "ClipEmbedder"]
 
 #: The model of the reference setup (Stark): OpenAI CLIP ViT-L/14 at 336 px.
 #: OpenAI's weights were trained with QuickGELU, so they need the ``-quickgelu`` config.
 DEFAULT_MODEL = "ViT-L-14-336-quickgelu"
 #: A very small, randomly initialised CLIP shipped with starkret for tests and demos.
 TINY_MODEL = "starkret-tiny"
+#: A small CLIP (64 px) trained on `starkret.synthetic` scenes and charts by
+#: scripts/train_mini.py; its weights ship with starkret (``pretrained="starkret"``).
+MINI_MODEL = "starkret-mini"
+#: The ``pretrained`` tag of the weights bundled with starkret.
+PACKAGED = "starkret"
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
+_PACKAGED_WEIGHTS = {MINI_MODEL: _CONFIG_DIR / "starkret-mini.safetensors"}
 _registered = False
 _register_lock = threading.Lock()
 
@@ -100,6 +106,8 @@ def _resolve_pretrained(open_clip, model: str, pretrained: Any) -> str | None:
     """Turn the ``pretrained`` argument into an open_clip tag, a file path, or None (random)."""
     if pretrained is None:
         return None
+    if model in _PACKAGED_WEIGHTS and pretrained in (MODEL_DEFAULT, PACKAGED):
+        return PACKAGED
     if pretrained is MODEL_DEFAULT:
         if model == TINY_MODEL:
             return None
@@ -133,14 +141,30 @@ def _resolve_pretrained(open_clip, model: str, pretrained: Any) -> str | None:
     return pretrained
 
 
+def _load_packaged(model, path: Path) -> None:
+    """Load weights written by scripts/train_mini.py (token embedding rows stored sparsely)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    ids = state.pop("starkret.token_ids")
+    rows = state.pop("starkret.token_rows")
+    table = torch.zeros_like(model.token_embedding.weight, device="cpu")
+    table[ids] = rows
+    state["token_embedding.weight"] = table
+    model.load_state_dict(state, strict=True)
+
+
 class ClipEmbedder:
     """CLIP image and text towers from open_clip, returning L2-normalised vectors.
 
     ``model`` is an open_clip model name (``"ViT-L-14-336-quickgelu"`` for the Stark
-    reference, or ``"starkret-tiny"``, a tiny randomly initialised CLIP that needs no
-    download). ``pretrained`` is an open_clip tag (``"openai"``), a local checkpoint
-    file, or ``None`` for random weights; by default it is the model's own default
-    (``"openai"`` for OpenAI CLIP configs, random seeded weights for ``starkret-tiny``).
+    reference, ``"starkret-mini"``, a small CLIP trained on synthetic scenes and charts
+    whose weights ship with starkret, or ``"starkret-tiny"``, a tiny randomly initialised
+    CLIP that needs no download). ``pretrained`` is an open_clip tag (``"openai"``), a
+    local checkpoint file, or ``None`` for random weights; by default it is the model's
+    own default (``"openai"`` for OpenAI CLIP configs, the bundled weights (tag
+    ``"starkret"``) for ``starkret-mini``, random seeded weights for ``starkret-tiny``).
     OpenAI's weights need the ``-quickgelu`` config of a model.
 
     On CUDA the towers run under fp16 autocast (``precision="auto"``; ``"bf16"`` and
@@ -194,12 +218,16 @@ class ClipEmbedder:
         # Random initialisation draws from torch's global generator: seed a private
         # copy of it so the same seed always gives the same weights, and the
         # caller's random state is left untouched.
-        with torch.random.fork_rng(devices=[]), _quiet_random_init(self.pretrained is None):
+        packaged = self.pretrained == PACKAGED and model in _PACKAGED_WEIGHTS
+        with (
+            torch.random.fork_rng(devices=[]),
+            _quiet_random_init(self.pretrained is None or packaged),
+        ):
             torch.manual_seed(seed)
             try:
                 self.model = open_clip.create_model(
                     model,
-                    pretrained=self.pretrained,
+                    pretrained=None if packaged else self.pretrained,
                     device=self.device,
                     precision="fp32",
                     force_image_size=image_size,
@@ -211,6 +239,9 @@ class ClipEmbedder:
                         "Without network access, pass a local checkpoint file as pretrained=..."
                     ) from exc
                 raise
+        if packaged:
+            _load_packaged(self.model, _PACKAGED_WEIGHTS[model])
+            self.model.to(self.device)
         self.model.eval()
         self._tokenizer = open_clip.get_tokenizer(model)
 
