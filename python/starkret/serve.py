@@ -387,10 +387,8 @@ class ImageStore:
         located = self.db.locate(key, [source])
         if located is None:
             return None
-        try:
-            return self.db._sources[source].urls[located[1]]
-        except (AttributeError, KeyError, IndexError):
-            return None
+        # One row of the source's metadata, read on demand (never the whole column).
+        return self.db.metadata(source).take([located[1]], columns=("url",))["url"][0]
 
     def _file(self, root: str, relative: str) -> bytes | None:
         real_root = os.path.realpath(root)
