@@ -35,8 +35,11 @@ fuzz_target!(|records: &[u8]| {
     tar.extend_from_slice(&[0; 1024]);
     let items: Vec<ShardItem> =
         ShardSamples::new(&tar[..], "pax.tar", &ReaderOptions::default()).collect();
+    // webdataset skips members whose name starts with `__` (and so do we, silently);
+    // anything else must come out as a sample or a recorded issue.
+    let may_be_skipped = records.windows(2).any(|w| w == b"__");
     assert!(
-        !items.is_empty(),
+        !items.is_empty() || may_be_skipped,
         "a pax header and a member gave neither a sample nor an issue"
     );
 });
