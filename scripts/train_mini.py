@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "python"))
 
 import starkret  # noqa: E402
 from starkret import synthetic  # noqa: E402
-from starkret.embed import MINI_MODEL, _open_clip  # noqa: E402
+from starkret.towers import MINI_MODEL, _open_clip  # noqa: E402
 from starkret.preprocess import normalisation_table  # noqa: E402
 
 TRAIN_SEED, HELDOUT_SEED, VAL_SEED = 1, 2, 3

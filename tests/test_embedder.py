@@ -8,7 +8,7 @@ import torch
 
 import starkret
 from starkret import ClipEmbedder
-from starkret.embed import DEFAULT_MODEL, MODEL_DEFAULT, _open_clip, _resolve_pretrained
+from starkret.towers import DEFAULT_MODEL, MODEL_DEFAULT, _open_clip, _resolve_pretrained
 
 
 def _pixels(n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -45,7 +45,7 @@ def reference_transform():
     """
     import open_clip
 
-    from starkret.embed import _open_clip
+    from starkret.towers import _open_clip
 
     _open_clip()
     _, _, transform = open_clip.create_model_and_transforms("starkret-tiny")

@@ -11,9 +11,9 @@ import PIL.Image
 import pytest
 
 from starkret import cli
-from starkret.embed import MODEL_DEFAULT
 from starkret.modelspec import normalise_model
 from starkret.testing import synthetic_photo, write_source
+from starkret.towers import MODEL_DEFAULT
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

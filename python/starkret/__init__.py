@@ -19,11 +19,9 @@ from importlib.metadata import version as _dist_version
 from . import _core
 from .aligner import Aligner, Alignment, Candidate, Moment
 from .db import Hit, ImageDB
-from .embed import DEFAULT_MODEL, MINI_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
 from .index import build_index
 
-# `starkret.embed` is the pipeline function (the towers live in the submodule of the
-# same name, reachable as `from starkret.embed import ...`).
+# `starkret.embed` is the pipeline function; the CLIP towers live in `starkret.towers`.
 from .pipeline import EmbedReport, embed
 from .preprocess import (
     DEFAULT_MAX_PIXELS,
@@ -34,6 +32,7 @@ from .preprocess import (
 )
 from .shards import Sample, read_shards
 from .topk import merge_topk, topk, topk_parts
+from .towers import DEFAULT_MODEL, MINI_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
 
 try:
     __version__: str = _dist_version("starkret")

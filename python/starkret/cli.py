@@ -100,7 +100,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
-    from .embed import DEFAULT_MODEL
+    from .towers import DEFAULT_MODEL
 
     parser.add_argument(
         "inputs",
@@ -159,8 +159,8 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from .embed import MODEL_DEFAULT
     from .pipeline import embed
+    from .towers import MODEL_DEFAULT
 
     pretrained = MODEL_DEFAULT if args.pretrained is None else args.pretrained
     if isinstance(pretrained, str) and pretrained.lower() == "none":

@@ -134,7 +134,7 @@ class ImageDB:
     def embedder(self):
         """The text tower of the DB's model (loaded on first use)."""
         if self._embedder is None:
-            from .embed import ClipEmbedder
+            from .towers import ClipEmbedder
 
             self._embedder = ClipEmbedder(self.manifest["model"], self.manifest["pretrained"])
         return self._embedder

@@ -11,14 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .embed import ClipEmbedder
 from .sources import Part, PreprocessOptions
+from .towers import ClipEmbedder
 
 
 class PartWorker:
     """A Ray actor body: one embedder, many parts."""
 
-    def __init__(self, spec: dict, out: str, options: PreprocessOptions, source: str) -> None:
+    def __init__(
+        self, spec: dict, out: str, options: PreprocessOptions, source: str, runner_class
+    ) -> None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,9 +31,8 @@ class PartWorker:
             seed=spec["seed"],
             image_size=spec["image_size"],
         )
-        from .pipeline import PartRunner
-
-        self.runner = PartRunner(Path(out), self.embedder, options, source)
+        # The pipeline hands its runner class in, so this module never imports it back.
+        self.runner = runner_class(Path(out), self.embedder, options, source)
 
     def run(self, index: int, part: Part) -> tuple[int, list] | None:
         """(embedded, failures), or None if another worker has the part."""
@@ -47,6 +48,7 @@ def run_on_ray(
     workers: int,
     address: str | None,
     on_part: Callable[[int, int], None],
+    runner_class,
 ) -> Iterator[tuple[int, list] | None]:
     """Run ``pending`` parts on ``workers`` actors (all GPUs of the cluster if 1 is asked).
 
@@ -72,7 +74,7 @@ def run_on_ray(
         "seed": embedder.seed,
         "image_size": embedder.image_size,
     }
-    actors = [actor.remote(spec, str(out), options, source) for _ in range(count)]
+    actors = [actor.remote(spec, str(out), options, source, runner_class) for _ in range(count)]
     pool = ActorPool(actors)
     results = pool.map_unordered(lambda a, item: a.run.remote(*item), pending)
     for result in results:

@@ -72,7 +72,7 @@ def _version_of(module: str) -> Callable[[], str]:
 def _tiny_model() -> str:
     import numpy as np
 
-    from starkret.embed import TINY_MODEL, ClipEmbedder
+    from starkret.towers import TINY_MODEL, ClipEmbedder
 
     start = time.perf_counter()
     emb = ClipEmbedder(TINY_MODEL, device="cpu")

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from .claims import WorkFolder
-from .embed import DEFAULT_MODEL, MODEL_DEFAULT, ClipEmbedder
 from .keyset import MAX_PARTS, KeySet
 from .layout import pad_part_names, part_file
 from .sources import Part, PreprocessOptions, plan_parts
+from .towers import DEFAULT_MODEL, MODEL_DEFAULT, ClipEmbedder
 
 __all__ = ["EmbedReport", "embed"]
 
@@ -523,6 +523,7 @@ def _run_parts(
                 workers,
                 ray_address,
                 on_part=lambda n, f: _tick(bar, n, f),
+                runner_class=PartRunner,
             ):
                 finish(result)
         else:

@@ -1205,7 +1205,7 @@ def serve(
     config = config or ServeConfig()
     db = ImageDB.open(db_path, embedder=embedder)
     if embedder is None:
-        from .embed import ClipEmbedder
+        from .towers import ClipEmbedder
 
         db = ImageDB.open(
             db_path,
