@@ -33,10 +33,24 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
+def _with_quick_gelu(emb: ClipEmbedder) -> ClipEmbedder:
+    """The image tower with QuickGELU, the activation of OpenAI's weights."""
+    from open_clip.transformer import QuickGELU
+
+    for block in emb.model.visual.transformer.resblocks:
+        block.mlp.gelu = QuickGELU()
+    return emb
+
+
+@pytest.fixture(scope="module")
+def eager_tiny():
+    return _with_quick_gelu(ClipEmbedder("starkret-tiny", device="cpu"))
+
+
 @pytest.fixture(scope="module")
 def compiled_tiny():
-    """starkret-tiny compiled by torch.compile on CPU, once for this module (batch 4)."""
-    emb = ClipEmbedder("starkret-tiny", device="cpu", compile=True, batch_size=4)
+    """starkret-tiny (QuickGELU) compiled by torch.compile on CPU, once per module (batch 4)."""
+    emb = _with_quick_gelu(ClipEmbedder("starkret-tiny", device="cpu", compile=True, batch_size=4))
     emb.warmup()
     return emb
 
@@ -129,11 +143,11 @@ def test_pixels_of_the_wrong_layout_or_type_are_refused(tiny_embedder, pixels, m
 # ==== Compiled tower ====
 
 
-def test_compiled_tower_matches_eager_fp32_including_the_padded_last_batch(
-    compiled_tiny, tiny_embedder, crops
+def test_compiled_quickgelu_tower_matches_eager_fp32_including_the_padded_last_batch(
+    compiled_tiny, eager_tiny, crops
 ):
     chw, floats = crops  # 6 images, batch 4: one full batch and one padded to 4
-    eager = tiny_embedder.encode_images(floats, dtype="float32")
+    eager = eager_tiny.encode_images(floats, dtype="float32")
     compiled = compiled_tiny.encode_images(floats, dtype="float32")
     assert compiled.shape == eager.shape
     assert _cos(compiled, eager).min() >= 0.9999

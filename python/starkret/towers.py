@@ -429,7 +429,8 @@ class ClipEmbedder:
 
         On CUDA this returns once the batches are queued: the copy of the next
         submission overlaps the computation of this one. Results come back in
-        submission order. On CPU the work is done before it returns.
+        submission order. On CPU the work is done before it returns. Host arrays
+        are copied before this returns, so the caller may reuse their memory at once.
         """
         import torch
 
@@ -502,7 +503,8 @@ class ClipEmbedder:
         # a lookup, not arithmetic: the same values as the CPU float32 path, whatever
         # the compiler or the device does with floating point
         index = chunk.to(torch.int32) + self._channel_base
-        return self._table[index.contiguous()]
+        flat = self._table.index_select(0, index.reshape(-1))
+        return flat.view(index.shape)
 
     def _embed_batch(self, chunk, hwc: bool):
         import torch
@@ -513,6 +515,9 @@ class ClipEmbedder:
             # one compiled graph for one shape: pad the last batch, keep its rows
             pad = pixels.new_zeros((self.batch_size - n, *pixels.shape[1:]))
             pixels = torch.cat([pixels, pad])
+        if self.compile_mode in _CUDAGRAPH_MODES:
+            # each call is a new step for CUDA graph trees (outputs are copied out at once)
+            torch.compiler.cudagraph_mark_step_begin()
         return self._forward(pixels)[:n]
 
     def _image_features(self, pixels):
@@ -559,6 +564,7 @@ _DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 64}
 #: Environment variable naming the torch.compile mode when ``compile`` is not a string.
 COMPILE_MODE_ENV = "STARKRET_COMPILE_MODE"
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _torch_dtype(precision: str):
