@@ -198,6 +198,24 @@ def test_sdpa_attention_gives_open_clips_embeddings_and_keeps_the_state_dict(tin
     assert type(clone.transformer.resblocks[0]).__name__ == "SdpaResidualAttentionBlock"
 
 
+def test_image_tower_traces_to_one_graph_that_calls_sdpa_in_every_block(tiny_embedder):
+    graphs = []
+
+    def record(gm, inputs):  # a torch.compile backend that only looks at the graph
+        graphs.append(gm.code)
+        return gm.forward
+
+    # a new frame (dynamo caches per code object; the tower's own method may be compiled)
+    traced = torch.compile(
+        lambda x: tiny_embedder._image_features(x), backend=record, dynamic=False, fullgraph=True
+    )
+    with torch.inference_mode():
+        traced(torch.zeros(2, 3, 336, 336))
+    assert len(graphs) == 1
+    assert graphs[0].count("scaled_dot_product_attention") == tiny_embedder.sdpa_blocks == 2
+    assert "multi_head_attention" not in graphs[0]
+
+
 # ==== GPU (skipped without CUDA) ====
 
 
