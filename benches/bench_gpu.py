@@ -30,6 +30,7 @@ import io
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -47,7 +48,9 @@ VIT_L = "ViT-L-14-336-quickgelu"
 GOAL_MODEL_IMG_S = 1300.0
 GOAL_RATIO = 0.9
 GPU_SETTINGS = ("eager-fp16", "compiled-bf16", "eager-bf16", "compiled-fp16")
-SMOKE_SETTINGS = ("eager-bf16", "compiled-fp32")
+# compiling even starkret-tiny takes ~20 s per batch shape on a small CPU: not in the smoke
+# run (tests/test_towers_fast.py tests the compiled tower); `--settings compiled-fp32` adds it
+SMOKE_SETTINGS = ("eager-bf16",)
 
 MODEL_COLUMNS = (
     ("setting", "setting"),
@@ -375,8 +378,15 @@ def make_embedder(model: str, device: str, *, precision=None, compile=None, batc
 
 
 def setting_name(embedder) -> str:
+    """eager-fp16, compiled-bf16, ... (a torch.compile mode other than the default is named)."""
     compiled = bool(getattr(embedder, "compiled", False))
-    return f"{'compiled' if compiled else 'eager'}-{embedder.precision}"
+    mode = getattr(embedder, "compile_mode", None)
+    kind = (
+        f"compiled[{mode}]"
+        if compiled and mode not in (None, "default")
+        else ("compiled" if compiled else "eager")
+    )
+    return f"{kind}-{embedder.precision}"
 
 
 def _mean_std(embedder) -> tuple[np.ndarray, np.ndarray]:
@@ -441,14 +451,14 @@ def exact_fp32(device: Device):
         torch.set_float32_matmul_precision(saved[2])
 
 
-def time_model(embedder, x, device: Device, *, min_seconds: float, min_iters: int = 3):
+def time_model(embedder, x, device: Device, *, min_seconds: float, min_iters=3, warmups=2):
     """(first call s, ms per batch, peak GiB, iterations): warm-up excluded."""
     device.sync()
     t = time.perf_counter()
     embedder.encode_images(x)  # compiles, if it compiles
     device.sync()
     first = time.perf_counter() - t
-    for _ in range(2):  # autotuning, CUDA graphs, allocator warm-up
+    for _ in range(warmups):  # autotuning, CUDA graphs, allocator warm-up
         embedder.encode_images(x)
     device.sync()
     device.reset_peak()
@@ -613,6 +623,7 @@ class Bench:
                 continue
             row = {"setting": label, "batch": batch, "precision": embedder.precision}
             row["compiled"] = bool(getattr(embedder, "compiled", False))
+            row["compile_mode"] = getattr(embedder, "compile_mode", None)
             started = time.perf_counter()
             try:
                 embedder.batch_size = batch
@@ -624,7 +635,12 @@ class Bench:
                         "uint8 HWC" if getattr(embedder, "accepts_uint8", False) else "float32 CHW"
                     )
                 first, ms, peak, iters = time_model(
-                    embedder, x, device, min_seconds=args.min_seconds
+                    embedder,
+                    x,
+                    device,
+                    min_seconds=args.min_seconds,
+                    min_iters=1 if args.smoke else 3,
+                    warmups=0 if args.smoke else 2,
                 )
                 img_s = batch / (ms / 1e3)
                 row.update(
@@ -704,6 +720,7 @@ class Bench:
             results.data["model_only"].append({"setting": label, "status": status})
             results.step(f"model {label}", status, time.perf_counter() - started)
             return
+        label = setting_name(embedder)  # what was built (a compile mode from the environment)
         results.step(f"model {label}: built", "ok", time.perf_counter() - started)
         self.model_rows(embedder, label, args.batches, results)
         del embedder
@@ -789,23 +806,14 @@ class Bench:
 
         args = self.args
         rate = model_img_s or 500.0
-        need = 2.0 if args.smoke else 30.0 + 1.2 * (args.images + args.per_shard) / rate
+        need = 2.0 if args.smoke else 20.0 + 1.2 * args.images / rate
         if not self.budget.fits(need):
             results.skip("embed in-process", need)
             return
         started = time.perf_counter()
         row = {"run": "starkret.embed (in-process)"}
         try:
-            # warm-up on one shard: the last, partial batch of a part is another shape
-            starkret.embed(
-                paths[:1],
-                Path(self.work) / "warm",
-                source_name="cc12m",
-                embedder=embedder,
-                batch_size=batch,
-                threads=args.threads,
-                progress=False,
-            )
+            # no warm-up run: the model-only rows above ran (and compiled) this embedder
             cpu, wall = _cpu_seconds(), time.perf_counter()
             report = starkret.embed(
                 paths,
@@ -836,7 +844,8 @@ class Bench:
     def embed_cli(self, paths, batch: int, model_img_s, results) -> None:
         args = self.args
         rate = model_img_s or 500.0
-        need = 3.0 if args.smoke else 90.0 + 1.2 * args.images / rate
+        images = min(args.images, self.cli_shards() * args.per_shard)
+        need = 3.0 if args.smoke else 60.0 + 1.2 * images / rate
         if not self.budget.fits(need):
             results.skip("embed-shards CLI", need)
             return
@@ -894,6 +903,10 @@ class Bench:
             row["status"] = _error(exc, self.device)
         results.data["pipeline"].append(row)
         results.step("embed-shards CLI", row["status"], time.perf_counter() - started)
+
+    def cli_shards(self) -> int:
+        """Shards the CLI run embeds (its rate, not the images, is the point)."""
+        return max(1, -(-self.args.cli_images // self.args.per_shard))
 
     def pipeline_figures(self, images: int, img_s: float, model_img_s) -> dict:
         ratio = img_s / model_img_s if model_img_s else None
@@ -960,14 +973,19 @@ class Bench:
                 self.embed_in_process(paths, default, batch, model_img_s, results)
             del default
             device.release()
-            if paths and not args.no_cli:
-                self.embed_cli(paths, batch, model_img_s, results)
 
-        # 2. the other settings, in order of interest
-        done = {r["setting"].split(" ")[0] for r in results.data["model_only"]}
-        for label in args.settings:
-            if label not in done:
+        # 2. the other settings in order of interest; the CLI run after the first two
+        done = {
+            re.sub(r"\[.*\]", "", r["setting"].split(" ")[0]) for r in results.data["model_only"]
+        }
+        todo = [label for label in args.settings if label not in done]
+        cli = paths and model_img_s is not None and not args.no_cli
+        todo.insert(min(args.cli_after, len(todo)), "cli")
+        for label in todo:
+            if label != "cli":
                 self.other_setting(label, results)
+            elif cli:
+                self.embed_cli(paths[: self.cli_shards()], batch, model_img_s, results)
         results.data["goals"] = goal_lines(results.data)
         results.write()
 
@@ -1036,6 +1054,10 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the peak")
     parser.add_argument("--no-pipeline", action="store_true", help="model only")
     parser.add_argument("--no-cli", action="store_true", help="no embed-shards CLI run")
+    parser.add_argument("--cli-images", type=int, default=None, help="CLI run's images (12000)")
+    parser.add_argument(
+        "--cli-after", type=int, default=2, help="the CLI runs after this many other settings"
+    )
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args(argv)
     smoke = args.smoke
@@ -1048,6 +1070,7 @@ def parse_args(argv=None):
         "pipeline_batch": 16 if smoke else None,
         "images": 48 if smoke else 40_000,
         "per_shard": 16 if smoke else 4_000,
+        "cli_images": 48 if smoke else 12_000,
         "distinct": 8 if smoke else 2_000,
         "workers": 1 if smoke else None,
         "min_seconds": 0.05 if smoke else 2.0,
