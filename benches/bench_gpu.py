@@ -974,7 +974,7 @@ class Bench:
             del default
             device.release()
 
-        # 2. the other settings in order of interest; the CLI run after the first two
+        # 2. the other settings in order of interest; the CLI run after the first one
         done = {
             re.sub(r"\[.*\]", "", r["setting"].split(" ")[0]) for r in results.data["model_only"]
         }
@@ -1056,7 +1056,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-cli", action="store_true", help="no embed-shards CLI run")
     parser.add_argument("--cli-images", type=int, default=None, help="CLI run's images (12000)")
     parser.add_argument(
-        "--cli-after", type=int, default=2, help="the CLI runs after this many other settings"
+        "--cli-after", type=int, default=1, help="the CLI runs after this many other settings"
     )
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args(argv)

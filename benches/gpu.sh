@@ -38,6 +38,7 @@ tests_reserve="${GPU_TESTS_RESERVE:-75}"
 started=$SECONDS
 left() { echo $((budget - (SECONDS - started))); }
 exec > >(tee "$out/gpu-log.txt") 2>&1
+tee_pid=$!
 step() { printf '\n== %s (%ss left of %ss)\n' "$*" "$(left)" "$budget"; }
 
 step "install"
@@ -100,3 +101,6 @@ fi
 
 step "done in $((SECONDS - started)) s"
 ls -l "$out"
+# let tee write the log's last lines before the machine collects $OUT
+exec >&- 2>&-
+wait "$tee_pid" 2>/dev/null || sleep 1

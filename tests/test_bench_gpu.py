@@ -138,6 +138,24 @@ def test_analytic_flops_match_torch_count_for_small_towers(bench_gpu, model):
     )
 
 
+def test_starkret_and_its_embed_path_import_without_faiss_or_webdataset():
+    # The GPU machine has neither and scripts/gpu_wheels.sh carries neither: importing them
+    # at module level anywhere on the embed path would break benches/gpu.sh there.
+    code = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("faiss", "webdataset", "autofaiss", "ray"):
+            raise ImportError("not on the GPU machine: " + name)
+sys.meta_path.insert(0, Block())
+import starkret, starkret.pipeline, starkret.cli, starkret.preprocess, starkret.towers
+from starkret.cli import embed_shards_main
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_peak_is_the_datasheet_dense_figure_of_the_gpu(bench_gpu):
     assert bench_gpu.datasheet_peak("NVIDIA H200")[0] == pytest.approx(989.4)
     assert bench_gpu.datasheet_peak("NVIDIA H100 80GB HBM3")[0] == pytest.approx(989.4)
