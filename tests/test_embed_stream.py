@@ -321,9 +321,7 @@ def test_an_error_in_the_model_names_the_part_and_a_rerun_completes(
     assert _files(tmp_path / "out") == reference
 
 
-def test_an_interrupt_stops_every_thread_and_releases_the_claims(
-    shards, tiny, reference, tmp_path
-):
+def test_an_interrupt_stops_every_thread_and_releases_the_claims(shards, tiny, reference, tmp_path):
     def hook(call, pixels):
         if call == 3:
             raise KeyboardInterrupt
@@ -348,13 +346,13 @@ def test_an_interrupt_stops_every_thread_and_releases_the_claims(
     assert _files(tmp_path / "out") == reference
 
 
+_CLI = ["embed", "--source", SOURCE, "--model", "starkret-tiny", "--device", "cpu", "--no-progress"]
+
+
 def test_cli_json_reports_the_time_the_model_waited_for_input(shards, tmp_path, capsys):
     from starkret import cli
 
-    code = cli.main(
-        ["embed", str(shards / "0000[01].tar"), "-o", str(tmp_path / "out"), "--source", SOURCE]
-        + ["--model", "starkret-tiny", "--device", "cpu", "--no-progress", "--json"]
-    )
+    code = cli.main([*_CLI, str(shards / "0000[01].tar"), "-o", str(tmp_path / "out"), "--json"])
     body = json.loads(capsys.readouterr().out)
     assert code == 0 and body["embedded"] == 9
     assert 0 <= body["input_wait_seconds"] <= body["embed_seconds"]
@@ -371,3 +369,17 @@ def test_table_part_is_read_as_one_stream_too(tiny, tmp_path):
         [pq.read_table(p) for p in sorted((tmp_path / "out" / "metadata").glob("*.parquet"))]
     ).to_pydict()
     assert meta["caption"] == [f"c{i}" for i in range(7)]
+
+
+def test_cli_error_message_names_the_part(shards, tmp_path, capsys, monkeypatch):
+    from starkret import cli
+
+    def failing(self, options):
+        raise ValueError(f"{self.path}: no column 'image' (image)")
+        yield
+
+    monkeypatch.setattr(sources.Part, "batches", failing)
+    code = cli.main([*_CLI, str(shards / "00001.tar"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no column 'image'" in err
+    assert "while embedding part 0 (shard:" in err and "00001.tar" in err

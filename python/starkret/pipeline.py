@@ -266,7 +266,6 @@ class PartRunner:
         return drop
 
 
-
 # ==== One continuous stream ====
 
 #: Decoded batches waiting for the model (besides the Rust core's own prefetch), and
@@ -401,7 +400,9 @@ class _Stream:
                     return self.batches.get(timeout=_POLL)
                 except queue.Empty:
                     if not reader.is_alive() and self.batches.empty():
-                        raise RuntimeError("starkret: the part reader thread ended unexpectedly")
+                        raise RuntimeError(
+                            "starkret: the part reader thread ended unexpectedly"
+                        ) from None
         finally:
             self.input_wait += time.perf_counter() - started
 
@@ -542,6 +543,7 @@ class _Stream:
                 if claim is not None:
                     claim.release()
             self.results.put(result)
+
 
 def _duplicates(keys: list[str], index: int, known: KeySet) -> dict[int, str]:
     """Positions of ``keys`` already in a finished part or earlier in this part -> reason."""
