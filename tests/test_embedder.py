@@ -145,7 +145,7 @@ def test_a_directory_as_checkpoint_is_refused_with_advice(tmp_path):
     [
         (np.zeros((2, 336, 336, 3), np.float32), "shape"),
         (np.zeros((2, 3, 224, 224), np.float32), "shape"),
-        (np.zeros((2, 3, 336, 336), np.uint8), "float"),
+        (np.zeros((2, 3, 336, 336), np.int32), "float"),
     ],
 )
 def test_bad_pixel_arrays_are_refused(tiny_embedder, pixels, message):
