@@ -89,6 +89,9 @@ class _Tower:
             pixels = np.stack([table[c][chw[:, c]] for c in range(3)], axis=1)
         return self.inner.encode_images(pixels, dtype=dtype)
 
+    def submit_images(self, pixels, *, dtype="float16"):
+        return pipeline._Now(self.encode_images(pixels, dtype=dtype))
+
 
 def _embed(inputs, out: Path, embedder, **kwargs) -> pipeline.EmbedReport:
     args = dict(source_name=SOURCE, embedder=embedder, batch_size=2, progress=False)
@@ -172,6 +175,16 @@ def test_uint8_path_writes_the_float_paths_output_bit_for_bit(
     assert report.embedded == 18
     size = tiny.image_size
     assert {(str(d), s[1:]) for d, s in tower.seen} == {("uint8", (size, size, 3))}
+    assert _files(tmp_path / "out") == reference
+
+
+def test_uint8_crops_through_the_real_tower_give_the_float_paths_output(
+    shards, tiny, reference, tmp_path, monkeypatch
+):
+    if not getattr(tiny, "accepts_uint8", False):
+        pytest.skip("this ClipEmbedder takes float pixels only")
+    monkeypatch.setattr(pipeline, "_input_format", lambda embedder: ("uint8", "hwc"))
+    _embed(str(shards / "*.tar"), tmp_path / "out", tiny)
     assert _files(tmp_path / "out") == reference
 
 
