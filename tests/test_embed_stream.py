@@ -396,3 +396,21 @@ def test_cli_error_message_names_the_part(shards, tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert code == 2 and "no column 'image'" in err
     assert "while embedding part 0 (shard:" in err and "00001.tar" in err
+
+
+def test_embed_passes_precision_and_compile_to_the_tower_it_builds(
+    shards, tiny, tmp_path, monkeypatch
+):
+    asked = []
+
+    def build(*args, **kwargs):
+        asked.append(kwargs)
+        return tiny
+
+    monkeypatch.setattr(pipeline, "ClipEmbedder", build)
+    args = dict(source_name=SOURCE, model="starkret-tiny", device="cpu", progress=False)
+    pipeline.embed(str(shards / "00001.tar"), tmp_path / "a", **args)
+    pipeline.embed(
+        str(shards / "00001.tar"), tmp_path / "b", precision="fp32", compile=False, **args
+    )
+    assert asked == [{"device": "cpu"}, {"device": "cpu", "precision": "fp32", "compile": False}]
