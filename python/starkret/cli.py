@@ -581,7 +581,8 @@ def _run(args: argparse.Namespace) -> int:
         _apply_common(args)
         return int(args.func(args) or 0)
     except _USER_ERRORS as exc:
-        message = " ".join(str(exc).splitlines())
+        # notes say where it happened ("while embedding part 3 (shard:...)")
+        message = " ".join([*str(exc).splitlines(), *getattr(exc, "__notes__", ())])
         print(f"starkret {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,11 +23,14 @@ order in a single run; :mod:`starkret.keyset`).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import queue
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +62,9 @@ class EmbedReport:
     parts_elsewhere: int = 0
     seconds: float = 0.0
     embed_seconds: float = 0.0
+    #: Seconds the model waited for input (decoded batches) with nothing to compute:
+    #: near zero when decoding keeps up, large when the model is starved.
+    input_wait_seconds: float = 0.0
     failure_reasons: dict[str, int] = field(default_factory=dict)
     #: Embedded and failed samples in the whole output folder after the run.
     total_embedded: int = 0
@@ -235,6 +241,21 @@ class PartRunner:
                 commit=self._commit,
             )
 
+    def run_all(
+        self,
+        pending: list[tuple[int, Part]],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        finish: Callable[[tuple[int, list]], None] | None = None,
+    ) -> float:
+        """Embed ``pending`` parts as one continuous stream (:class:`_Stream`): parts
+        another worker holds are waited for (and redone if it died), parts found done are
+        skipped. ``finish((embedded, failures))`` is called, on this thread, for each part
+        written here. Returns the seconds the model waited for input."""
+        stream = _Stream(self, pending, progress, finish)
+        stream.run()
+        return stream.input_wait
+
     def _commit(self, index: int, keys: list[str], write) -> dict[int, str]:
         """Under the folder lock: find duplicate keys, then ``write(drop)`` the part."""
         with self.folder.locked():
@@ -243,6 +264,285 @@ class PartRunner:
             write(drop)
             self.keys.add(index, [k for i, k in enumerate(keys) if i not in drop])
         return drop
+
+
+# ==== One continuous stream ====
+
+#: Decoded batches waiting for the model (besides the Rust core's own prefetch), and
+#: embedded parts waiting for the writer (one more may be being written): bounded memory.
+STREAM_BATCHES = 2
+STREAM_PARTS = 1
+#: How often blocked threads look whether the stream is stopping, in seconds.
+_POLL = 0.05
+
+
+class _Now:
+    """A submission of an embedder without ``submit_images``: computed at once."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self._value = value
+
+    def result(self) -> np.ndarray:
+        return self._value
+
+
+def _submit(embedder: ClipEmbedder, pixels: np.ndarray):
+    submit = getattr(embedder, "submit_images", None)
+    if submit is None:
+        return _Now(embedder.encode_images(pixels, dtype="float16"))
+    return submit(pixels, dtype="float16")
+
+
+class _Stream:
+    """Many parts embedded as one stream of batches, on three threads.
+
+    - The *reader* (daemon thread) claims parts in order and iterates their batches into
+      a queue of ``STREAM_BATCHES``: Rust threads decode; Pillow fallbacks, folder and
+      table reads and the numpy glue run on the reader. As soon as a part is read it
+      claims the next one and starts decoding it, while the model still embeds the end
+      of the current one, so the model never idles at part boundaries.
+    - The caller's thread feeds the model, with one or two submissions in flight, and
+      hands each part whose embeddings are all back to
+    - the *writer* (daemon thread), which commits parts in order (duplicate keys, npy,
+      parquet, fsync, rename, under the folder lock) with at most ``STREAM_PARTS`` waiting.
+
+    A claim travels with its part and is released once the part is written, or when
+    the stream stops (an error in any thread, which reaches the caller naming the part,
+    or an interrupt): an unwritten part stays unfinished and a rerun redoes it, exactly
+    as after ``kill -9``.
+    """
+
+    def __init__(self, runner: PartRunner, pending, progress, finish) -> None:
+        self.runner, self.pending = runner, list(pending)
+        self.progress, self.finish = progress, finish
+        self.batches: queue.Queue = queue.Queue(STREAM_BATCHES)
+        self.parts: queue.Queue = queue.Queue(STREAM_PARTS)
+        self.results: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.claims: dict[int, object] = {}
+        self.claims_lock = threading.Lock()
+        self.closed = False
+        self.writer_error: BaseException | None = None
+        self.input_wait = 0.0
+
+    # ---- the caller's thread: the model ----
+
+    def run(self) -> None:
+        reader = threading.Thread(target=self._read, name="starkret-reader", daemon=True)
+        writer = threading.Thread(target=self._write, name="starkret-writer", daemon=True)
+        reader.start()
+        writer.start()
+        try:
+            self._feed_model(reader)
+            self._hand_over(None)  # no more parts: the writer ends after the last one
+            while writer.is_alive():
+                writer.join(_POLL)
+            self._check_writer()
+            self._take_results()
+        finally:
+            self.stop.set()
+            reader.join(5.0)  # it stops at its next batch; its claims are released below
+            writer.join()  # it finishes the file it is writing (atomic either way)
+            with self.claims_lock:
+                self.closed = True
+                for claim in self.claims.values():
+                    claim.release()
+                self.claims.clear()
+
+    def _feed_model(self, reader: threading.Thread) -> None:
+        in_flight: collections.deque = collections.deque()
+        while True:
+            item = self._next(in_flight, reader)
+            kind, work = item[0], item[1]
+            if kind == "done":
+                break
+            if kind == "error":
+                _name_part(item[2], work)
+                raise item[2]
+            if kind == "read":
+                work.read_all = True
+                self._maybe_hand_over(work)
+            elif kind == "batch":
+                batch = item[2]
+                slot = work.add(batch)
+                if not len(batch):
+                    if self.progress is not None:
+                        self.progress(0, len(batch.failures))
+                    continue
+                try:
+                    submitted = _submit(self.runner.embedder, batch.pixels)
+                except Exception as exc:
+                    _name_part(exc, work.describe())
+                    raise
+                work.in_model += 1
+                in_flight.append((work, slot, submitted, len(batch), len(batch.failures)))
+                while len(in_flight) > 1:
+                    self._collect(in_flight.popleft())
+        while in_flight:
+            self._collect(in_flight.popleft())
+
+    def _next(self, in_flight: collections.deque, reader: threading.Thread):
+        """The reader's next item; while none is ready the model finishes what it has,
+        and the time it then waits with nothing to do is counted as input wait."""
+        self._check_writer()
+        self._take_results()
+        try:
+            return self.batches.get_nowait()
+        except queue.Empty:
+            pass
+        while in_flight:
+            self._collect(in_flight.popleft())
+        started = time.perf_counter()
+        try:
+            while True:
+                self._check_writer()
+                try:
+                    return self.batches.get(timeout=_POLL)
+                except queue.Empty:
+                    if not reader.is_alive() and self.batches.empty():
+                        raise RuntimeError(
+                            "starkret: the part reader thread ended unexpectedly"
+                        ) from None
+        finally:
+            self.input_wait += time.perf_counter() - started
+
+    def _collect(self, entry) -> None:
+        work, slot, submitted, images, failed = entry
+        try:
+            work.chunks[slot] = submitted.result()
+        except Exception as exc:
+            _name_part(exc, work.describe())
+            raise
+        work.in_model -= 1
+        if self.progress is not None:
+            self.progress(images, failed)
+        self._maybe_hand_over(work)
+
+    def _maybe_hand_over(self, work: _PartWork) -> None:
+        if work.read_all and work.in_model == 0:
+            self._hand_over(work)
+
+    def _hand_over(self, work: _PartWork | None) -> None:
+        while True:
+            self._check_writer()
+            try:
+                self.parts.put(work, timeout=_POLL)
+                return
+            except queue.Full:
+                pass
+
+    def _check_writer(self) -> None:
+        if self.writer_error is not None:
+            raise self.writer_error
+
+    def _take_results(self) -> None:
+        while True:
+            try:
+                result = self.results.get_nowait()
+            except queue.Empty:
+                return
+            if self.finish is not None:
+                self.finish(result)
+
+    # ---- the reader thread ----
+
+    def _read(self) -> None:
+        what = "the parts"
+        try:
+            busy = []  # parts another worker held: waited for once ours are read
+            for index, part in self.pending:
+                what = f"part {index} ({part.describe()})"
+                claim = self.runner.folder.claim(index)
+                if claim is None:
+                    busy.append((index, part))
+                elif not self._read_part(index, part, claim):
+                    return
+            for index, part in busy:
+                what = f"part {index} ({part.describe()})"
+                claim = self._claim_when_free(index)
+                if claim is None:  # done elsewhere
+                    continue
+                if not self._read_part(index, part, claim):
+                    return
+            self._put(("done", None))
+        except BaseException as exc:
+            self._put(("error", what, exc))
+
+    def _claim_when_free(self, index: int):
+        """Wait for another worker's part (a dead worker's claim frees at once): its
+        claim, or None once it is done or the stream stops."""
+        out = self.runner.out
+        while not self.stop.is_set():
+            if _paths(out, index)[1].exists():
+                return None
+            claim = self.runner.folder.claim(index)
+            if claim is not None:
+                return claim
+            self.stop.wait(_POLL)
+        return None
+
+    def _read_part(self, index: int, part: Part, claim) -> bool:
+        """Put part ``index``'s batches into the queue; False if the stream stopped."""
+        out = self.runner.out
+        with self.claims_lock:
+            if self.closed:
+                claim.release()
+                return False
+            self.claims[index] = claim
+            if _paths(out, index)[1].exists():  # finished by another worker meanwhile
+                del self.claims[index]
+                claim.release()
+                return True
+            _remove_temps(out, index)
+        work = _PartWork(index, part, claim)
+        batches = part.batches(self.runner.options)
+        try:
+            for batch in batches:
+                if not self._put(("batch", work, batch)):
+                    return False
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        return self._put(("read", work))
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.batches.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    # ---- the writer thread ----
+
+    def _write(self) -> None:
+        runner = self.runner
+        while True:
+            try:
+                work = self.parts.get(timeout=_POLL)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return
+                continue
+            if work is None:
+                return
+            if self.stop.is_set():
+                continue  # abandoned: left unfinished, its claim released by run()
+            try:
+                result = _write_part(
+                    work, runner.out, runner.embedder.dim, runner.source, runner._commit
+                )
+            except BaseException as exc:
+                _name_part(exc, work.describe())
+                self.writer_error = exc
+                return
+            with self.claims_lock:
+                claim = self.claims.pop(work.index, None)
+                if claim is not None:
+                    claim.release()
+            self.results.put(result)
 
 
 def _duplicates(keys: list[str], index: int, known: KeySet) -> dict[int, str]:
@@ -283,6 +583,46 @@ def _remove_unclaimed_temps(out: Path, folder: WorkFolder) -> None:
         stale.unlink(missing_ok=True)
 
 
+_META_COLUMNS = ("sample_key", "caption", "url", "width", "height", "shard")
+
+
+class _PartWork:
+    """One part between its claim and its commit: the rows read so far, their embeddings
+    (arrays, or ``None`` while their batch is still in the model) and the failures."""
+
+    def __init__(self, index: int, part: Part, claim=None) -> None:
+        self.index, self.part, self.claim = index, part, claim
+        self.chunks: list[np.ndarray | None] = []
+        self.meta: dict[str, list] = {k: [] for k in _META_COLUMNS}
+        self.failures: list[tuple[str, str | None, str]] = []
+        #: every batch of the part was read (set by the reader), and how many are in the model
+        self.read_all = False
+        self.in_model = 0
+
+    def add(self, batch) -> int:
+        """Record ``batch``'s rows and failures; returns the slot of its embeddings."""
+        self.failures.extend(batch.failures)
+        meta = self.meta
+        meta["sample_key"] += batch.keys
+        meta["caption"] += batch.captions
+        meta["url"] += batch.urls
+        meta["width"] += batch.widths
+        meta["height"] += batch.heights
+        meta["shard"] += batch.shards
+        self.chunks.append(None)
+        return len(self.chunks) - 1
+
+    def describe(self) -> str:
+        return f"part {self.index} ({self.part.describe()})"
+
+
+def _name_part(exc: BaseException, what: str) -> None:
+    """Say in ``exc`` which part it happened in (once), keeping its type."""
+    note = f"while embedding {what}"
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+
+
 def embed_part(
     part: Part,
     index: int,
@@ -298,27 +638,28 @@ def embed_part(
     ``commit(index, keys, write)`` decides which rows are duplicates and calls
     ``write(drop)`` (see :class:`PartRunner`); without it every row is written.
     """
+    work = _PartWork(index, part)
+    try:
+        for batch in part.batches(options):
+            slot = work.add(batch)
+            if len(batch):
+                work.chunks[slot] = embedder.encode_images(batch.pixels, dtype="float16")
+            if progress is not None:
+                progress(len(batch), len(batch.failures))
+        return _write_part(work, out, embedder.dim, source, commit)
+    except Exception as exc:
+        _name_part(exc, work.describe())
+        raise
+
+
+def _write_part(work: _PartWork, out: Path, dim: int, source: str, commit) -> tuple[int, list]:
+    """Write a fully embedded part (npy, failures, then metadata: the done marker)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    chunks: list[np.ndarray] = []
-    meta: dict[str, list] = {
-        k: [] for k in ("sample_key", "caption", "url", "width", "height", "shard")
-    }
-    failures: list[tuple[str, str | None, str]] = []
-    for batch in part.batches(options):
-        failures.extend(batch.failures)
-        if len(batch):
-            chunks.append(embedder.encode_images(batch.pixels, dtype="float16"))
-        meta["sample_key"] += batch.keys
-        meta["caption"] += batch.captions
-        meta["url"] += batch.urls
-        meta["width"] += batch.widths
-        meta["height"] += batch.heights
-        meta["shard"] += batch.shards
-        if progress is not None:
-            progress(len(batch), len(batch.failures))
-    emb = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float16)
+    index, part, meta, failures = work.index, work.part, work.meta, work.failures
+    chunks = [c for c in work.chunks if c is not None]
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
     emb_path, meta_path, fail_path = _paths(out, index)
     kept = len(meta["sample_key"])
 
@@ -397,6 +738,8 @@ def embed(
     caption_column: str | None = None,
     key_column: str | None = None,
     progress: bool = True,
+    precision: str | None = None,
+    compile: bool | None = None,
 ) -> EmbedReport:
     """Embed every image of ``sources`` into ``output_dir`` (clip-retrieval's layout).
 
@@ -407,6 +750,13 @@ def embed(
     skipped, unfinished ones redone. A different model or preprocessing into the same
     folder is refused; ``overwrite=True`` starts over. ``workers > 1`` or
     ``ray_address`` runs parts on Ray actors (one per GPU), with the same output.
+    ``precision`` and ``compile`` go to the :class:`ClipEmbedder` built here (none is
+    built when ``embedder`` is given).
+
+    In one process the parts run as one stream: the next part is read and decoded
+    while the current one is embedded, and finished parts are written on a writer
+    thread. On CUDA, crops cross to the GPU as uint8 when the tower normalises them
+    there (``embedder.accepts_uint8``): four times fewer bytes, same embeddings.
 
     >>> report = embed("cc12m/{00000..01242}.tar", "db/cc12m", source_name="cc12m",
     ...                embedder=ClipEmbedder("starkret-tiny"))  # doctest: +SKIP
@@ -433,13 +783,19 @@ def embed(
             "use a larger chunk_size or split the inputs over several folders"
         )
     if embedder is None:
-        embedder = ClipEmbedder(model, pretrained, device=device)
+        extra: dict = {}
+        if precision is not None:
+            extra["precision"] = precision
+        if compile is not None:
+            extra["compile"] = compile
+        embedder = ClipEmbedder(model, pretrained, device=device, **extra)
     cfg = embedder.preprocess_config
+    dtype, layout = _input_format(embedder)
     options = PreprocessOptions(
         size=embedder.image_size,
         mode=mode,
-        # half the bytes to move to the GPU; the model runs in half precision there anyway
-        dtype="float16" if embedder.device.type == "cuda" else "float32",
+        dtype=dtype,
+        layout=layout,
         batch_size=batch_size,
         threads=threads,
         mean=tuple(cfg.get("mean", PreprocessOptions.mean)),
@@ -485,6 +841,21 @@ def embed(
     return report
 
 
+def _input_format(embedder: ClipEmbedder) -> tuple[str, str]:
+    """The pixels ``embedder`` is fed: (dtype, layout) of :class:`PreprocessOptions`.
+
+    On CUDA, uint8 crops in the Rust core's HWC layout when the tower normalises on
+    the device (a quarter of float32's bytes over the bus, no CPU normalisation),
+    else float16 (half the bytes; the model runs in half precision there anyway).
+    On CPU float32: the model reads it as is.
+    """
+    if getattr(embedder.device, "type", "cpu") != "cuda":
+        return "float32", "chw"
+    if getattr(embedder, "accepts_uint8", False):
+        return "uint8", "hwc"
+    return "float16", "chw"
+
+
 def _run_parts(
     parts: list[Part],
     out: Path,
@@ -526,13 +897,15 @@ def _run_parts(
                 runner_class=PartRunner,
             ):
                 finish(result)
-        else:
+            # Parts other workers held: wait for each; redo it if its worker died.
             for i, part in pending:
-                finish(runner.run(i, part, progress=lambda n, f: _tick(bar, n, f)))
-        # Parts other workers held: wait for each; redo it if its worker died.
-        for i, part in pending:
-            if not _paths(out, i)[1].exists():
-                finish(runner.run(i, part, wait=True, progress=lambda n, f: _tick(bar, n, f)))
+                if not _paths(out, i)[1].exists():
+                    finish(runner.run(i, part, wait=True, progress=lambda n, f: _tick(bar, n, f)))
+        else:
+            # One stream: the same claims, waits and order, without idle part boundaries.
+            report.input_wait_seconds = runner.run_all(
+                pending, progress=lambda n, f: _tick(bar, n, f), finish=finish
+            )
     finally:
         if bar is not None:
             bar.close()

@@ -45,6 +45,7 @@ MAX_RESIZED_PIXELS = 1 << 26
 
 _MODES = ("exact", "fast")
 _DTYPES = ("float32", "float16", "uint8")
+_LAYOUTS = ("chw", "hwc")
 
 
 @dataclass
@@ -104,13 +105,19 @@ def _as_bytes(images: Sequence[object]) -> list[bytes]:
     return out
 
 
-def _check_options(size: int, mode: str, dtype: str, threads: int | None, max_pixels: int) -> None:
+def _check_options(
+    size: int, mode: str, dtype: str, threads: int | None, max_pixels: int, layout: str = "chw"
+) -> None:
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive int, got {size!r}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    if layout == "hwc" and dtype != "uint8":
+        raise ValueError(f"layout='hwc' is for dtype='uint8' crops, got dtype={dtype!r}")
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     if not isinstance(max_pixels, int) or max_pixels <= 0:
@@ -127,6 +134,7 @@ def preprocess(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     mean: tuple[float, float, float] = OPENAI_MEAN,
     std: tuple[float, float, float] = OPENAI_STD,
+    layout: str = "chw",
 ) -> PreprocessedBatch:
     """Decode encoded images and turn them into CLIP input tensors, in Rust.
 
@@ -140,7 +148,10 @@ def preprocess(
     The work runs on ``threads`` Rust threads (default: all cores) without the GIL.
     Bad inputs never raise: each is reported in ``failures`` with a reason that starts
     with ``empty``, ``not an image``, ``truncated``, ``too large``, ``corrupt`` or
-    ``unsupported format``. ``dtype="uint8"`` returns the crops before normalisation.
+    ``unsupported format``. ``dtype="uint8"`` returns the crops before normalisation,
+    as (N, 3, S, S), or with ``layout="hwc"`` as (N, S, S, 3): the Rust core's own
+    layout, handed over without a copy (what a GPU tower that normalises on the
+    device takes).
 
     >>> import io, PIL.Image
     >>> buf = io.BytesIO(); PIL.Image.new("RGB", (640, 480), "teal").save(buf, "PNG")
@@ -148,16 +159,16 @@ def preprocess(
     >>> batch.pixels.shape, batch.index.tolist(), batch.failures[0][1][:12]
     ((1, 3, 336, 336), [0], 'not an image')
     """
-    _check_options(size, mode, dtype, threads, max_pixels)
+    _check_options(size, mode, dtype, threads, max_pixels, layout)
     data = _as_bytes(images)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     pixels, (ok, failures, fallbacks) = _core.preprocess_images(
         data, size, mode, dtype, max_pixels, threads=threads, **_tables(dtype, mean, std)
     )
-    pixels = _as_chw(pixels, dtype)
+    pixels = _arrange(pixels, dtype, layout)
     index = np.asarray(ok, dtype=np.int64)
     done, failed = _pillow_fallbacks(
-        [(pos, data[pos]) for pos, _format in fallbacks], size, max_pixels, dtype, mean, std
+        [(pos, data[pos]) for pos, _format in fallbacks], size, max_pixels, dtype, mean, std, layout
     )
     failures = sorted([*failures, *failed])
     if done:
@@ -165,7 +176,7 @@ def preprocess(
     return PreprocessedBatch(pixels, index, failures, sorted(pos for pos, _ in done))
 
 
-def _pillow_fallbacks(items, size, max_pixels, dtype, mean, std):
+def _pillow_fallbacks(items, size, max_pixels, dtype, mean, std, layout="chw"):
     """Preprocess ``(tag, bytes)`` items with Pillow.
 
     Returns ``([(tag, plane)], [(tag, reason)])``: the planes made and the failures.
@@ -177,7 +188,7 @@ def _pillow_fallbacks(items, size, max_pixels, dtype, mean, std):
         except _PillowFailure as exc:
             failed.append((tag, str(exc)))
             continue
-        done.append((tag, _finish(crop, dtype, mean, std)))
+        done.append((tag, _finish(crop, dtype, mean, std, layout)))
     return done, failed
 
 
@@ -198,17 +209,23 @@ def _tables(dtype: str, mean, std) -> dict:
     return {}
 
 
-def _as_chw(pixels: np.ndarray, dtype: str) -> np.ndarray:
-    """The Rust core's output as (n, 3, S, S) of ``dtype`` (uint8 comes HWC, float16 as bits)."""
+def _arrange(pixels: np.ndarray, dtype: str, layout: str = "chw") -> np.ndarray:
+    """The Rust core's output as (n, 3, S, S) of ``dtype`` (uint8 comes HWC, float16 as
+    bits); uint8 in ``layout="hwc"`` stays (n, S, S, 3), untouched."""
     if dtype == "uint8":
+        if layout == "hwc":
+            return pixels
         return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
     if dtype == "float16":
         return pixels.view(np.float16)
     return pixels
 
 
-def _finish(crop: np.ndarray, dtype: str, mean, std) -> np.ndarray:
-    """An (S, S, 3) uint8 crop as a (3, S, S) array of the requested dtype."""
+def _finish(crop: np.ndarray, dtype: str, mean, std, layout: str = "chw") -> np.ndarray:
+    """An (S, S, 3) uint8 crop as a (3, S, S) array of the requested dtype (uint8 crops
+    stay (S, S, 3) in ``layout="hwc"``)."""
+    if dtype == "uint8" and layout == "hwc":
+        return np.ascontiguousarray(crop)
     chw = crop.transpose(2, 0, 1)
     if dtype == "uint8":
         return np.ascontiguousarray(chw)
@@ -322,9 +339,10 @@ class ShardBatchIterator(Iterator[ShardBatch]):
     ``starkret`` logger at WARNING.
     """
 
-    def __init__(self, core, *, size, max_pixels, dtype, mean, std) -> None:
+    def __init__(self, core, *, size, max_pixels, dtype, mean, std, layout="chw") -> None:
         self._core = core
         self._size, self._max_pixels, self._dtype = size, max_pixels, dtype
+        self._layout = layout
         self._mean, self._std = mean, std
         self.failures: list[tuple[str, str | None, str]] = []
 
@@ -333,7 +351,7 @@ class ShardBatchIterator(Iterator[ShardBatch]):
 
     def __next__(self) -> ShardBatch:
         raw = next(self._core)
-        pixels = _as_chw(raw["pixels"], self._dtype)
+        pixels = _arrange(raw["pixels"], self._dtype, self._layout)
         batch = ShardBatch(
             pixels,
             raw["key"],
@@ -353,6 +371,7 @@ class ShardBatchIterator(Iterator[ShardBatch]):
             self._dtype,
             self._mean,
             self._std,
+            self._layout,
         )
         for tag, reason in failed:
             batch.failures.append((samples[tag].shard, samples[tag].key, reason))
@@ -391,6 +410,7 @@ def preprocess_shards(
     prefetch: int = 2,
     mean: tuple[float, float, float] = OPENAI_MEAN,
     std: tuple[float, float, float] = OPENAI_STD,
+    layout: str = "chw",
 ) -> ShardBatchIterator:
     """Read webdataset shards and yield preprocessed batches, all in Rust threads.
 
@@ -405,7 +425,7 @@ def preprocess_shards(
     """
     from .shards import expand_shard_paths
 
-    _check_options(size, mode, dtype, threads, max_pixels)
+    _check_options(size, mode, dtype, threads, max_pixels, layout)
     for name, value in (("batch_size", batch_size), ("prefetch", prefetch)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -427,5 +447,5 @@ def preprocess_shards(
         **_tables(dtype, mean, std),
     )
     return ShardBatchIterator(
-        core, size=size, max_pixels=max_pixels, dtype=dtype, mean=mean, std=std
+        core, size=size, max_pixels=max_pixels, dtype=dtype, mean=mean, std=std, layout=layout
     )

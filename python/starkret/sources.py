@@ -47,6 +47,9 @@ class PreprocessOptions:
     threads: int | None = None
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    #: "chw" (3, S, S) or, for uint8 crops only, "hwc" (S, S, 3): the Rust core's layout,
+    #: for towers that normalise on the device (``embedder.accepts_uint8``).
+    layout: str = "chw"
 
     def preprocess_kwargs(self) -> dict:
         """The keyword arguments ``preprocess`` and ``preprocess_shards`` share."""
@@ -57,6 +60,7 @@ class PreprocessOptions:
             "threads": self.threads,
             "mean": self.mean,
             "std": self.std,
+            "layout": self.layout,
         }
 
 
