@@ -149,6 +149,12 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="Ray actors (one per GPU); >1 starts a local Ray instance",
     )
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster")
+    parser.add_argument(
+        "--devices",
+        default=None,
+        help="one worker process per device of this machine, no Ray: all (every visible "
+        "GPU), GPU numbers (0,1) or cpu entries (cpu,cpu); --threads is shared among them",
+    )
     parser.add_argument("--image-column", default=None, help="tables: column with image bytes")
     parser.add_argument("--caption-column", default=None, help="tables: caption column")
     parser.add_argument("--key-column", default=None, help="tables: key column")
@@ -159,13 +165,39 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    from .localworkers import WorkersFailed
+
+    try:
+        report = _embed(args)
+    except WorkersFailed as exc:  # device workers died with parts left: a rerun finishes
+        if not args.quiet:
+            print(exc.report.summary(), file=sys.stderr)
+        print(f"starkret {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    _print_report(args, report)
+    # Design rule: a run that produced nothing exits non-zero.
+    if report.total_embedded == 0 or (report.parts_done and not report.embedded):
+        if report.failed:
+            what = f"all {report.failed:,} samples of its {report.parts_done} parts failed"
+        elif report.total_failed:
+            what = f"all {report.total_failed:,} samples failed"
+        else:
+            what = "the inputs hold no samples"
+        raise ValueError(
+            f"nothing was embedded into {args.output}: {what} "
+            f"(reasons in {Path(args.output) / 'failures'})"
+        )
+    return 0
+
+
+def _embed(args: argparse.Namespace):
     from .pipeline import embed
     from .towers import MODEL_DEFAULT
 
     pretrained = MODEL_DEFAULT if args.pretrained is None else args.pretrained
     if isinstance(pretrained, str) and pretrained.lower() == "none":
         pretrained = None
-    report = embed(
+    return embed(
         args.inputs,
         args.output,
         source_name=args.source,
@@ -183,7 +215,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         caption_column=args.caption_column,
         key_column=args.key_column,
         progress=_show(args),
+        devices=args.devices,
     )
+
+
+def _print_report(args: argparse.Namespace, report) -> None:
     if args.json:
         import dataclasses
         import json
@@ -193,19 +229,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         print(json.dumps(body))
     elif not args.quiet:
         print(report.summary())
-    # Design rule: a run that produced nothing exits non-zero.
-    if report.total_embedded == 0 or (report.parts_done and not report.embedded):
-        if report.failed:
-            what = f"all {report.failed:,} samples of its {report.parts_done} parts failed"
-        elif report.total_failed:
-            what = f"all {report.total_failed:,} samples failed"
-        else:
-            what = "the inputs hold no samples"
-        raise ValueError(
-            f"nothing was embedded into {args.output}: {what} "
-            f"(reasons in {Path(args.output) / 'failures'})"
-        )
-    return 0
 
 
 def _cmd_build_index(args: argparse.Namespace) -> int:

@@ -397,6 +397,7 @@ def embed(
     caption_column: str | None = None,
     key_column: str | None = None,
     progress: bool = True,
+    devices: str | Sequence[str] | None = None,
 ) -> EmbedReport:
     """Embed every image of ``sources`` into ``output_dir`` (clip-retrieval's layout).
 
@@ -407,6 +408,8 @@ def embed(
     skipped, unfinished ones redone. A different model or preprocessing into the same
     folder is refused; ``overwrite=True`` starts over. ``workers > 1`` or
     ``ray_address`` runs parts on Ray actors (one per GPU), with the same output.
+    ``devices`` (``"all"``, ``"0,1"``, ``["cpu", "cpu"]``) runs one child process per
+    device on this machine (:mod:`starkret.localworkers`), with the same output.
 
     >>> report = embed("cc12m/{00000..01242}.tar", "db/cc12m", source_name="cc12m",
     ...                embedder=ClipEmbedder("starkret-tiny"))  # doctest: +SKIP
@@ -417,6 +420,10 @@ def embed(
     for name, value in (("batch_size", batch_size), ("workers", workers)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if devices is not None:  # one child process per device: starkret.localworkers
+        from .localworkers import resolve_devices
+
+        devices = resolve_devices(devices, workers=workers, ray_address=ray_address)
     out = Path(output_dir)
     parts = plan_parts(
         sources,
@@ -432,8 +439,8 @@ def embed(
             f"{len(parts):,} parts: at most {MAX_PARTS:,} fit one output folder; "
             "use a larger chunk_size or split the inputs over several folders"
         )
-    if embedder is None:
-        embedder = ClipEmbedder(model, pretrained, device=device)
+    if embedder is None:  # with devices, only its identity is used here: the children embed
+        embedder = ClipEmbedder(model, pretrained, device="cpu" if devices else device)
     cfg = embedder.preprocess_config
     options = PreprocessOptions(
         size=embedder.image_size,
@@ -471,9 +478,16 @@ def embed(
             folder.leave()
             raise
     try:
-        report = _run_parts(
-            parts, out, embedder, options, source_name, workers, ray_address, progress
-        )
+        if devices is not None:
+            from .localworkers import run_on_devices
+
+            report = run_on_devices(
+                devices, parts, out, embedder, options, source_name, progress, threads=threads
+            )
+        else:
+            report = _run_parts(
+                parts, out, embedder, options, source_name, workers, ray_address, progress
+            )
         with folder.locked():
             report.total_embedded, report.total_failed = _count_done(out)
             if all(_paths(out, i)[1].exists() for i in range(len(parts))):
