@@ -9,6 +9,7 @@ makes a child kill itself inside a part, or pause after its first part.
 
 from __future__ import annotations
 
+import _thread
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -157,7 +159,8 @@ def test_cpu_workers_on_one_folder_write_exactly_the_output_of_one_process(
 def test_kill_9_of_a_worker_inside_a_part_loses_and_duplicates_nothing(
     tmp_path, shards, reference, monkeypatch
 ):
-    # Worker 0 kills itself holding its first part; worker 1 starts after that.
+    # Worker 0 kills itself holding its first part once worker 1 went over the parts
+    # (skipping that one): worker 1 must wait for it and redo it.
     monkeypatch.setenv(DEBUG_ENV, "kill:0")
     report = embed(str(shards / "*.tar"), tmp_path / "out", devices="cpu,cpu", threads=2, **ARGS)
     victim, survivor = report.devices
@@ -166,7 +169,6 @@ def test_kill_9_of_a_worker_inside_a_part_loses_and_duplicates_nothing(
     assert "kills itself inside its first part" in victim["error"]  # its stderr tail
     assert survivor["exit_status"] == 0 and survivor["parts"] == SHARDS
     assert (report.embedded, report.parts_done) == (17, SHARDS)
-    (tmp_path / "out" / ".starkret" / "debug-killed").unlink()
     _assert_same(tmp_path / "out", reference)
 
 
@@ -205,11 +207,25 @@ def test_kill_9_of_the_parent_stops_its_workers_and_a_rerun_completes(tmp_path, 
     finally:
         parent.kill()
         parent.wait(timeout=TIMEOUT)
-    # The workers notice their parent is gone and leave the folder.
-    _wait_for(lambda: _nobody_works_on(out), "the workers to exit")
+    # The worker notices its parent is gone (its stdin closes) and leaves the folder.
+    _wait_for(lambda: _nobody_works_on(out), "the worker to exit")
     report = embed(str(shards / "*.tar"), out, threads=1, **ARGS)
     assert (report.parts_skipped, report.parts_done) == (1, SHARDS - 1)
     _assert_same(out, reference)
+
+
+def test_ctrl_c_in_the_parent_stops_its_workers(tmp_path, shards, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv(DEBUG_ENV, f"pause:{tmp_path / 'never'}")
+
+    def press_ctrl_c() -> None:
+        _wait_for(lambda: _done(out) == 1, "a part")
+        _thread.interrupt_main()  # SIGINT's KeyboardInterrupt, in the thread running embed
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        embed(str(shards / "*.tar"), out, devices="cpu", threads=1, **ARGS)
+    assert _nobody_works_on(out)  # the worker was stopped before embed returned
 
 
 def test_a_second_invocation_helps_the_first_and_both_end_with_the_same_output(

@@ -57,10 +57,7 @@ __all__ = [
 
 log = logging.getLogger("starkret")
 
-#: Test-only hook read by the children: ``kill:K`` makes child K ``kill -9`` itself in
-#: its first part (after its first batch, holding the claim; the others start after
-#: that); ``pause:PATH`` makes every child wait after its first finished part until
-#: PATH exists.
+#: Test-only hook read by the children (see :class:`_Debug`): ``kill:K`` or ``pause:PATH``.
 DEBUG_ENV = "STARKRET_DEBUG_WORKER"
 
 #: Lines of a dead child's stderr quoted in the report.
@@ -173,8 +170,9 @@ class _Child:
     parts: int = 0
     embedded: int = 0
     failed: int = 0
+    #: Seconds spent in the parts it wrote (decode, embed, write; no waiting).
+    busy: float = 0.0
     ready_at: float | None = None
-    ended_at: float | None = None
 
     def name(self) -> str:
         return f"{self.device} (worker {self.number}, pid {self.proc.pid})"
@@ -223,6 +221,7 @@ def run_on_devices(
         for number, device in enumerate(devices):
             job = {
                 "number": number,
+                "workers": len(devices),
                 "out": str(out),
                 "parts": pending,
                 "options": dataclasses.replace(options, threads=per_child),
@@ -233,6 +232,10 @@ def run_on_devices(
             }
             children.append(_start_child(number, device, job, per_child, events))
         _collect(children, events, report, bar, len(pending))
+        for child in children:  # all exited, their readers done
+            for pipe in (child.proc.stdin, child.proc.stdout, child.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
     except BaseException:
         _stop(children)
         raise
@@ -243,14 +246,13 @@ def run_on_devices(
     report.embed_seconds = time.perf_counter() - (min(ready) if ready else started)
     report.parts_elsewhere = len(pending) - report.parts_done
     for child in children:
-        busy = (child.ended_at or time.perf_counter()) - (child.ready_at or started)
         entry: dict[str, Any] = {
             "device": child.device,
             "pid": child.proc.pid,
             "parts": child.parts,
             "embedded": child.embedded,
             "failed": child.failed,
-            "images_per_second": round(child.embedded / busy, 2) if busy > 0 else 0.0,
+            "images_per_second": round(child.embedded / child.busy, 2) if child.busy else 0.0,
             "exit_status": child.proc.returncode,
             "error": None,
         }
@@ -282,6 +284,8 @@ def _start_child(number: int, device: str, job: dict, threads: int, events: queu
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "RAYON_NUM_THREADS": str(threads),
+        # the children import this very starkret, wherever the parent found it
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *_python_path()]),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "starkret.localworkers"],
@@ -307,6 +311,11 @@ def _start_child(number: int, device: str, job: dict, threads: int, events: queu
     for reader in child.readers:
         reader.start()
     return child
+
+
+def _python_path() -> list[str]:
+    value = os.environ.get("PYTHONPATH", "")
+    return [p for p in value.split(os.pathsep) if p]
 
 
 def _read_events(child: _Child, events: queue.Queue) -> None:
@@ -342,7 +351,6 @@ def _collect(
             child.proc.wait()
             for reader in child.readers:
                 reader.join(timeout=10)
-            child.ended_at = child.ended_at or time.perf_counter()
             if child.proc.returncode != 0:
                 tail = " | ".join(list(child.stderr)[-5:]) or "no error output"
                 others = "the other workers take its parts" if running else "no worker is left"
@@ -361,6 +369,7 @@ def _collect(
             child.parts += 1
             child.embedded += message["embedded"]
             child.failed += message["failed"]
+            child.busy += message["seconds"]
             report.parts_done += 1
             report.embedded += message["embedded"]
             report.failed += message["failed"]
@@ -368,8 +377,6 @@ def _collect(
                 report.failure_reasons[reason] = report.failure_reasons.get(reason, 0) + count
             if bar is not None:
                 bar.set_postfix_str(f"parts {report.parts_done}/{pending}")
-        elif kind == "done":
-            child.ended_at = time.perf_counter()
 
 
 def _say(bar, text: str) -> None:
@@ -438,9 +445,9 @@ def _child_main() -> int:
     with folder.locked():
         folder.join()  # a live run of the folder, like the parent
     runner = PartRunner(out, embedder, options, job["source"])
-    debug = os.environ.get(DEBUG_ENV, "")
+    debug = _Debug(job["number"], job["workers"], out)
     send("ready", device=str(embedder.device))
-    _debug_wait_for_victim(debug, job["number"], out)
+    debug.before_parts()
     done_here = 0
     try:
         # First the parts nobody holds, then wait for the held ones (redo if their worker died).
@@ -448,7 +455,13 @@ def _child_main() -> int:
             for index, part in job["parts"]:
                 if _paths(out, index)[1].exists():
                     continue
-                tick = _ticker(send, debug, job["number"], out, first=done_here == 0)
+                first = done_here == 0
+
+                def tick(images: int, failed: int, first: bool = first) -> None:
+                    send("batch", images=images, failed=failed)
+                    debug.after_batch(first)
+
+                part_started = time.perf_counter()
                 result = runner.run(index, part, wait=wait, progress=tick)
                 if result is None:
                     continue
@@ -457,39 +470,69 @@ def _child_main() -> int:
                 for _shard, _key, reason in failures:
                     kind = reason.split(":", 1)[0]
                     reasons[kind] = reasons.get(kind, 0) + 1
-                send("part", index=index, embedded=embedded, failed=len(failures), reasons=reasons)
+                send(
+                    "part",
+                    index=index,
+                    embedded=embedded,
+                    failed=len(failures),
+                    reasons=reasons,
+                    seconds=time.perf_counter() - part_started,
+                )
                 done_here += 1
-                if done_here == 1 and debug.startswith("pause:"):
-                    while not os.path.exists(debug.removeprefix("pause:")):
-                        time.sleep(0.05)
+                debug.after_part(done_here)
+            if not wait:
+                debug.after_first_pass()
     finally:
         folder.leave()
-    send("done")
     return 0
 
 
-def _debug_wait_for_victim(debug: str, number: int, out: Path) -> None:
-    """``kill:K``: the other workers start only once worker K has killed itself, so the
-    test knows K died inside a part it held."""
-    if debug.startswith("kill:") and debug != f"kill:{number}":
-        marker = out / STATE_DIR / "debug-killed"
-        deadline = time.monotonic() + 300
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+class _Debug:
+    """The test-only hook (:data:`DEBUG_ENV`) inside a worker.
 
+    ``kill:K``: worker K, holding its first part, waits for the others to go once over
+    the parts (they start only when it holds one), then ``kill -9`` s itself: a survivor
+    must wait for that part and redo it. ``pause:PATH``: after its first part, a worker
+    waits until PATH exists (holding no part).
+    """
 
-def _ticker(send, debug: str, number: int, out: Path, *, first: bool):
-    kill = first and debug == f"kill:{number}"
+    def __init__(self, number: int, workers: int, out: Path) -> None:
+        value = os.environ.get(DEBUG_ENV, "")
+        victim = value.removeprefix("kill:") if value.startswith("kill:") else None
+        self.victim = victim == str(number)
+        self.witness = victim is not None and not self.victim
+        self.alone = workers == 1
+        self.pause = value.removeprefix("pause:") if value.startswith("pause:") else None
+        self.number, self.state = number, out / STATE_DIR
 
-    def tick(images: int, failed: int) -> None:
-        send("batch", images=images, failed=failed)
-        if kill:
-            print(f"debug: worker {number} kills itself inside its first part", file=sys.stderr)
+    def before_parts(self) -> None:
+        if self.witness:
+            _wait_for_file(self.state / "debug-victim-holds")
+
+    def after_first_pass(self) -> None:
+        if self.witness:
+            (self.state / "debug-first-pass-done").touch()
+
+    def after_batch(self, first_part: bool) -> None:
+        if self.victim and first_part:
+            (self.state / "debug-victim-holds").touch()
+            if not self.alone:
+                _wait_for_file(self.state / "debug-first-pass-done")
+            print(
+                f"debug: worker {self.number} kills itself inside its first part", file=sys.stderr
+            )
             sys.stderr.flush()
-            (out / STATE_DIR / "debug-killed").touch()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    return tick
+    def after_part(self, done_here: int) -> None:
+        if self.pause is not None and done_here == 1:
+            _wait_for_file(Path(self.pause), timeout=None)
+
+
+def _wait_for_file(path: Path, timeout: float | None = 300) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not path.exists() and (deadline is None or time.monotonic() < deadline):
+        time.sleep(0.05)
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
