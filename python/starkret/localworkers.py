@@ -213,6 +213,7 @@ def run_on_devices(
             f"on {len(devices)} devices",
             dynamic_ncols=True,
             smoothing=0.1,
+            postfix="starting the workers",
         )
     events: queue.Queue = queue.Queue()
     children: list[_Child] = []
@@ -361,6 +362,9 @@ def _collect(
             continue
         kind = message.get("event")
         if kind == "ready":
+            if bar is not None and all(c.ready_at is None for c in children):
+                bar.reset()  # the rate counts from the first worker ready, not model loading
+                bar.set_postfix_str(f"parts 0/{pending}")
             child.ready_at = time.perf_counter()
         elif kind == "batch":
             if bar is not None:
