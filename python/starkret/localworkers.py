@@ -201,7 +201,7 @@ def run_on_devices(
     report = DevicesReport(str(out), parts_skipped=len(parts) - len(pending))
     if not pending:
         return report
-    total = threads if threads is not None else (os.cpu_count() or 1)
+    total = threads if threads is not None else _cores()
     per_child = max(1, total // len(devices))
     bar = None
     if progress:
@@ -276,6 +276,14 @@ def run_on_devices(
             report,
         )
     return report
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _start_child(number: int, device: str, job: dict, threads: int, events: queue.Queue) -> _Child:
