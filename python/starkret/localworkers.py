@@ -293,8 +293,7 @@ def _start_child(number: int, device: str, job: dict, threads: int, events: queu
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "RAYON_NUM_THREADS": str(threads),
-        # the children import this very starkret, wherever the parent found it
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *_python_path()]),
+        "PYTHONPATH": _child_python_path(),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "starkret.localworkers"],
@@ -322,9 +321,17 @@ def _start_child(number: int, device: str, job: dict, threads: int, events: queu
     return child
 
 
-def _python_path() -> list[str]:
-    value = os.environ.get("PYTHONPATH", "")
-    return [p for p in value.split(os.pathsep) if p]
+def _child_python_path() -> str:
+    """PYTHONPATH for a child importing this very starkret, wherever the parent found it
+    (a site-packages folder is found anyway, and must not go before the standard library)."""
+    import site
+
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    here = Path(__file__).resolve().parents[1]
+    sites = [*site.getsitepackages(), site.getusersitepackages()]
+    if here not in {Path(p).resolve() for p in sites} and str(here) not in paths:
+        paths.insert(0, str(here))
+    return os.pathsep.join(paths)
 
 
 def _read_events(child: _Child, events: queue.Queue) -> None:
