@@ -73,6 +73,7 @@ PIPELINE_COLUMNS = (
     ("ratio", "ratio"),
     ("goal_ratio", "ratio >= 0.9"),
     ("vs_goal", "vs 1300 img/s"),
+    ("input_wait_s", "model waited for input s"),
     ("cpu_cores", "CPU cores busy"),
     ("threads", "decode threads"),
     ("wall_s", "wall s"),
@@ -266,7 +267,9 @@ def render_markdown(data: dict) -> str:
         )
         lines.append("")
     lines += _table(
-        data.get("pipeline", []), PIPELINE_COLUMNS, {"ratio": 3, "cpu_cores": 1, "wall_s": 1}
+        data.get("pipeline", []),
+        PIPELINE_COLUMNS,
+        {"ratio": 3, "cpu_cores": 1, "wall_s": 1, "input_wait_s": 2},
     )
     goals = data.get("goals")
     if goals:
@@ -830,6 +833,7 @@ class Bench:
                 self.pipeline_figures(report.embedded, report.images_per_second, model_img_s)
             )
             row.update(
+                input_wait_s=report.input_wait_seconds,
                 cpu_cores=cpu / wall,
                 threads=self.threads_label(),
                 wall_s=wall,
@@ -892,6 +896,7 @@ class Bench:
                 self.pipeline_figures(body["embedded"], body["images_per_second"], model_img_s)
             )
             row.update(
+                input_wait_s=body.get("input_wait_seconds"),
                 cpu_cores=cpu / wall,
                 threads=self.threads_label(),
                 wall_s=wall,

@@ -169,7 +169,7 @@ def test_uint8_hwc_crops_are_the_chw_crops_transposed_for_shards_fallbacks_and_f
 def test_uint8_path_writes_the_float_paths_output_bit_for_bit(
     shards, tiny, reference, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(pipeline, "_input_format", lambda embedder: ("uint8", "hwc"))
+    monkeypatch.setattr(pipeline, "input_format", lambda embedder: ("uint8", "hwc"))
     tower = _Tower(tiny)
     report = _embed(str(shards / "*.tar"), tmp_path / "out", tower)
     assert report.embedded == 18
@@ -183,7 +183,7 @@ def test_uint8_crops_through_the_real_tower_give_the_float_paths_output(
 ):
     if not getattr(tiny, "accepts_uint8", False):
         pytest.skip("this ClipEmbedder takes float pixels only")
-    monkeypatch.setattr(pipeline, "_input_format", lambda embedder: ("uint8", "hwc"))
+    monkeypatch.setattr(pipeline, "input_format", lambda embedder: ("uint8", "hwc"))
     _embed(str(shards / "*.tar"), tmp_path / "out", tiny)
     assert _files(tmp_path / "out") == reference
 
@@ -198,9 +198,9 @@ def test_uint8_is_sent_on_cuda_only_to_towers_that_take_it(tiny):
     class GpuUint8(Gpu):
         accepts_uint8 = True
 
-    assert pipeline._input_format(tiny) == ("float32", "chw")
-    assert pipeline._input_format(Gpu()) == ("float16", "chw")
-    assert pipeline._input_format(GpuUint8()) == ("uint8", "hwc")
+    assert pipeline.input_format(tiny) == ("float32", "chw")
+    assert pipeline.input_format(Gpu()) == ("float16", "chw")
+    assert pipeline.input_format(GpuUint8()) == ("uint8", "hwc")
 
 
 # ==== One continuous stream ====

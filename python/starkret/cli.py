@@ -128,8 +128,25 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="open_clip tag or local checkpoint file (default: the model's "
         "own default, 'openai' for OpenAI CLIP configs); 'none' = random",
     )
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per batch, decoded and embedded together (default: 256 on a GPU, 64 on CPU)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        default=None,
+        help="the image tower's precision (default auto: fp16 on a GPU, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the image tower (default: on a GPU only)",
+    )
     parser.add_argument(
         "--mode",
         choices=["exact", "fast"],
@@ -149,6 +166,12 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="Ray actors (one per GPU); >1 starts a local Ray instance",
     )
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster")
+    parser.add_argument(
+        "--devices",
+        default=None,
+        help="one worker process per device of this machine, no Ray: all (every visible "
+        "GPU), GPU numbers (0,1) or cpu entries (cpu,cpu); --threads is shared among them",
+    )
     parser.add_argument("--image-column", default=None, help="tables: column with image bytes")
     parser.add_argument("--caption-column", default=None, help="tables: caption column")
     parser.add_argument("--key-column", default=None, help="tables: key column")
@@ -159,40 +182,16 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from .pipeline import embed
-    from .towers import MODEL_DEFAULT
+    from .localworkers import WorkersFailed
 
-    pretrained = MODEL_DEFAULT if args.pretrained is None else args.pretrained
-    if isinstance(pretrained, str) and pretrained.lower() == "none":
-        pretrained = None
-    report = embed(
-        args.inputs,
-        args.output,
-        source_name=args.source,
-        model=args.model,
-        pretrained=pretrained,
-        device=args.device,
-        batch_size=args.batch_size,
-        mode=args.mode,
-        chunk_size=args.chunk_size,
-        threads=args.threads,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        ray_address=args.ray_address,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        key_column=args.key_column,
-        progress=_show(args),
-    )
-    if args.json:
-        import dataclasses
-        import json
-
-        body = dataclasses.asdict(report)
-        body["images_per_second"] = round(report.images_per_second, 2)
-        print(json.dumps(body))
-    elif not args.quiet:
-        print(report.summary())
+    try:
+        report = _embed(args)
+    except WorkersFailed as exc:  # device workers died with parts left: a rerun finishes
+        if not args.quiet:
+            print(exc.report.summary(), file=sys.stderr)
+        print(f"starkret {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    _print_report(args, report)
     # Design rule: a run that produced nothing exits non-zero.
     if report.total_embedded == 0 or (report.parts_done and not report.embedded):
         if report.failed:
@@ -206,6 +205,49 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             f"(reasons in {Path(args.output) / 'failures'})"
         )
     return 0
+
+
+def _embed(args: argparse.Namespace):
+    from .pipeline import embed
+    from .towers import MODEL_DEFAULT
+
+    pretrained = MODEL_DEFAULT if args.pretrained is None else args.pretrained
+    if isinstance(pretrained, str) and pretrained.lower() == "none":
+        pretrained = None
+    return embed(
+        args.inputs,
+        args.output,
+        source_name=args.source,
+        model=args.model,
+        pretrained=pretrained,
+        device=args.device,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        compile=args.compile,
+        mode=args.mode,
+        chunk_size=args.chunk_size,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        key_column=args.key_column,
+        progress=_show(args),
+        devices=args.devices,
+    )
+
+
+def _print_report(args: argparse.Namespace, report) -> None:
+    if args.json:
+        import dataclasses
+        import json
+
+        body = dataclasses.asdict(report)
+        body["images_per_second"] = round(report.images_per_second, 2)
+        print(json.dumps(body))
+    elif not args.quiet:
+        print(report.summary())
 
 
 def _cmd_build_index(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ import numpy as np
 from .claims import WorkFolder
 from .keyset import MAX_PARTS, KeySet
 from .layout import pad_part_names, part_file
-from .sources import Part, PreprocessOptions, plan_parts
+from .sources import Part, PreprocessOptions, input_format, plan_parts
 from .towers import DEFAULT_MODEL, MODEL_DEFAULT, ClipEmbedder
 
 __all__ = ["EmbedReport", "embed"]
@@ -246,13 +246,16 @@ class PartRunner:
         pending: list[tuple[int, Part]],
         *,
         progress: Callable[[int, int], None] | None = None,
-        finish: Callable[[tuple[int, list]], None] | None = None,
+        finish: Callable[[int, tuple[int, list]], None] | None = None,
+        after_free_parts: Callable[[], None] | None = None,
     ) -> float:
         """Embed ``pending`` parts as one continuous stream (:class:`_Stream`): parts
         another worker holds are waited for (and redone if it died), parts found done are
-        skipped. ``finish((embedded, failures))`` is called, on this thread, for each part
-        written here. Returns the seconds the model waited for input."""
-        stream = _Stream(self, pending, progress, finish)
+        skipped. ``finish(index, (embedded, failures))`` is called, on this thread, for each
+        part written here; ``after_free_parts()``, on the reader thread, once the parts
+        nobody else held are read, before it waits for the others. Returns the seconds
+        the model waited for input."""
+        stream = _Stream(self, pending, progress, finish, after_free_parts)
         stream.run()
         return stream.input_wait
 
@@ -312,9 +315,10 @@ class _Stream:
     as after ``kill -9``.
     """
 
-    def __init__(self, runner: PartRunner, pending, progress, finish) -> None:
+    def __init__(self, runner: PartRunner, pending, progress, finish, after_free_parts) -> None:
         self.runner, self.pending = runner, list(pending)
         self.progress, self.finish = progress, finish
+        self.after_free_parts = after_free_parts
         self.batches: queue.Queue = queue.Queue(STREAM_BATCHES)
         self.parts: queue.Queue = queue.Queue(STREAM_PARTS)
         self.results: queue.Queue = queue.Queue()
@@ -442,7 +446,7 @@ class _Stream:
             except queue.Empty:
                 return
             if self.finish is not None:
-                self.finish(result)
+                self.finish(*result)
 
     # ---- the reader thread ----
 
@@ -457,6 +461,8 @@ class _Stream:
                     busy.append((index, part))
                 elif not self._read_part(index, part, claim):
                     return
+            if self.after_free_parts is not None:
+                self.after_free_parts()
             for index, part in busy:
                 what = f"part {index} ({part.describe()})"
                 claim = self._claim_when_free(index)
@@ -542,7 +548,7 @@ class _Stream:
                 claim = self.claims.pop(work.index, None)
                 if claim is not None:
                     claim.release()
-            self.results.put(result)
+            self.results.put((work.index, result))
 
 
 def _duplicates(keys: list[str], index: int, known: KeySet) -> dict[int, str]:
@@ -727,7 +733,7 @@ def embed(
     model: str = DEFAULT_MODEL,
     pretrained=MODEL_DEFAULT,
     device: str = "auto",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     mode: str = "exact",
     chunk_size: int = 10_000,
     threads: int | None = None,
@@ -740,6 +746,7 @@ def embed(
     progress: bool = True,
     precision: str | None = None,
     compile: bool | None = None,
+    devices: str | Sequence[str] | None = None,
 ) -> EmbedReport:
     """Embed every image of ``sources`` into ``output_dir`` (clip-retrieval's layout).
 
@@ -751,12 +758,14 @@ def embed(
     folder is refused; ``overwrite=True`` starts over. ``workers > 1`` or
     ``ray_address`` runs parts on Ray actors (one per GPU), with the same output.
     ``precision`` and ``compile`` go to the :class:`ClipEmbedder` built here (none is
-    built when ``embedder`` is given).
+    built when ``embedder`` is given), or to each device's worker.
 
     In one process the parts run as one stream: the next part is read and decoded
     while the current one is embedded, and finished parts are written on a writer
     thread. On CUDA, crops cross to the GPU as uint8 when the tower normalises them
     there (``embedder.accepts_uint8``): four times fewer bytes, same embeddings.
+    ``devices`` (``"all"``, ``"0,1"``, ``["cpu", "cpu"]``) runs one child process per
+    device on this machine (:mod:`starkret.localworkers`), with the same output.
 
     >>> report = embed("cc12m/{00000..01242}.tar", "db/cc12m", source_name="cc12m",
     ...                embedder=ClipEmbedder("starkret-tiny"))  # doctest: +SKIP
@@ -764,9 +773,13 @@ def embed(
     started = time.perf_counter()
     if not isinstance(source_name, str) or not source_name or "/" in source_name:
         raise ValueError(f"source_name must be a non-empty name without '/', got {source_name!r}")
-    for name, value in (("batch_size", batch_size), ("workers", workers)):
+    for name, value in (("batch_size", batch_size or 1), ("workers", workers)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if devices is not None:  # one child process per device: starkret.localworkers
+        from .localworkers import resolve_devices
+
+        devices = resolve_devices(devices, workers=workers, ray_address=ray_address)
     out = Path(output_dir)
     parts = plan_parts(
         sources,
@@ -782,21 +795,26 @@ def embed(
             f"{len(parts):,} parts: at most {MAX_PARTS:,} fit one output folder; "
             "use a larger chunk_size or split the inputs over several folders"
         )
-    if embedder is None:
+    if embedder is None and devices:
+        # only its identity is used here: the workers build their own
+        embedder = ClipEmbedder(model, pretrained, device="cpu")
+    elif embedder is None:
         extra: dict = {}
+        if batch_size is not None:
+            extra["batch_size"] = batch_size
         if precision is not None:
             extra["precision"] = precision
         if compile is not None:
             extra["compile"] = compile
         embedder = ClipEmbedder(model, pretrained, device=device, **extra)
     cfg = embedder.preprocess_config
-    dtype, layout = _input_format(embedder)
+    dtype, layout = input_format(embedder)
     options = PreprocessOptions(
         size=embedder.image_size,
         mode=mode,
         dtype=dtype,
         layout=layout,
-        batch_size=batch_size,
+        batch_size=batch_size or embedder.batch_size,
         threads=threads,
         mean=tuple(cfg.get("mean", PreprocessOptions.mean)),
         std=tuple(cfg.get("std", PreprocessOptions.std)),
@@ -827,9 +845,26 @@ def embed(
             folder.leave()
             raise
     try:
-        report = _run_parts(
-            parts, out, embedder, options, source_name, workers, ray_address, progress
-        )
+        if devices is not None:
+            from .localworkers import run_on_devices
+
+            report = run_on_devices(
+                devices,
+                parts,
+                out,
+                embedder,
+                options,
+                source_name,
+                progress,
+                threads=threads,
+                precision=precision,
+                compile=compile,
+                batch_size=batch_size,
+            )
+        else:
+            report = _run_parts(
+                parts, out, embedder, options, source_name, workers, ray_address, progress
+            )
         with folder.locked():
             report.total_embedded, report.total_failed = _count_done(out)
             if all(_paths(out, i)[1].exists() for i in range(len(parts))):
@@ -839,21 +874,6 @@ def embed(
         folder.leave()
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _input_format(embedder: ClipEmbedder) -> tuple[str, str]:
-    """The pixels ``embedder`` is fed: (dtype, layout) of :class:`PreprocessOptions`.
-
-    On CUDA, uint8 crops in the Rust core's HWC layout when the tower normalises on
-    the device (a quarter of float32's bytes over the bus, no CPU normalisation),
-    else float16 (half the bytes; the model runs in half precision there anyway).
-    On CPU float32: the model reads it as is.
-    """
-    if getattr(embedder.device, "type", "cpu") != "cuda":
-        return "float32", "chw"
-    if getattr(embedder, "accepts_uint8", False):
-        return "uint8", "hwc"
-    return "float16", "chw"
 
 
 def _run_parts(
@@ -898,14 +918,15 @@ def _run_parts(
             ):
                 finish(result)
             # Parts other workers held: wait for each; redo it if its worker died.
-            for i, part in pending:
-                if not _paths(out, i)[1].exists():
-                    finish(runner.run(i, part, wait=True, progress=lambda n, f: _tick(bar, n, f)))
+            pending_here = [(i, p) for i, p in pending if not _paths(out, i)[1].exists()]
         else:
-            # One stream: the same claims, waits and order, without idle part boundaries.
-            report.input_wait_seconds = runner.run_all(
-                pending, progress=lambda n, f: _tick(bar, n, f), finish=finish
-            )
+            pending_here = pending
+        # One stream: the same claims, waits and order, without idle part boundaries.
+        report.input_wait_seconds = runner.run_all(
+            pending_here,
+            progress=lambda n, f: _tick(bar, n, f),
+            finish=lambda _index, result: finish(result),
+        )
     finally:
         if bar is not None:
             bar.close()

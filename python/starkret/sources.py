@@ -18,14 +18,14 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import _core
 from .preprocess import ShardBatch, preprocess, preprocess_shards
 from .shards import DEFAULT_MAX_MEMBER_BYTES, expand_shard_paths
 
-__all__ = ["IMAGE_SUFFIXES", "Part", "PreprocessOptions", "plan_parts"]
+__all__ = ["IMAGE_SUFFIXES", "Part", "PreprocessOptions", "input_format", "plan_parts"]
 
 #: File suffixes taken as images in folders (the bytes decide the format, not the name).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -62,6 +62,29 @@ class PreprocessOptions:
             "std": self.std,
             "layout": self.layout,
         }
+
+    def for_model(self, embedder) -> PreprocessOptions:
+        """These options with the pixel format (:func:`input_format`) and batch size of
+        ``embedder`` (a worker's, built from the driver's settings)."""
+        dtype, layout = input_format(embedder)
+        batch_size = getattr(embedder, "batch_size", None) or self.batch_size
+        return replace(self, dtype=dtype, layout=layout, batch_size=batch_size)
+
+
+def input_format(embedder) -> tuple[str, str]:
+    """The pixels ``embedder`` is fed: ``(dtype, layout)`` of :class:`PreprocessOptions`.
+
+    On CUDA, uint8 crops in the Rust core's HWC layout when the tower normalises on
+    the device (``embedder.accepts_uint8``: a quarter of float32's bytes over the bus,
+    no CPU normalisation), else float16 (half the bytes; the model runs in half
+    precision there anyway). On CPU float32: the model reads it as is (a uint8 lookup
+    costs more there than it saves).
+    """
+    if getattr(embedder.device, "type", "cpu") != "cuda":
+        return "float32", "chw"
+    if getattr(embedder, "accepts_uint8", False):
+        return "uint8", "hwc"
+    return "float16", "chw"
 
 
 @dataclass(frozen=True)
