@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from starkret import Aligner, ImageDB, build_index, topk
 from starkret.gpu_search import DeviceSearcher, device_search
@@ -14,6 +15,18 @@ from starkret.index import AUTO_EXACT_MAX_ROWS, SourceIndex, auto_kind
 from starkret.ivf import choose_codes, choose_nlist, parse_bytes
 from starkret.testing import write_source
 from starkret.text_like import recall_at, text_like_queries
+
+#: The torch-device searcher runs on the CPU in CI; on a GPU (benches/gpu.sh) on CUDA too.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
 
 
 def _unit(rng, n, dim):
@@ -31,15 +44,16 @@ def _clustered(n, dim, clusters, seed=0):
 # ==== exact search on a torch device ====
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tile_rows,query_chunk", [(97, 5), (1024, 64), (None, None)])
-def test_device_search_on_cpu_equals_the_rust_scan_with_exclusions(tile_rows, query_chunk):
+def test_device_search_equals_the_rust_scan_with_exclusions(tile_rows, query_chunk, device):
     rng = np.random.default_rng(1)
     db = _unit(rng, 1500, 48).astype(np.float16)
     parts = [db[:400], db[400:401], db[401:1000], db[1000:]]
     queries = _unit(rng, 23, 48)
     per_query = [set(rng.integers(0, 1500, 30).tolist()) for _ in range(23)]
     shared = {3, 401, 1499, 7000, -5}
-    searcher = DeviceSearcher(parts, device="cpu", tile_rows=tile_rows, query_chunk=query_chunk)
+    searcher = DeviceSearcher(parts, device=device, tile_rows=tile_rows, query_chunk=query_chunk)
     for exclude in (None, per_query, shared):
         s1, r1 = topk(queries, db, 9, exclude=exclude)
         s2, r2 = searcher.search(queries, 9, exclude=exclude)
@@ -55,7 +69,8 @@ def test_device_search_on_cpu_equals_the_rust_scan_with_exclusions(tile_rows, qu
         np.testing.assert_allclose(np.sort(brute, 1)[:, ::-1][:, :9], s2, rtol=1e-5, atol=1e-6)
 
 
-def test_device_search_breaks_ties_to_the_lower_row_like_the_rust_scan():
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_search_breaks_ties_to_the_lower_row_like_the_rust_scan(device):
     # Small integers: every product and sum is exact, so ties are exact in any order.
     rng = np.random.default_rng(2)
     db = rng.integers(-2, 3, size=(600, 8)).astype(np.float16)
@@ -65,17 +80,18 @@ def test_device_search_breaks_ties_to_the_lower_row_like_the_rust_scan():
         for ex in (None, exclude):
             s1, r1 = topk(queries, db, k, exclude=ex)
             s2, r2 = device_search(
-                queries, [db[:250], db[250:]], k, exclude=ex, device="cpu", tile_rows=64
+                queries, [db[:250], db[250:]], k, exclude=ex, device=device, tile_rows=64
             )
             np.testing.assert_array_equal(r1, r2)
             np.testing.assert_array_equal(s1, s2)
 
 
-def test_device_search_pads_like_the_rust_scan_when_rows_run_out():
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_search_pads_like_the_rust_scan_when_rows_run_out(device):
     db = np.eye(4, dtype=np.float16)
     q = np.ones((2, 4), np.float32)
     s1, r1 = topk(q, db, 6, exclude=[{0}, {0, 1, 2, 3}])
-    s2, r2 = device_search(q, db, 6, exclude=[{0}, {0, 1, 2, 3}], device="cpu")
+    s2, r2 = device_search(q, db, 6, exclude=[{0}, {0, 1, 2, 3}], device=device)
     np.testing.assert_array_equal(r1, r2)
     np.testing.assert_array_equal(s1, s2)
     assert r2[1].tolist() == [-1] * 6 and np.isneginf(s2[1]).all()
@@ -84,8 +100,6 @@ def test_device_search_pads_like_the_rust_scan_when_rows_run_out():
 def test_split_float16_query_halves_give_float32_scores():
     # The CUDA path scores [hi; lo] float16 halves of each query with float32
     # accumulation; checked here with the same halves multiplied in float64.
-    import torch
-
     from starkret.gpu_search import split_halves
 
     rng = np.random.default_rng(4)

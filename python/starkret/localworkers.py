@@ -502,7 +502,6 @@ def _child_main() -> int:
             seconds=time.perf_counter() - started,
         )
         done_here += 1
-        debug.after_part(done_here)
 
     try:
         # One stream, as in a single process: the parts nobody holds, then the held
@@ -521,8 +520,8 @@ class _Debug:
 
     ``kill:K``: worker K, holding its first part, waits for the others to go once over
     the parts (they start only when it holds one), then ``kill -9`` s itself: a survivor
-    must wait for that part and redo it. ``pause:PATH``: after its first part, a worker
-    waits until PATH exists (holding no part).
+    must wait for that part and redo it. ``pause:PATH``: at its first embedded batch, a
+    worker waits until PATH exists, holding the parts it claimed so far (none written).
     """
 
     def __init__(self, number: int, workers: int, out: Path) -> None:
@@ -532,6 +531,7 @@ class _Debug:
         self.witness = victim is not None and not self.victim
         self.alone = workers == 1
         self.pause = value.removeprefix("pause:") if value.startswith("pause:") else None
+        self.paused = False
         self.number, self.state = number, out / STATE_DIR
 
     def before_parts(self) -> None:
@@ -543,6 +543,9 @@ class _Debug:
             (self.state / "debug-first-pass-done").touch()
 
     def after_batch(self, first_part: bool) -> None:
+        if self.pause is not None and not self.paused:
+            self.paused = True
+            _wait_for_file(Path(self.pause), timeout=None)
         if self.victim and first_part:
             (self.state / "debug-victim-holds").touch()
             if not self.alone:
@@ -552,10 +555,6 @@ class _Debug:
             )
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-
-    def after_part(self, done_here: int) -> None:
-        if self.pause is not None and done_here == 1:
-            _wait_for_file(Path(self.pause), timeout=None)
 
 
 def _wait_for_file(path: Path, timeout: float | None = 300) -> None:
