@@ -509,67 +509,6 @@ fn topk_arrays(py: Python<'_>, result: topk::TopK) -> PyResult<TopKArrays<'_>> {
     Ok((scores, ids))
 }
 
-fn run_topk<'py>(
-    py: Python<'py>,
-    queries: &PyReadonlyArray2<'py, f32>,
-    rows: topk::Rows<'_>,
-    d: usize,
-    k: usize,
-    exclude: topk::Exclude,
-    threads: Option<usize>,
-) -> PyResult<TopKArrays<'py>> {
-    let q = queries.as_slice()?;
-    if queries.shape()[1] != d {
-        return Err(PyValueError::new_err(format!(
-            "queries have dimension {}, the database {d}",
-            queries.shape()[1]
-        )));
-    }
-    let db = topk::Database::new(rows, d).map_err(PyValueError::new_err)?;
-    let result = py
-        .detach(|| topk::search(q, &db, k, &exclude, threads.unwrap_or(0)))
-        .map_err(PyValueError::new_err)?;
-    topk_arrays(py, result)
-}
-
-/// Exact inner-product top-k of float32 queries against a float32 database, or a
-/// float16 one given as its uint16 bits.
-#[pyfunction]
-#[pyo3(signature = (queries, database, k, *, exclude=None, exclude_per_query=None, threads=None))]
-fn topk_search<'py>(
-    py: Python<'py>,
-    queries: PyReadonlyArray2<'py, f32>,
-    database: &Bound<'py, PyAny>,
-    k: usize,
-    exclude: Option<PyReadonlyArray1<'py, i64>>,
-    exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
-    threads: Option<usize>,
-) -> PyResult<TopKArrays<'py>> {
-    let exclude = exclusion(exclude, exclude_per_query)?;
-    if let Ok(db) = database.cast::<PyArray2<f32>>() {
-        let db = db.readonly();
-        let d = db.shape()[1];
-        return run_topk(
-            py,
-            &queries,
-            topk::Rows::F32(db.as_slice()?),
-            d,
-            k,
-            exclude,
-            threads,
-        );
-    }
-    if let Ok(db) = database.cast::<PyArray2<u16>>() {
-        let db = db.readonly();
-        let d = db.shape()[1];
-        let rows = topk::Rows::F16Bits(db.as_slice()?);
-        return run_topk(py, &queries, rows, d, k, exclude, threads);
-    }
-    Err(pyo3::exceptions::PyTypeError::new_err(
-        "database must be a 2-D float32 array or float16 bits (uint16)",
-    ))
-}
-
 /// A part's rows as the search reads them: float32, or float16 bits.
 enum PartRows<'py> {
     F32(PyReadonlyArray2<'py, f32>),
@@ -731,7 +670,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(preprocess_images, m)?)?;
     m.add_function(wrap_pyfunction!(image_dimensions, m)?)?;
     m.add_function(wrap_pyfunction!(expand_shard_paths, m)?)?;
-    m.add_function(wrap_pyfunction!(topk_search, m)?)?;
     m.add_function(wrap_pyfunction!(merge_topk, m)?)?;
     m.add_function(wrap_pyfunction!(topk_search_parts, m)?)?;
     m.add_function(wrap_pyfunction!(count_above_parts, m)?)?;

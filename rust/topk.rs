@@ -284,7 +284,9 @@ struct Job<'a> {
 }
 
 /// The exact top-`k` rows of `db` by inner product with each of the `q` queries
-/// (`queries` is q x d, row-major), on `threads` workers (0 = all cores).
+/// (`queries` is q x d, row-major), on `threads` workers (0 = all cores): one part
+/// of [`search_parts`] (the tests' single-database form).
+#[cfg(test)]
 pub fn search(
     queries: &[f32],
     db: &Database<'_>,

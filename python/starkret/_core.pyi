@@ -116,21 +116,6 @@ class ShardBatches:
 
 # ==== Top-k ====
 
-def topk_search(
-    queries: npt.NDArray[np.float32],
-    database: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
-    k: int,
-    *,
-    exclude: npt.NDArray[np.int64] | None = None,
-    exclude_per_query: list[npt.NDArray[np.int64]] | None = None,
-    threads: int | None = None,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Exact inner-product top-k, (q, k) scores descending and ids (-inf / -1 padding).
-
-    ``database`` is float32, or float16 passed as its uint16 bits; both arrays
-    C-contiguous with equal d; ties rank the lower id first (GIL released).
-    """
-
 def topk_search_parts(
     queries: npt.NDArray[np.float32],
     parts: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
@@ -140,8 +125,11 @@ def topk_search_parts(
     exclude_per_query: list[npt.NDArray[np.int64]] | None = None,
     threads: int | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """``topk_search`` over several parts as one database: ids (and exclusions) run on
-    across the parts in order; one pass, memory O(q x k) for any number of parts."""
+    """Exact inner-product top-k over several parts searched as one database, (q, k)
+    scores descending and ids (-inf / -1 padding). Each part is float32, or float16
+    passed as its uint16 bits, C-contiguous with the queries' d; ids (and exclusions)
+    run on across the parts in order; ties rank the lower id first; one pass, memory
+    O(q x k) for any number of parts (GIL released)."""
 
 def count_above_parts(
     queries: npt.NDArray[np.float32],
