@@ -379,3 +379,35 @@ def test_cli_fails_when_nothing_was_embedded(tmp_path, capsys):
     assert code != 0
     assert err.strip().count("\n") == 0 and "nothing was embedded" in err
     assert "all 2 samples" in err
+
+
+def test_a_filesystem_without_flock_is_one_clear_error_not_a_traceback(
+    tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from starkret import claims
+
+    _tar(tmp_path / "s" / "00000.tar", [("a", _jpeg(1))])
+
+    def no_locks(fd, mode):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(claims.fcntl, "flock", no_locks)
+    code = cli.main(
+        [
+            "embed",
+            str(tmp_path / "s" / "00000.tar"),
+            "-o",
+            str(tmp_path / "out"),
+            "--source",
+            "cc",
+            "--model",
+            "starkret-tiny",
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0, err
+    assert "does not support flock" in err and str(tmp_path / "out") in err

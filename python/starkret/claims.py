@@ -18,16 +18,39 @@ between machines).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["STATE_DIR", "Claim", "WorkFolder"]
+__all__ = ["STATE_DIR", "Claim", "FolderLockError", "WorkFolder"]
 
 #: Sub-folder of an output folder holding the lock and claim files.
 STATE_DIR = ".starkret"
+#: What ``flock`` says on a filesystem that cannot lock (some NFS mounts, FUSE, SMB).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class FolderLockError(OSError):
+    """The output folder's filesystem cannot ``flock``, so workers cannot share it safely."""
+
+
+def _flock(fd: int, mode: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, mode)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKS:
+            raise
+        raise FolderLockError(
+            exc.errno,
+            f"cannot lock {path} ({os.strerror(exc.errno)}): the output folder's filesystem "
+            "does not support flock, which resume and several workers rely on; write the "
+            "output to a local disk (or a filesystem with working locks)",
+        ) from exc
 
 
 def _lock(path: Path, *, wait: bool, shared: bool = False) -> int | None:
@@ -36,7 +59,7 @@ def _lock(path: Path, *, wait: bool, shared: bool = False) -> int | None:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+            _flock(fd, mode if wait else mode | fcntl.LOCK_NB, path)
         except BlockingIOError:
             os.close(fd)
             return None
@@ -107,11 +130,15 @@ class WorkFolder:
         path = self.state / "running"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            others = False
-        except BlockingIOError:
-            others = True
-        fcntl.flock(fd, fcntl.LOCK_SH)  # blocks nobody but an exclusive probe
+            try:
+                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path)
+                others = False
+            except BlockingIOError:
+                others = True
+            _flock(fd, fcntl.LOCK_SH, path)  # blocks nobody but an exclusive probe
+        except BaseException:
+            os.close(fd)
+            raise
         self._running = fd
         return others
 

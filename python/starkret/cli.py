@@ -9,8 +9,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .claims import FolderLockError
+
 # Errors a user can fix; anything else is a bug and keeps its traceback.
 _USER_ERRORS = (
+    FolderLockError,
     ValueError,
     TypeError,
     FileNotFoundError,
