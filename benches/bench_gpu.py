@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import inspect
 import io
 import json
 import os
@@ -357,33 +356,23 @@ def matmul_tflops(device: Device, n: int = 8192, repeats: int = 20) -> float | N
 # ==== Embedders ====
 
 
-class Unsupported(Exception):
-    """The installed starkret lacks what a setting needs (before issue 12's towers)."""
-
-
 def make_embedder(model: str, device: str, *, precision=None, compile=None, batch=None):
-    """``ClipEmbedder(model, None, ...)`` with the issue-12 keyword arguments that are set."""
+    """``ClipEmbedder(model, None, ...)``, random weights; ``None`` = the tower's default."""
     from starkret import ClipEmbedder
 
-    params = inspect.signature(ClipEmbedder).parameters
-    kwargs: dict = {"device": device}
-    if precision is not None:
-        kwargs["precision"] = precision
-    if batch is not None:
-        kwargs["batch_size"] = batch
-    if compile is not None:
-        if "compile" in params:
-            kwargs["compile"] = compile
-        elif compile:
-            raise Unsupported("this starkret's ClipEmbedder has no compile= argument")
-        # else: eager is all a ClipEmbedder without compile= does
-    return ClipEmbedder(model, None, **kwargs)
+    return ClipEmbedder(
+        model,
+        None,
+        device=device,
+        precision=precision or "auto",
+        batch_size=batch,
+        compile=compile,
+    )
 
 
 def setting_name(embedder) -> str:
     """eager-fp16, compiled-bf16, ... (a torch.compile mode other than the default is named)."""
-    compiled = bool(getattr(embedder, "compiled", False))
-    mode = getattr(embedder, "compile_mode", None)
+    compiled, mode = embedder.compiled, embedder.compile_mode
     kind = (
         f"compiled[{mode}]"
         if compiled and mode not in (None, "default")
@@ -409,24 +398,18 @@ def normalised(embedder, photos_hwc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def device_inputs(embedder, device: Device, photos_hwc: np.ndarray):
-    """The photos on the device as the embedder takes them best: uint8 HWC (the Rust
-    core's layout) where it normalises on the device, else normalised float32 CHW."""
-    torch = device.torch
-    if getattr(embedder, "accepts_uint8", False):
-        return torch.from_numpy(photos_hwc).to(device.dev), "uint8 HWC"
-    return torch.from_numpy(normalised(embedder, photos_hwc)).to(device.dev), "float32 CHW"
+def device_inputs(device: Device, photos_hwc: np.ndarray):
+    """The photos on the device as the pipeline hands them over on a GPU: uint8 HWC crops
+    (the Rust core's layout), normalised by the tower on the device."""
+    return device.torch.from_numpy(photos_hwc).to(device.dev)
 
 
 def random_inputs(embedder, device: Device, batch: int, seed: int):
     torch = device.torch
     size = embedder.image_size
     gen = torch.Generator(device=device.dev).manual_seed(seed)
-    if getattr(embedder, "accepts_uint8", False):
-        shape = (batch, size, size, 3)
-        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device.dev, generator=gen)
-    shape = (batch, 3, size, size)
-    return torch.randn(shape, dtype=torch.float32, device=device.dev, generator=gen)
+    shape = (batch, size, size, 3)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, device=device.dev, generator=gen)
 
 
 def photos(count: int, size: int) -> np.ndarray:
@@ -625,18 +608,15 @@ class Bench:
                 results.skip(name, need)
                 continue
             row = {"setting": label, "batch": batch, "precision": embedder.precision}
-            row["compiled"] = bool(getattr(embedder, "compiled", False))
-            row["compile_mode"] = getattr(embedder, "compile_mode", None)
+            row["compiled"], row["compile_mode"] = embedder.compiled, embedder.compile_mode
+            row["input"] = "uint8 HWC"
             started = time.perf_counter()
             try:
                 embedder.batch_size = batch
                 if i == 0 and self.reference is not None and len(self.cos_photos) == batch:
-                    x, row["input"] = device_inputs(embedder, device, self.cos_photos)
+                    x = device_inputs(device, self.cos_photos)
                 else:
                     x = random_inputs(embedder, device, batch, seed=batch)
-                    row["input"] = (
-                        "uint8 HWC" if getattr(embedder, "accepts_uint8", False) else "float32 CHW"
-                    )
                 first, ms, peak, iters = time_model(
                     embedder,
                     x,
@@ -756,20 +736,15 @@ class Bench:
         return paths
 
     def decode_only(self, paths, embedder, batch: int, results: Results) -> None:
-        from starkret.preprocess import _DTYPES, preprocess_shards
+        from starkret.preprocess import preprocess_shards
 
         args = self.args
         need = 2.0 if args.smoke else 30.0
         if not self.budget.fits(need):
             results.skip("decode only", need)
             return
-        mean, std = _mean_std(embedder)
-        kwargs = {}
-        dtype = "uint8" if "uint8" in _DTYPES else "float16"
-        if "layout" in inspect.signature(preprocess_shards).parameters:
-            kwargs["layout"] = "hwc"
         started = time.perf_counter()
-        row = {"run": f"decode only ({dtype}{' HWC' if kwargs else ''}, no model)"}
+        row = {"run": "decode only (uint8 HWC, no model)"}
         try:
             cpu, wall = _cpu_seconds(), time.perf_counter()
             count = 0
@@ -777,11 +752,9 @@ class Bench:
                 paths,
                 batch_size=batch,
                 size=embedder.image_size,
-                dtype=dtype,
+                dtype="uint8",
+                layout="hwc",
                 threads=args.threads,
-                mean=tuple(float(v) for v in mean),
-                std=tuple(float(v) for v in std),
-                **kwargs,
             ):
                 count += len(b)
             wall = time.perf_counter() - wall
@@ -1027,8 +1000,6 @@ def goal_lines(data: dict) -> list[str]:
 
 
 def _error(exc: BaseException, device: Device | None) -> str:
-    if isinstance(exc, Unsupported):
-        return f"skipped: {exc}"
     traceback.print_exception(exc)
     oom = device is not None and device.cuda and isinstance(exc, device.torch.cuda.OutOfMemoryError)
     if oom:
