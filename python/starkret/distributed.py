@@ -21,6 +21,9 @@ from .towers import ClipEmbedder
 
 # ==== The embedder a worker builds (Ray actors and starkret.localworkers) ====
 
+#: The driver's embedder settings a worker may take over (see :func:`embedder_spec`).
+_SETTINGS = ("precision", "batch_size", "compile")
+
 
 def embedder_spec(
     embedder: ClipEmbedder,
@@ -42,25 +45,18 @@ def embedder_spec(
         "pretrained": embedder.pretrained,
         "seed": embedder.seed,
         "image_size": embedder.image_size,
-        "precision": None,
-        "batch_size": None,
-        "compile": None,
     }
-    if embedder.device.type == worker_device.split(":", 1)[0]:
-        spec["precision"] = embedder.precision
-        spec["batch_size"] = getattr(embedder, "batch_size", None)
-        spec["compile"] = getattr(embedder, "compiled", None)
-    for key, value in (("precision", precision), ("compile", compile), ("batch_size", batch_size)):
-        if value is not None:
-            spec[key] = value
+    same_kind = embedder.device.type == worker_device.split(":", 1)[0]
+    driver = (embedder.precision, embedder.batch_size, embedder.compiled)
+    given_all = (precision, batch_size, compile)
+    for key, mine, given in zip(_SETTINGS, driver, given_all, strict=True):
+        spec[key] = given if given is not None else (mine if same_kind else None)
     return spec
 
 
 def build_embedder(spec: dict[str, Any], device: str) -> ClipEmbedder:
     """The embedder of ``spec`` (:func:`embedder_spec`) on ``device``."""
-    settings = {
-        k: spec[k] for k in ("precision", "batch_size", "compile") if spec.get(k) is not None
-    }
+    settings = {k: spec[k] for k in _SETTINGS if spec.get(k) is not None}
     return ClipEmbedder(
         spec["model"],
         spec["pretrained"],

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import _core
 from .claims import STATE_DIR
 from .distributed import build_embedder, embedder_spec
 from .pipeline import EmbedReport, PartRunner, _paths
@@ -205,7 +206,8 @@ def run_on_devices(
     report = DevicesReport(str(out), parts_skipped=len(parts) - len(pending))
     if not pending:
         return report
-    total = threads if threads is not None else _cores()
+    # the cores this process may use, as the Rust decode pools count them
+    total = threads if threads is not None else _core.available_threads()
     per_child = max(1, total // len(devices))
     bar = None
     if progress:
@@ -235,9 +237,8 @@ def run_on_devices(
                     embedder, device, precision=precision, compile=compile, batch_size=batch_size
                 ),
                 "device": "cpu" if device == "cpu" else "cuda:0",
-                "threads": per_child,
             }
-            children.append(_start_child(number, device, job, per_child, events))
+            children.append(_start_child(number, device, job, events))
         _collect(children, events, report, bar, len(pending))
         for child in children:  # all exited, their readers done
             for pipe in (child.proc.stdin, child.proc.stdout, child.proc.stderr):
@@ -285,15 +286,8 @@ def run_on_devices(
     return report
 
 
-def _cores() -> int:
-    """The cores this process may run on (its affinity, else the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _start_child(number: int, device: str, job: dict, threads: int, events: queue.Queue) -> _Child:
+def _start_child(number: int, device: str, job: dict, events: queue.Queue) -> _Child:
+    threads = job["options"].threads
     env = {
         **os.environ,
         "CUDA_VISIBLE_DEVICES": _visible_device(device),
@@ -467,7 +461,7 @@ def _child_main() -> int:
 
     from .claims import WorkFolder
 
-    torch.set_num_threads(job["threads"])
+    torch.set_num_threads(job["options"].threads)
     embedder = build_embedder(job["spec"], job["device"])
     options = job["options"].for_model(embedder)
     out = Path(job["out"])
