@@ -48,55 +48,29 @@ def _rss_mb() -> float:
 
 def write_synthetic_source(folder: Path, name: str, rows: int, *, clusters: int = 4096, seed=0):
     """Clustered unit rows, written part by part (memory: one part at a time)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from starkret.preprocess import OPENAI_MEAN, OPENAI_STD
+    from starkret.testing import write_manifest, write_part
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    for sub in ("img_emb", "metadata", "failures"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
     for part, start in enumerate(range(0, rows, PART_ROWS)):
         n = min(PART_ROWS, rows - start)
         v = centres[rng.integers(0, clusters, n)] + 0.7 * rng.standard_normal((n, DIM)).astype(
             np.float32
         ) / np.sqrt(DIM)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        np.save(folder / "img_emb" / f"img_emb_{part}.npy", v.astype(np.float16))
-        idx = np.arange(start, start + n)
-        keys = [f"{i:09d}" for i in idx]
-        pq.write_table(
-            pa.table(
-                {
-                    "key": [f"{name}/{k}" for k in keys],
-                    "sample_key": keys,
-                    "source": [name] * n,
-                    "url": [f"https://img.example/{name}/{k}.jpg" for k in keys],
-                    "caption": [f"synthetic caption {k}" for k in keys],
-                    "width": pa.array([None] * n, pa.int32()),
-                    "height": pa.array([None] * n, pa.int32()),
-                    "shard": [f"{part:05d}"] * n,
-                    "id": [(part << 32) | int(i - start) for i in idx],
-                }
-            ),
-            folder / "metadata" / f"metadata_{part}.parquet",
+        keys = [f"{i:09d}" for i in range(start, start + n)]
+        write_part(
+            folder,
+            name,
+            part,
+            keys,
+            v,
+            urls=[f"https://img.example/{name}/{k}.jpg" for k in keys],
+            captions=[f"synthetic caption {k}" for k in keys],
+            shard=f"{part:05d}",
         )
-    manifest = {
-        "model": "ViT-L-14-336",
-        "pretrained": "openai",
-        "dim": DIM,
-        "image_size": 336,
-        "preprocess_mode": "exact",
-        "mean": list(OPENAI_MEAN),
-        "std": list(OPENAI_STD),
-        "source": name,
-        "complete": True,
-        "count": rows,
-        "failed": 0,
-    }
-    (folder / "starkret.json").write_text(json.dumps(manifest))
+    write_manifest(folder, name, DIM, rows, model="ViT-L-14-336", pretrained="openai")
 
 
 def _numpy_scan(parts, queries, k):

@@ -29,56 +29,33 @@ DIM = 768
 def make(
     folder: Path, source: str, rows: int, part_size: int, seed: int, link: Path | None = None
 ) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from starkret.layout import part_file
+    from starkret.testing import write_manifest, write_part
 
-    from starkret.preprocess import OPENAI_MEAN, OPENAI_STD
-
-    for sub in ("img_emb", "metadata", "failures"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for part, start in enumerate(range(0, rows, part_size)):
         n = min(part_size, rows - start)
-        target = folder / "img_emb" / f"img_emb_{part}.npy"
+        vectors = None
+        if link is None:
+            vectors = rng.standard_normal((n, DIM), dtype=np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        keys = [f"{start + i:09d}" for i in range(n)]
+        write_part(
+            folder,
+            source,
+            part,
+            keys,
+            vectors,
+            urls=[f"https://img.example.com/{source}/photos/{k}.jpg" for k in keys],
+            captions=[f"a synthetic photo number {k} of something nice" for k in keys],
+            size=(640, 480),
+            shard=f"{part:05d}",
+        )
         if link is not None:
             # Reuse another source's parts (same size) as hard links: no disk, no time.
             donors = sorted((link / "img_emb").glob("img_emb_*.npy"))
-            os.link(donors[part % len(donors)], target)
-        else:
-            v = rng.standard_normal((n, DIM), dtype=np.float32)
-            v /= np.linalg.norm(v, axis=1, keepdims=True)
-            np.save(target, v.astype(np.float16))
-        keys = [f"{start + i:09d}" for i in range(n)]
-        pq.write_table(
-            pa.table(
-                {
-                    "key": [f"{source}/{k}" for k in keys],
-                    "sample_key": keys,
-                    "source": [source] * n,
-                    "url": [f"https://img.example.com/{source}/photos/{k}.jpg" for k in keys],
-                    "caption": [f"a synthetic photo number {k} of something nice" for k in keys],
-                    "width": pa.array([640] * n, pa.int32()),
-                    "height": pa.array([480] * n, pa.int32()),
-                    "shard": [f"{part:05d}"] * n,
-                    "id": [(part << 32) | i for i in range(n)],
-                }
-            ),
-            folder / "metadata" / f"metadata_{part}.parquet",
-        )
-    manifest = {
-        "model": "ViT-L-14-336-quickgelu",
-        "pretrained": "openai",
-        "dim": DIM,
-        "image_size": 336,
-        "preprocess_mode": "exact",
-        "mean": list(OPENAI_MEAN),
-        "std": list(OPENAI_STD),
-        "source": source,
-        "complete": True,
-        "count": rows,
-        "failed": 0,
-    }
-    (folder / "starkret.json").write_text(json.dumps(manifest))
+            os.link(donors[part % len(donors)], part_file(folder, "img_emb", part))
+    write_manifest(folder, source, DIM, rows, model="ViT-L-14-336-quickgelu", pretrained="openai")
 
 
 def rss_mb(field: str = "VmRSS") -> float:

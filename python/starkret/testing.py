@@ -13,7 +13,16 @@ import zlib
 
 import numpy as np
 
-__all__ = ["encode", "raw_png", "run_img2dataset", "serve_directory", "synthetic_photo"]
+__all__ = [
+    "encode",
+    "raw_png",
+    "run_img2dataset",
+    "serve_directory",
+    "synthetic_photo",
+    "write_manifest",
+    "write_part",
+    "write_source",
+]
 
 
 def synthetic_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -86,42 +95,82 @@ def write_source(
 ) -> None:
     """Write planted ``vectors`` as an ``embed-shards`` output (for tests of search and
     alignment, which need embeddings of known geometry rather than a random model's)."""
-    import json
+    n, dim = vectors.shape
+    keys = keys or [f"{i:09d}" for i in range(n)]
+    urls = urls or [f"https://img.example/{source}/{k}.jpg" for k in keys]
+    captions = captions or [None] * n
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for part, start in enumerate(range(0, max(n, 1), part_size)):
+        stop = min(start + part_size, n)
+        write_part(
+            folder,
+            source,
+            part,
+            keys[start:stop],
+            unit[start:stop],
+            urls=urls[start:stop],
+            captions=captions[start:stop],
+            shard=f"part{part}",
+        )
+    write_manifest(folder, source, dim, n, model=model, pretrained=pretrained)
+
+
+def write_part(
+    folder,
+    source: str,
+    part: int,
+    keys: list[str],
+    vectors: np.ndarray | None,
+    *,
+    urls: list[str | None],
+    captions: list[str | None],
+    size: tuple[int | None, int | None] = (None, None),
+    shard: str,
+) -> None:
+    """Part ``part`` of an ``embed-shards`` output: its rows' ``vectors`` (saved as
+    float16; ``None``: the caller puts ``layout.part_file(folder, "img_emb", part)`` there
+    itself) and the metadata of rows with ``keys``. Creates the output's folders."""
     from pathlib import Path
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .preprocess import OPENAI_MEAN, OPENAI_STD
+    from .layout import part_file
 
     folder = Path(folder)
-    n, dim = vectors.shape
-    keys = keys or [f"{i:09d}" for i in range(n)]
-    urls = urls or [f"https://img.example/{source}/{k}.jpg" for k in keys]
-    captions = captions or [None] * n
     for sub in ("img_emb", "metadata", "failures"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    for part, start in enumerate(range(0, max(n, 1), part_size)):
-        stop = min(start + part_size, n)
-        np.save(folder / "img_emb" / f"img_emb_{part:05d}.npy", unit[start:stop].astype(np.float16))
-        rows = range(start, stop)
-        pq.write_table(
-            pa.table(
-                {
-                    "key": [f"{source}/{keys[i]}" for i in rows],
-                    "sample_key": [keys[i] for i in rows],
-                    "source": [source] * len(rows),
-                    "url": [urls[i] for i in rows],
-                    "caption": pa.array([captions[i] for i in rows], pa.string()),
-                    "width": pa.array([None] * len(rows), pa.int32()),
-                    "height": pa.array([None] * len(rows), pa.int32()),
-                    "shard": [f"part{part}"] * len(rows),
-                    "id": [(part << 32) | (i - start) for i in rows],
-                }
-            ),
-            folder / "metadata" / f"metadata_{part:05d}.parquet",
-        )
+    if vectors is not None:
+        np.save(part_file(folder, "img_emb", part), vectors.astype(np.float16))
+    n = len(keys)
+    pq.write_table(
+        pa.table(
+            {
+                "key": [f"{source}/{k}" for k in keys],
+                "sample_key": list(keys),
+                "source": [source] * n,
+                "url": list(urls),
+                "caption": pa.array(list(captions), pa.string()),
+                "width": pa.array([size[0]] * n, pa.int32()),
+                "height": pa.array([size[1]] * n, pa.int32()),
+                "shard": [shard] * n,
+                "id": [(part << 32) | i for i in range(n)],
+            }
+        ),
+        part_file(folder, "metadata", part),
+    )
+
+
+def write_manifest(
+    folder, source: str, dim: int, count: int, *, model: str, pretrained: str | None
+) -> None:
+    """The ``starkret.json`` of a complete ``embed-shards`` output written by the helpers
+    above (exact 336-px preprocessing with OpenAI's mean and std)."""
+    import json
+    from pathlib import Path
+
+    from .preprocess import OPENAI_MEAN, OPENAI_STD
+
     manifest = {
         "model": model,
         "pretrained": pretrained,
@@ -132,10 +181,10 @@ def write_source(
         "std": list(OPENAI_STD),
         "source": source,
         "complete": True,
-        "count": n,
+        "count": count,
         "failed": 0,
     }
-    (folder / "starkret.json").write_text(json.dumps(manifest))
+    (Path(folder) / "starkret.json").write_text(json.dumps(manifest))
 
 
 def reference_select(moments, *, reuse: str, threshold: float, min_score: float, used=()):
