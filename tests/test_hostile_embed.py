@@ -360,9 +360,9 @@ def test_start_up_removes_only_temp_files_of_unclaimed_parts(tmp_path):
     assert folder.claim(0) is not None
 
 
-def test_cli_fails_when_nothing_was_embedded(tmp_path, capsys):
-    _tar(tmp_path / "s" / "00000.tar", [("a", b"<html>404</html>"), ("b", _jpeg(1)[:40])])
-    code = cli.main(
+def _embed_one_shard_cli(tmp_path) -> int:
+    """``starkret embed`` of ``tmp_path/s/00000.tar`` into ``tmp_path/out``: its exit code."""
+    return cli.main(
         [
             "embed",
             str(tmp_path / "s" / "00000.tar"),
@@ -375,6 +375,11 @@ def test_cli_fails_when_nothing_was_embedded(tmp_path, capsys):
             "--no-progress",
         ]
     )
+
+
+def test_cli_fails_when_nothing_was_embedded(tmp_path, capsys):
+    _tar(tmp_path / "s" / "00000.tar", [("a", b"<html>404</html>"), ("b", _jpeg(1)[:40])])
+    code = _embed_one_shard_cli(tmp_path)
     err = capsys.readouterr().err
     assert code != 0
     assert err.strip().count("\n") == 0 and "nothing was embedded" in err
@@ -394,19 +399,7 @@ def test_a_filesystem_without_flock_is_one_clear_error_not_a_traceback(
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(claims.fcntl, "flock", no_locks)
-    code = cli.main(
-        [
-            "embed",
-            str(tmp_path / "s" / "00000.tar"),
-            "-o",
-            str(tmp_path / "out"),
-            "--source",
-            "cc",
-            "--model",
-            "starkret-tiny",
-            "--no-progress",
-        ]
-    )
+    code = _embed_one_shard_cli(tmp_path)
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().count("\n") == 0, err
