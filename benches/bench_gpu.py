@@ -118,7 +118,7 @@ def vit_flops_per_image(vision_cfg: dict, image_size: int | None = None) -> floa
 
 def model_flops_per_image(model: str, image_size: int | None = None) -> float:
     """:func:`vit_flops_per_image` of an open_clip model name (starkret's configs too)."""
-    from starkret.towers import _open_clip
+    from starkret.ingest.towers import _open_clip
 
     cfg = _open_clip().get_model_config(model)
     if cfg is None:
@@ -382,7 +382,7 @@ def setting_name(embedder) -> str:
 
 
 def _mean_std(embedder) -> tuple[np.ndarray, np.ndarray]:
-    from starkret.preprocess import OPENAI_MEAN, OPENAI_STD
+    from starkret.ingest.preprocess import OPENAI_MEAN, OPENAI_STD
 
     cfg = embedder.preprocess_config
     mean = np.asarray(cfg.get("mean", OPENAI_MEAN), np.float32)
@@ -736,7 +736,7 @@ class Bench:
         return paths
 
     def decode_only(self, paths, embedder, batch: int, results: Results) -> None:
-        from starkret.preprocess import preprocess_shards
+        from starkret.ingest.preprocess import preprocess_shards
 
         args = self.args
         need = 2.0 if args.smoke else 30.0
@@ -831,7 +831,7 @@ class Bench:
         cmd = [
             sys.executable,
             "-c",
-            "import sys; from starkret.cli import embed_shards_main; sys.exit(embed_shards_main())",
+            "import sys; from starkret.cli.commands import embed_shards_main as m; sys.exit(m())",
             *paths,
             "-o",
             str(Path(self.work) / "cli"),

@@ -57,7 +57,7 @@ def _reference_chunk(chunk: list[bytes]) -> int:
 
 def _parity_lines(quick: bool) -> list[str]:
     import starkret
-    from starkret.preprocess import reference_crop
+    from starkret.ingest.preprocess import reference_crop
     from starkret.testing import encode, synthetic_photo
 
     rng = np.random.default_rng(0)

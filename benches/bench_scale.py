@@ -90,8 +90,8 @@ def _numpy_scan(parts, queries, k):
 def run(args) -> list[Row]:
     import starkret
     from starkret import Aligner, ImageDB, build_index
-    from starkret.index import SourceIndex
-    from starkret.text_like import text_like_queries
+    from starkret.index.source import SourceIndex
+    from starkret.index.text_like import text_like_queries
 
     rows_n = 20_000 if args.quick else args.scale_rows
     need = rows_n * (DIM * 2 + 100) + 20_000 * (DIM * 2 + 100)
@@ -231,8 +231,8 @@ def run(args) -> list[Row]:
 
 def _ivf(root, parts, queries, batches, rows_n, args, info, out):
     from starkret import build_index
-    from starkret.index import SourceIndex
-    from starkret.text_like import recall_at, text_like_queries
+    from starkret.index.source import SourceIndex
+    from starkret.index.text_like import recall_at, text_like_queries
 
     t = time.perf_counter()
     infos = build_index(

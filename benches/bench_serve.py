@@ -62,7 +62,7 @@ def _start(db: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
     src = Path(__file__).resolve().parents[1] / "python"
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "starkret.cli", "serve", str(db), "--port", str(port), *extra],
+        [sys.executable, "-m", "starkret", "serve", str(db), "--port", str(port), *extra],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from starkret.gpu_search import DeviceSearcher
+    from starkret.index.gpu import DeviceSearcher
 
     dev = torch.device(args.device)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
 def _check(args, DeviceSearcher) -> dict:
     """The device path against the Rust scan on a small slice with exclusions."""
-    from starkret import topk
+    from starkret.index import topk
 
     rng = np.random.default_rng(2)
     rows = min(args.rows, 200_000)

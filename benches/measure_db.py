@@ -29,7 +29,7 @@ DIM = 768
 def make(
     folder: Path, source: str, rows: int, part_size: int, seed: int, link: Path | None = None
 ) -> None:
-    from starkret.layout import part_file
+    from starkret.store.layout import part_file
     from starkret.testing import write_manifest, write_part
 
     rng = np.random.default_rng(seed)

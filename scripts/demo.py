@@ -8,7 +8,7 @@ tower), runs it again to show resume, indexes them, searches, aligns the bundled
 Stark-style dialogues (examples/stark_dialogues.jsonl, whose image descriptions match
 planted images) with an HTML report, and evaluates Recall/MRR on examples/eval_pairs.jsonl.
 
-starkret-mini is a toy CLIP trained by scripts/train_mini.py on `starkret.synthetic`
+starkret-mini is a toy CLIP trained by scripts/train_mini.py on `starkret.testing.synthetic`
 scenes only: it checks the install and the whole chain, it knows nothing of real photos.
 """
 
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import starkret
-from starkret import synthetic
-from starkret.dialogue import align_file
-from starkret.eval import evaluate, read_pairs
-from starkret.report import write_report
+from starkret.testing import synthetic
+from starkret.align.dialogue import align_file
+from starkret.align.eval import evaluate, read_pairs
+from starkret.align.report import write_report
 
 OUT = Path("demo-output")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -2,7 +2,7 @@
 
     python scripts/train_mini.py   # -> python/starkret/model_configs/starkret-mini.safetensors
 
-The pairs come from `starkret.synthetic` (seed 1; seed 2 is the held-out gallery of the
+The pairs come from `starkret.testing.synthetic` (seed 1; seed 2 is the held-out gallery of the
 tests, seed 3 the validation gallery printed here). Every image goes through
 `starkret.preprocess` at the model's input size, exactly as `starkret.embed` feeds the
 image tower at inference. Seeds are fixed; with the same thread count a rerun should give
@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
 import starkret  # noqa: E402
-from starkret import synthetic  # noqa: E402
-from starkret.towers import MINI_MODEL, _open_clip  # noqa: E402
-from starkret.preprocess import normalisation_table  # noqa: E402
+from starkret.testing import synthetic  # noqa: E402
+from starkret.ingest.towers import MINI_MODEL, _open_clip  # noqa: E402
+from starkret.ingest.preprocess import normalisation_table  # noqa: E402
 
 TRAIN_SEED, HELDOUT_SEED, VAL_SEED = 1, 2, 3
 #: A token id that no caption uses and whose embedding row stays zero: words the model

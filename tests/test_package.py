@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import starkret
-from starkret import _core, cli, doctor
+from starkret import _core
+from starkret.cli import commands as cli
+from starkret.cli import doctor
 
 
 def test_package_and_core_import_with_matching_versions():
@@ -21,7 +23,7 @@ def test_core_reports_a_simd_level_and_threads():
 
 def test_version_flag_prints_the_version():
     out = subprocess.run(
-        [sys.executable, "-m", "starkret.cli", "--version"], capture_output=True, text=True
+        [sys.executable, "-m", "starkret", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0
     assert out.stdout.strip() == f"starkret {starkret.__version__}"

@@ -13,31 +13,30 @@ on open_clip (GPU when available).
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _dist_version
-
-from . import _core
-from .aligner import Aligner, Alignment, Candidate, Moment
-from .db import Hit, ImageDB
-from .index import build_index
-
-# `starkret.embed` is the pipeline function; the CLIP towers live in `starkret.towers`.
-from .pipeline import EmbedReport, embed
-from .preprocess import (
+from starkret import _core
+from starkret._version import __version__
+from starkret.align import formats
+from starkret.align.aligner import Aligner, Alignment, Candidate, Moment
+from starkret.index.build import build_index
+from starkret.index.db import Hit, ImageDB
+from starkret.index.topk import merge_topk, topk, topk_parts
+from starkret.ingest.embed import embed
+from starkret.ingest.pipeline import EmbedReport
+from starkret.ingest.preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessedBatch,
     ShardBatch,
     preprocess,
     preprocess_shards,
 )
-from .shards import Sample, read_shards
-from .topk import merge_topk, topk, topk_parts
-from .towers import DEFAULT_MODEL, MINI_MODEL, MODEL_DEFAULT, TINY_MODEL, ClipEmbedder
-
-try:
-    __version__: str = _dist_version("starkret")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = _core.__version__
+from starkret.ingest.shards import Sample, read_shards
+from starkret.ingest.towers import (
+    DEFAULT_MODEL,
+    MINI_MODEL,
+    MODEL_DEFAULT,
+    TINY_MODEL,
+    ClipEmbedder,
+)
 
 #: Version of the compiled Rust core (equal to ``__version__`` in a consistent install).
 core_version: str = _core.__version__
@@ -63,6 +62,7 @@ __all__ = [
     "build_index",
     "core_version",
     "embed",
+    "formats",
     "merge_topk",
     "preprocess",
     "preprocess_shards",

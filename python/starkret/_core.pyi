@@ -74,7 +74,7 @@ class Sample:
         """``"height"`` of the JSON object, when present and a non-negative integer."""
 
 class ShardReader:
-    """Shard samples read ahead on a Rust thread (used by ``starkret.shards.ShardIterator``)."""
+    """Shard samples read ahead on a Rust thread (``starkret.ingest.shards.ShardIterator``)."""
 
     def __init__(self, paths: list[str], *, max_member_bytes: int, prefetch: int) -> None: ...
     def __iter__(self) -> ShardReader: ...

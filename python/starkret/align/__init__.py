@@ -1,0 +1,8 @@
+"""Align: one image per image-sharing moment, never reused or near-duplicated.
+
+:mod:`~starkret.align.aligner` (``Aligner``: the one alignment rule, in Rust),
+dialogue formats (:mod:`~starkret.align.formats`, Stark's release conventions in
+:mod:`~starkret.align.stark`), whole files (:mod:`~starkret.align.dialogue`),
+evaluation (:mod:`~starkret.align.eval`) and the HTML report
+(:mod:`~starkret.align.report`).
+"""

@@ -1,0 +1,420 @@
+"""The Plan-and-Execute Image Aligner's database step: one image per sharing moment.
+
+For every moment (in episode order) the aligner retrieves candidates from every source
+of an :class:`~starkret.index.db.ImageDB`, then picks the best one that is not reused (in the
+episode, or anywhere in the run), not a near duplicate of an image already chosen in
+the episode nor of a better candidate of the same moment, and scores at least
+``min_score``. Otherwise the moment says why (``below_threshold``, ``exhausted``), so the
+planner can fall back to web search or text-to-image. The greedy choice with its
+near-duplicate checks runs in Rust over all moments at once.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from starkret import _core
+from starkret.index.db import ImageDB
+
+__all__ = ["MAX_IMAGES_PER_MOMENT", "Aligner", "Alignment", "Candidate", "Moment"]
+
+#: Most images one moment may ask for (``k``): a sharing turn shows a few images, and the
+#: search behind a moment fetches ``k * overfetch`` candidates per source, so ``k`` is
+#: bounded to keep one moment's memory small (``k = 10**9`` once asked for 32 GB).
+MAX_IMAGES_PER_MOMENT = 32
+
+_OUTCOMES = ("ok", "below_threshold", "exhausted")
+#: Candidates per moment whose vectors the choice reads first (more only if it needs them).
+SELECT_PREFIX = 8
+#: An image's id in the choice: its source's number shifted by this, or'd with its row.
+IMAGE_ID_SOURCE_SHIFT = 40
+#: Sources whose images Stark refers to by URL (`url:` keys).
+URL_SOURCES = frozenset({"cc12m", "redcaps12m"})
+
+
+@dataclass
+class Moment:
+    """One image-sharing moment: a description (or a query vector) in an episode."""
+
+    episode_id: str
+    moment_id: str
+    description: str | None = None
+    session: int = 0
+    vector: np.ndarray | None = None
+    k: int = 1  # images to share (multi-image turns)
+
+    @classmethod
+    def coerce(cls, item: Moment | Mapping, position: int) -> Moment:
+        if isinstance(item, Moment):
+            moment = item
+        elif isinstance(item, Mapping):
+            known = {
+                f: item[f]
+                for f in ("episode_id", "moment_id", "description", "session", "vector", "k")
+                if f in item
+            }
+            missing = [f for f in ("episode_id", "moment_id") if f not in known]
+            if missing:
+                raise ValueError(f"moment {position} has no {', '.join(missing)}")
+            moment = cls(**known)
+        else:
+            raise TypeError(f"moment {position} is {type(item).__name__}, expected a dict")
+        if moment.description is None and moment.vector is None:
+            raise ValueError(
+                f"moment {position} ({moment.moment_id}) has neither a description nor a vector"
+            )
+        k = moment.k
+        if not _is_integer(k) or not 1 <= k <= MAX_IMAGES_PER_MOMENT:
+            raise ValueError(
+                f"moment {position} ({moment.moment_id}): k must be an integer from 1 to "
+                f"{MAX_IMAGES_PER_MOMENT} (MAX_IMAGES_PER_MOMENT), got {k!r}"[:200]
+            )
+        if moment.description is not None and not isinstance(moment.description, str):
+            raise ValueError(
+                f"moment {position} ({moment.moment_id}): description must be a str, "
+                f"got {type(moment.description).__name__}"
+            )
+        if not _is_integer(moment.session):
+            raise ValueError(
+                f"moment {position} ({moment.moment_id}): session must be an int, "
+                f"got {type(moment.session).__name__}"
+            )
+        return moment
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A retrieved image with its CLIP score."""
+
+    source: str
+    key: str
+    score: float
+    url: str | None = None
+    caption: str | None = None
+
+    @property
+    def stark_key(self) -> str:
+        """The key as Stark's dialogues store it (`url:` + URL for CC12M/RedCaps12M)."""
+        if self.source in URL_SOURCES and self.url:
+            return f"url:{self.url}"
+        return self.key
+
+    def image_record(self) -> dict:
+        """Stark's image record: ``{image_source, image_url, index}``."""
+        return {"image_source": self.source, "image_url": self.url, "index": self.key}
+
+
+@dataclass
+class Alignment:
+    """The outcome for one moment: chosen image(s) or the reason there is none."""
+
+    moment_id: str
+    episode_id: str
+    session: int
+    description: str | None
+    status: str  # "ok" | "below_threshold" | "exhausted"
+    images: list[Candidate] = field(default_factory=list)
+    #: The top ``k_per_source`` candidates of every source, like Stark's db_searched_results.
+    candidates: dict[str, list[Candidate]] = field(default_factory=dict)
+    module: str = "retrieval"
+
+    @property
+    def key(self) -> str | None:
+        return self.images[0].key if self.images else None
+
+    @property
+    def source(self) -> str | None:
+        return self.images[0].source if self.images else None
+
+    @property
+    def score(self) -> float | None:
+        return self.images[0].score if self.images else None
+
+    def to_dict(self) -> dict:
+        return {
+            "episode_id": self.episode_id,
+            "session": self.session,
+            "moment_id": self.moment_id,
+            "description": self.description,
+            "status": self.status,
+            "module": self.module if self.images else None,
+            "images": [
+                {**c.image_record(), "key": c.stark_key, "score": c.score} for c in self.images
+            ],
+            "db_searched_results": {
+                s: [{"key": c.stark_key, "score": round(c.score, 6)} for c in cands]
+                for s, cands in self.candidates.items()
+            },
+        }
+
+
+class Aligner:
+    """Choose one image per moment from an ImageDB, without reuse or near duplicates.
+
+    >>> aligner = Aligner(ImageDB.open("db"), k_per_source=5, min_score=0.2)  # doctest: +SKIP
+    >>> aligner.align([{"episode_id": "e1", "moment_id": "e1-3",
+    ...                 "description": "my dog Star asleep on the sofa"}])  # doctest: +SKIP
+    [Alignment(moment_id='e1-3', ..., status='ok', images=[Candidate(source='cc12m', ...)])]
+    """
+
+    def __init__(
+        self,
+        db: ImageDB,
+        *,
+        k_per_source: int = 5,
+        min_score: float = 0.2,
+        near_duplicate_threshold: float = 0.94,
+        reuse: str = "episode",
+        overfetch: int = 4,
+        max_fetch: int = 4096,
+        chunk_moments: int = 2048,
+        device: str = "cpu",
+    ) -> None:
+        if reuse not in ("episode", "global", "none"):
+            raise ValueError(f"reuse must be 'episode', 'global' or 'none', got {reuse!r}")
+        for name, value in (
+            ("k_per_source", k_per_source),
+            ("overfetch", overfetch),
+            ("max_fetch", max_fetch),
+            ("chunk_moments", chunk_moments),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not -1.0 <= near_duplicate_threshold <= 1.0:
+            raise ValueError("near_duplicate_threshold is a cosine: between -1 and 1")
+        self.db, self.k_per_source, self.min_score = db, k_per_source, float(min_score)
+        self.threshold, self.reuse = float(near_duplicate_threshold), reuse
+        self.overfetch, self.max_fetch, self.chunk_moments = overfetch, max_fetch, chunk_moments
+        self.device = device  # passed to ImageDB.search_arrays: "cpu", "cuda", "cuda:N"
+        self._used_globally = np.zeros(0, np.uint64)  # sorted image ids
+
+    def align(self, moments: Iterable[Moment | Mapping]) -> list[Alignment]:
+        """Alignments for ``moments``, returned in the order given.
+
+        Moments are processed in episode order (episodes by first appearance, then
+        session, then the order given), so "already used in the episode" means used by
+        an earlier moment of that episode. With ``reuse="global"`` the constraint spans
+        every call of this aligner. Work goes in chunks of about ``chunk_moments``
+        whole episodes: queries are encoded, searched and chosen per chunk, with every
+        candidate kept as arrays, so memory is that of one chunk plus the results.
+        """
+        items = [Moment.coerce(m, i) for i, m in enumerate(moments)]
+        if not items:
+            return []
+        first_seen: dict[str, int] = {}
+        for i, m in enumerate(items):
+            first_seen.setdefault(m.episode_id, i)
+        order = sorted(
+            range(len(items)), key=lambda i: (first_seen[items[i].episode_id], items[i].session, i)
+        )
+        results: list[Alignment | None] = [None] * len(items)
+        for chunk in _episode_chunks(order, items, self.chunk_moments):
+            moments_of_chunk = [items[i] for i in chunk]
+            for i, alignment in zip(chunk, self._align_chunk(moments_of_chunk), strict=True):
+                results[i] = alignment
+        return results  # type: ignore[return-value]
+
+    # ==== internals ====
+
+    def _vectors(self, items: list[Moment]) -> np.ndarray:
+        out = np.zeros((len(items), self.db.dim), np.float32)
+        texts = [i for i, m in enumerate(items) if m.vector is None]
+        if texts:
+            out[texts] = self.db.encode([items[i].description for i in texts])
+        given = [i for i, m in enumerate(items) if m.vector is not None]
+        if given:
+            out[given] = self.db.encode(np.stack([np.asarray(items[i].vector) for i in given]))
+        return out
+
+    def _align_chunk(self, moments: list[Moment]) -> list[Alignment]:
+        vectors = self._vectors(moments)
+        n_sources = len(self.db.sources)
+        base = max(self.k_per_source, 1) * self.overfetch
+        fetch = np.array([max(base, m.k * self.overfetch) for m in moments], np.int64)
+        found: list[_Found | None] = [None] * len(moments)
+        pending = np.arange(len(moments))
+        while True:
+            self._search(vectors, fetch, pending, found)
+            cands = _Candidates.stack(found)  # type: ignore[arg-type]
+            picked, counts, outcomes = self._select(moments, cands)
+            starved = [
+                j
+                for j, outcome in enumerate(outcomes)
+                if outcome == 2
+                and fetch[j] < self.max_fetch
+                and np.bincount(found[j].sources, minlength=n_sources).max() >= fetch[j]
+            ]
+            if not starved:
+                break
+            pending = np.asarray(starved)
+            fetch[pending] = np.minimum(fetch[pending] * 2, self.max_fetch)
+        picked = np.asarray(picked, np.int64)
+        if self.reuse == "global" and len(picked):
+            self._used_globally = np.union1d(self._used_globally, cands.ids[picked])
+        return self._alignments(moments, cands, picked, np.asarray(counts), outcomes)
+
+    def _search(self, vectors, fetch, pending, found) -> None:
+        """Search the ``pending`` moments, one batched search per distinct fetch size."""
+        for size in np.unique(fetch[pending]).tolist():
+            group = pending[fetch[pending] == size]
+            res = self.db.search_arrays(vectors[group], int(size), device=self.device)
+            valid = res.valid()
+            for row, j in enumerate(group.tolist()):
+                keep = valid[row]
+                found[j] = _Found(
+                    res.sources[row, keep], res.rows[row, keep], res.scores[row, keep]
+                )
+
+    def _select(self, moments: list[Moment], cands: _Candidates):
+        """The Rust choice over the chunk, reading candidate vectors only as needed.
+
+        The greedy choice of a moment looks at its candidates in order and stops once
+        it has its images or meets a score under ``min_score``; it never looks further.
+        So it first runs on a short prefix of every list (vectors read for those rows
+        only), and again with longer prefixes only for the moments whose prefix ran
+        out: the result is the one over the full lists.
+        """
+        episodes: dict[str, int] = {}
+        episode_ids = np.array(
+            [episodes.setdefault(m.episode_id, len(episodes)) for m in moments], np.uint64
+        )
+        ks = np.array([m.k for m in moments], np.int64)
+        sizes = np.diff(cands.offsets)
+        limit = np.minimum(sizes, np.maximum(SELECT_PREFIX, 2 * ks))
+        # vectors read so far, compact: slot[i] is candidate i's row in `store` (-1: unread)
+        store = np.zeros((0, self.db.dim), np.float32)
+        slot = np.full(len(cands.rows), -1, np.int64)
+        while True:
+            # flat indices of every moment's prefix, in moment order
+            starts = np.repeat(cands.offsets[:-1], limit)
+            within = np.arange(int(limit.sum())) - np.repeat(np.cumsum(limit) - limit, limit)
+            idx = starts + within
+            new = idx[slot[idx] < 0]
+            slot[new] = len(store) + np.arange(len(new))
+            store = np.concatenate([store, self._read_vectors(cands, new)])
+            offsets = np.zeros(len(moments) + 1, np.int64)
+            offsets[1:] = np.cumsum(limit)
+            picked, counts, outcomes = _core.select_images(
+                episode_ids,
+                ks,
+                offsets,
+                cands.ids[idx],
+                cands.scores[idx],
+                store[slot[idx]],
+                reuse=self.reuse,
+                threshold=self.threshold,
+                min_score=self.min_score,
+                used=self._used_globally,
+            )
+            cut = [j for j, o in enumerate(outcomes) if o == 2 and limit[j] < sizes[j]]
+            if not cut:
+                return idx[np.asarray(picked, np.int64)], counts, outcomes
+            limit[cut] = np.minimum(limit[cut] * 4, sizes[cut])
+
+    def _read_vectors(self, cands: _Candidates, idx: np.ndarray) -> np.ndarray:
+        """Vectors (float32) of candidates ``idx``, in that order."""
+        out = np.empty((len(idx), self.db.dim), np.float32)
+        for s, name in enumerate(self.db.sources):
+            mine = np.flatnonzero(cands.sources[idx] == s)
+            if len(mine):
+                out[mine] = self.db.vectors(name, cands.rows[idx[mine]])
+        return out
+
+    def _alignments(self, moments, cands: _Candidates, picked, counts, outcomes):
+        """Alignment objects; metadata is read only for the candidates they hold."""
+        names = self.db.sources
+        moment_of = np.repeat(np.arange(len(moments)), np.diff(cands.offsets))
+        # The first k_per_source candidates of every (moment, source): candidates are
+        # ranked best first within a moment, so these are each source's top.
+        group = moment_of * len(names) + cands.sources
+        order = np.argsort(group, kind="stable")
+        first = np.searchsorted(group[order], group[order], side="left")
+        rank = np.empty(len(group), np.int64)
+        rank[order] = np.arange(len(group)) - first
+        shown = rank < self.k_per_source
+        needed = shown.copy()
+        needed[picked] = True
+        made: dict[int, Candidate] = {}
+        for s, name in enumerate(names):
+            idx = np.flatnonzero(needed & (cands.sources == s))
+            if len(idx) == 0:
+                continue
+            meta = self.db.metadata(name).take(cands.rows[idx], ("key", "url", "caption"))
+            scores = cands.scores[idx].tolist()
+            for n, i in enumerate(idx.tolist()):
+                made[i] = Candidate(
+                    name, meta["key"][n], scores[n], meta["url"][n], meta["caption"][n]
+                )
+        out = []
+        start = 0
+        for j, m in enumerate(moments):
+            a, b = int(cands.offsets[j]), int(cands.offsets[j + 1])
+            chosen = [made[int(i)] for i in picked[start : start + counts[j]]]
+            start += int(counts[j])
+            per_source: dict[str, list[Candidate]] = {name: [] for name in names}
+            for i in np.flatnonzero(shown[a:b]).tolist():
+                c = made[a + i]
+                per_source[c.source].append(c)
+            out.append(
+                Alignment(
+                    m.moment_id,
+                    m.episode_id,
+                    m.session,
+                    m.description,
+                    _OUTCOMES[outcomes[j]],
+                    chosen,
+                    per_source,
+                )
+            )
+        return out
+
+
+@dataclass
+class _Found:
+    """One moment's candidates, best first: source number, row and score arrays."""
+
+    sources: np.ndarray
+    rows: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class _Candidates:
+    """A chunk's candidates, flat: moment ``j`` owns ``offsets[j]:offsets[j + 1]``."""
+
+    offsets: np.ndarray
+    sources: np.ndarray
+    rows: np.ndarray
+    scores: np.ndarray
+    ids: np.ndarray  # (source number << IMAGE_ID_SOURCE_SHIFT) | row: one id per image
+
+    @classmethod
+    def stack(cls, found: list[_Found]) -> _Candidates:
+        offsets = np.zeros(len(found) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(f.rows) for f in found])
+        sources = np.concatenate([f.sources for f in found]).astype(np.int64)
+        rows = np.concatenate([f.rows for f in found]).astype(np.int64)
+        scores = np.ascontiguousarray(np.concatenate([f.scores for f in found]), np.float32)
+        ids = (sources.astype(np.uint64) << np.uint64(IMAGE_ID_SOURCE_SHIFT)) | rows.astype(
+            np.uint64
+        )
+        return cls(offsets, sources, rows, scores, ids)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _episode_chunks(order: list[int], items: list[Moment], size: int):
+    """Consecutive runs of ``order`` with whole episodes, about ``size`` moments each."""
+    chunk: list[int] = []
+    for n, i in enumerate(order):
+        chunk.append(i)
+        last = n + 1 == len(order)
+        if last or (len(chunk) >= size and items[order[n + 1]].episode_id != items[i].episode_id):
+            yield chunk
+            chunk = []

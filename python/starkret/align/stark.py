@@ -1,0 +1,185 @@
+"""Stark's release conventions (the stark-dialogue, stark-image and stark-image-url cards).
+
+* ``session<N>:images_key`` holds the shared image's own key: a UUID per shared image,
+  prefixed ``url:`` when the image lives in stark-image-url (CC12M, RedCaps12M: only its
+  URL is released). starkret derives the UUID from the moment (``uuid5`` of the
+  episode's moment id and the image's position in the turn), so a re-run writes the
+  same keys.
+* stark-image-url records are ``{image_source, image_url, index}`` with ``index`` the
+  UUID; stark-image holds the other sources' bytes as webdataset tars whose sample key
+  is the UUID (:func:`export_images`).
+* Only moments routed to retrieval are filled: a turn whose ``images_module_name`` is
+  already ``p-t2i``, ``t2i`` or ``web`` keeps its image (``fill`` chooses the modules).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_FILL",
+    "STARK_NAMESPACE",
+    "export_images",
+    "stark_image_key",
+    "stark_record",
+    "write_parquet",
+]
+
+#: Namespace of starkret's image UUIDs (uuid5 of a fixed name: the same on every machine).
+STARK_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/starkret/images")
+#: Modules whose turns align fills by default: retrieval, and turns with no module yet.
+DEFAULT_FILL = ("retrieval", "")
+#: Sources released in stark-image-url (URL only), keyed ``url:<uuid>``.
+URL_SOURCES = frozenset({"cc12m", "redcaps12m"})
+
+
+def stark_image_key(moment_id: str, position: int, source: str) -> str:
+    """The images_key of the ``position``-th image of a moment (stable across runs)."""
+    key = str(uuid.uuid5(STARK_NAMESPACE, f"{moment_id}#{position}"))
+    return f"url:{key}" if source in URL_SOURCES else key
+
+
+def stark_record(image_key: str, candidate) -> dict:
+    """The image record of a chosen candidate: Stark's ``{image_source, image_url, index}``
+    (``index`` = the UUID), plus ``key`` (the images_key) and ``db_key`` (where it is in
+    the starkret DB)."""
+    return {
+        "key": image_key,
+        "image_source": candidate.source,
+        "image_url": candidate.url,
+        "index": image_key.removeprefix("url:"),
+        "db_key": candidate.key,
+    }
+
+
+# ==== stark-image-style tars of the chosen local images ====
+
+
+def _image_bytes(db, source: str, db_key: str) -> tuple[bytes, str] | str:
+    """The bytes and extension of a DB image from the inputs it was embedded from, or why not."""
+    from starkret.ingest.sources import _image_bytes as cell_bytes
+    from starkret.ingest.sources import _open_table, _resolve_columns
+
+    located = db.locate(db_key, [source])
+    if located is None:
+        return f"{db_key} is not in the DB"
+    _, row = located
+    part, _ = db.part_of(source, row)
+    manifest = db.source_manifest(source)
+    inputs = manifest.get("part_inputs") or []
+    if part >= len(inputs):
+        return f"{db_key}: the DB does not record where part {part} was read from"
+    kind, path = inputs[part]["kind"], inputs[part]["path"]
+    sample_key = db_key.split("/", 1)[1]
+    if kind == "files":
+        file = Path(path) / sample_key
+        return (
+            (file.read_bytes(), file.suffix.lstrip(".") or "jpg")
+            if file.is_file()
+            else (f"{file} is gone")
+        )
+    if kind == "shard":
+        with tarfile.open(path) as tar:
+            for member in tar:
+                stem, _, ext = member.name.rpartition(".")
+                if stem == sample_key and ext.lower() in ("jpg", "jpeg", "png", "webp"):
+                    data = tar.extractfile(member)
+                    return (data.read(), ext.lower()) if data else f"{member.name} unreadable"
+        return f"{sample_key} not found in {path}"
+    file = Path(path.split("#", 1)[0])
+    table = _open_table(file)
+    image, _, key, _, _ = _resolve_columns(
+        table.schema, {"image": None, "caption": None, "key": None}, {}, file
+    )
+    if key is not None:
+        rows = [i for i, k in enumerate(table.column(key).to_pylist()) if str(k) == sample_key]
+    else:
+        rows = [int(sample_key.rsplit("/", 1)[1])] if "/" in sample_key else []
+    if not rows:
+        return f"{sample_key} not found in {file}"
+    data = cell_bytes(table.column(image)[rows[0]].as_py(), str(file.parent), str(file.parent))
+    return (data, "jpg") if isinstance(data, bytes) else data
+
+
+def export_images(db, records: Iterable[dict], out_dir: str | os.PathLike, per_tar: int = 10_000):
+    """Write the chosen images of local sources (not CC12M/RedCaps12M) as stark-image-style
+    webdataset tars: ``{uuid}.{ext}`` + ``{uuid}.json`` (``{image_source, index}``).
+
+    Returns (written, problems): problems are one-line reasons for images whose bytes
+    could not be found (the inputs moved since they were embedded).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, problems, tar, shard = 0, [], None, 0
+    seen: set[str] = set()
+    try:
+        for record in records:
+            if record["image_source"] in URL_SOURCES or record["index"] in seen:
+                continue
+            seen.add(record["index"])
+            found = _image_bytes(db, record["image_source"], record["db_key"])
+            if isinstance(found, str):
+                problems.append(found)
+                continue
+            data, ext = found
+            if tar is None or (written % per_tar == 0 and written):
+                if tar is not None:
+                    tar.close()
+                tar = tarfile.open(out / f"{shard:05d}.tar", "w")  # noqa: SIM115 (closed below)
+                shard += 1
+            meta = json.dumps({"image_source": record["image_source"], "index": record["index"]})
+            for name, body in (
+                (f"{record['index']}.{ext}", data),
+                (f"{record['index']}.json", meta.encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+            written += 1
+    finally:
+        if tar is not None:
+            tar.close()
+    return written, problems
+
+
+# ==== parquet ====
+
+
+def write_parquet(jsonl_path: str | os.PathLike, parquet_path: str | os.PathLike) -> Path:
+    """The aligned JSONL as one parquet file (stark-dialogue ships ``stark.parquet``).
+
+    Columns whose values do not share one Arrow type (a turn with several images next
+    to turns with one) are stored as JSON text.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    names: list[str] = []
+    for row in rows:
+        names.extend(n for n in row if n not in names)
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            columns[name] = pa.array(
+                [None if v is None else json.dumps(v, ensure_ascii=False) for v in values],
+                pa.string(),
+            )
+    target = Path(parquet_path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, target)
+    return target

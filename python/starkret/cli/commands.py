@@ -1,0 +1,645 @@
+"""Command-line interface: ``starkret <command>`` (and, later, ``embed-shards``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from starkret.store.claims import FolderLockError
+
+# Errors a user can fix; anything else is a bug and keeps its traceback.
+_USER_ERRORS = (
+    FolderLockError,
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    ImportError,
+)
+
+
+def _add_common(parser: argparse.ArgumentParser, *, json_help: str | None = None) -> None:
+    """``--threads`` and ``--quiet`` (every command that computes), ``--json`` where asked."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for decoding, search and torch (default: all cores)",
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars and no log lines"
+    )
+    if json_help is not None:
+        parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def _apply_common(args: argparse.Namespace) -> None:
+    """Set the thread count everywhere it matters before any work starts; quiet logs."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads <= 0:
+            raise ValueError(f"--threads must be a positive number, got {threads}")
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+        try:
+            import faiss
+        except ImportError:
+            pass
+        else:
+            faiss.omp_set_num_threads(threads)
+    if getattr(args, "quiet", False):
+        import logging
+
+        logging.getLogger("starkret").setLevel(logging.ERROR)
+        logging.getLogger("autofaiss").setLevel(logging.ERROR)
+
+
+def _show(args: argparse.Namespace) -> bool:
+    """Whether progress bars are shown."""
+    return not getattr(args, "quiet", False) and not getattr(args, "no_progress", False)
+
+
+def _find_benches() -> Path:
+    """The benches/ folder of a source checkout (editable installs run from one)."""
+    candidates = []
+    if os.environ.get("STARKRET_BENCHES"):
+        candidates.append(Path(os.environ["STARKRET_BENCHES"]))
+    candidates.append(Path(__file__).resolve().parents[3] / "benches")
+    candidates.append(Path.cwd() / "benches")
+    for path in candidates:
+        if (path / "run.py").is_file():
+            return path
+    raise FileNotFoundError(
+        "benches/run.py not found: run `starkret bench` from a starkret source checkout "
+        "or set STARKRET_BENCHES to its benches/ folder"
+    )
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from starkret.cli import doctor
+
+    return doctor.main()
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    run_py = _find_benches() / "run.py"
+    saved = sys.argv
+    sys.argv = [str(run_py), *args.bench_args]
+    try:
+        runpy.run_path(str(run_py), run_name="__main__")
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    from starkret.ingest.towers import DEFAULT_MODEL
+
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="webdataset shards (paths, globs, {00000..01242} ranges), image "
+        "folders, or parquet/Arrow tables (a saved Hugging Face dataset)",
+    )
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="source name tagging every row; the Stark sources cc12m, redcaps12m, chartqa, "
+        "ai2d and mathvision are known (their table columns need no flags)",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"open_clip model name (default {DEFAULT_MODEL}; starkret-tiny needs no "
+        "download); clip-retrieval's spellings work too (open_clip:NAME/TAG, ViT-L/14@336px)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="open_clip tag or local checkpoint file (default: the model's "
+        "own default, 'openai' for OpenAI CLIP configs); 'none' = random",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per batch, decoded and embedded together (default: 256 on a GPU, 64 on CPU)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        default=None,
+        help="the image tower's precision (default auto: fp16 on a GPU, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the image tower (default: on a GPU only)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["exact", "fast"],
+        default="exact",
+        help="preprocessing: bit-exact with open_clip (default) or fast",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=10_000,
+        help="images per output part for folders and tables",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray actors (one per GPU); >1 starts a local Ray instance",
+    )
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster")
+    parser.add_argument(
+        "--devices",
+        default=None,
+        help="one worker process per device of this machine, no Ray: all (every visible "
+        "GPU), GPU numbers (0,1) or cpu entries (cpu,cpu); --threads is shared among them",
+    )
+    parser.add_argument("--image-column", default=None, help="tables: column with image bytes")
+    parser.add_argument("--caption-column", default=None, help="tables: caption column")
+    parser.add_argument("--key-column", default=None, help="tables: key column")
+    parser.add_argument("--overwrite", action="store_true", help="start over, deleting output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(parser, json_help="print the run's summary as one JSON object")
+    parser.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from starkret.ingest.localworkers import WorkersFailed
+
+    try:
+        report = _embed(args)
+    except WorkersFailed as exc:  # device workers died with parts left: a rerun finishes
+        if not args.quiet:
+            print(exc.report.summary(), file=sys.stderr)
+        print(f"starkret {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    _print_report(args, report)
+    # Design rule: a run that produced nothing exits non-zero.
+    if report.total_embedded == 0 or (report.parts_done and not report.embedded):
+        if report.failed:
+            what = f"all {report.failed:,} samples of its {report.parts_done} parts failed"
+        elif report.total_failed:
+            what = f"all {report.total_failed:,} samples failed"
+        else:
+            what = "the inputs hold no samples"
+        raise ValueError(
+            f"nothing was embedded into {args.output}: {what} "
+            f"(reasons in {Path(args.output) / 'failures'})"
+        )
+    return 0
+
+
+def _embed(args: argparse.Namespace):
+    from starkret.ingest.embed import embed
+    from starkret.ingest.towers import MODEL_DEFAULT
+
+    pretrained = MODEL_DEFAULT if args.pretrained is None else args.pretrained
+    if isinstance(pretrained, str) and pretrained.lower() == "none":
+        pretrained = None
+    return embed(
+        args.inputs,
+        args.output,
+        source_name=args.source,
+        model=args.model,
+        pretrained=pretrained,
+        device=args.device,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        compile=args.compile,
+        mode=args.mode,
+        chunk_size=args.chunk_size,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        key_column=args.key_column,
+        progress=_show(args),
+        devices=args.devices,
+    )
+
+
+def _print_report(args: argparse.Namespace, report) -> None:
+    if args.json:
+        import dataclasses
+        import json
+
+        body = dataclasses.asdict(report)
+        body["images_per_second"] = round(report.images_per_second, 2)
+        print(json.dumps(body))
+    elif not args.quiet:
+        print(report.summary())
+
+
+def _cmd_build_index(args: argparse.Namespace) -> int:
+    import json
+
+    from starkret.index.build import build_index
+    from starkret.index.source import source_dirs
+
+    dirs = source_dirs(args.path)
+    bar = None
+    if _show(args):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(dirs), unit="source", desc="indexing", dynamic_ncols=True)
+    summaries = []
+    try:
+        for source_dir in dirs:
+            if bar is not None:
+                bar.set_postfix_str(source_dir.name)
+            infos = build_index(
+                source_dir,
+                kind=args.kind,
+                max_index_memory_usage=args.max_index_memory_usage,
+                max_index_query_time_ms=args.max_index_query_time_ms,
+                auto_exact_max_rows=args.auto_exact_max_rows,
+            )
+            summary = {"source_dir": str(source_dir), "kind": infos["kind"]}
+            summary["count"] = infos["count"]
+            for key in ("recall_at_10", "recall_at_5_text_like", "build_seconds"):
+                if key in infos:
+                    summary[key] = infos[key]
+            summaries.append(summary)
+            if bar is not None:
+                bar.update(1)
+            if not args.json and not args.quiet:
+                recall = (
+                    f", recall@10 {infos['recall_at_10']:.3f}" if "recall_at_10" in infos else ""
+                )
+                if "recall_at_5_text_like" in infos:
+                    recall += (
+                        f", recall@5 on text-like queries {infos['recall_at_5_text_like']:.3f}"
+                    )
+                line = f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}"
+                (bar.write if bar is not None else print)(line)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps({"sources": summaries}))
+    return 0
+
+
+def _cmd_clip_back(args: argparse.Namespace) -> int:
+    from starkret.index.clipback import adopt_index, link_for_clip_back
+    from starkret.index.source import source_dirs
+
+    for source_dir in source_dirs(args.path):
+        if args.adopt:
+            infos = adopt_index(source_dir)
+            if "adopted_from" in infos:
+                print(f"{source_dir}: uses {infos['adopted_from']} ({infos['count']:,} images)")
+        link = link_for_clip_back(source_dir)
+        print(f"{source_dir}: clip back can load it ({link.name} -> {os.readlink(link)})")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from starkret.index.db import ImageDB
+
+    db = ImageDB.open(args.db)
+    hits = db.search(
+        args.queries, k=args.k, sources=args.sources, device=args.device, threads=args.threads
+    )
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"query": q, "hits": [h.__dict__ for h in per_query]}
+                    for q, per_query in zip(args.queries, hits, strict=True)
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    for query, per_query in zip(args.queries, hits, strict=True):
+        print(f"{query}")
+        width = max((len(h.key) for h in per_query), default=3)
+        for h in per_query:
+            print(f"  {h.score:+.4f}  {h.source:<12} {h.key:<{width}}  {h.url or ''}")
+    return 0
+
+
+def _is_starkret_report(path: Path) -> bool:
+    from starkret.align.report import _STYLE
+
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"<!doctype html>") and _STYLE.encode() in head
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    import json
+
+    from starkret.align.aligner import Aligner
+    from starkret.align.dialogue import STATE_SUFFIX, align_file, check_writable_output
+    from starkret.index.db import ImageDB
+
+    if args.report:
+        output = Path(args.output)
+        written = [output, output.with_name(output.name + ".images.jsonl")]
+        written.append(output.with_name(output.name + STATE_SUFFIX))
+        check_writable_output(
+            Path(args.report),
+            [Path(args.dialogues), *written],
+            _is_starkret_report,
+            "a starkret report",
+        )
+    db = ImageDB.open(args.db)
+    aligner = Aligner(
+        db,
+        k_per_source=args.k_per_source,
+        min_score=args.min_score,
+        near_duplicate_threshold=args.near_duplicate_threshold,
+        reuse=args.reuse,
+        device=args.device,
+    )
+    report = align_file(
+        db,
+        args.dialogues,
+        args.output,
+        aligner=aligner,
+        progress=_show(args),
+        keep=args.report is not None,
+        keys=args.keys,
+        fill=tuple("" if m == "none" else m for m in args.fill_modules.split(",")),
+    )
+    if args.parquet:
+        from starkret.align.stark import write_parquet
+
+        write_parquet(args.output, args.parquet)
+    if args.export_images:
+        from starkret.align.stark import export_images
+
+        records = Path(args.output + ".images.jsonl")
+        with open(records, encoding="utf-8") as f:
+            written, problems = export_images(
+                db, (json.loads(line) for line in f if line.strip()), args.export_images
+            )
+        for problem in problems[:5]:
+            print(f"starkret align: not exported: {problem}", file=sys.stderr)
+    if args.json:
+        body = {
+            name: getattr(report, name)
+            for name in (
+                "episodes",
+                "skipped_episodes",
+                "moments",
+                "chosen",
+                "below_threshold",
+                "exhausted",
+            )
+        }
+        body["seconds"] = round(report.seconds, 3)
+        body["output"] = str(args.output)
+        print(json.dumps(body))
+    elif not args.quiet:
+        print(report.summary())
+    if args.report:
+        from starkret.align.report import write_report
+
+        path = write_report(db, report.alignments, args.report)
+        print(f"report: {path}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from starkret.serve.app import serve
+        from starkret.serve.schema import ServeConfig
+    except ImportError as exc:
+        raise ImportError(
+            f"starkret serve needs fastapi and uvicorn ({exc}): pip install 'starkret[serve]'"
+        ) from exc
+
+    if args.workers < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
+        raise ValueError("--workers and --max-batch must be at least 1, --batch-wait-ms >= 0")
+    config = ServeConfig(
+        device=args.device,
+        workers=args.workers,
+        batch_wait_ms=args.batch_wait_ms,
+        max_batch=args.max_batch,
+        min_score=args.min_score,
+        near_duplicate_threshold=args.near_duplicate_threshold,
+    )
+    serve(args.db, host=args.host, port=args.port, config=config)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from starkret.align.eval import evaluate, read_pairs
+    from starkret.index.db import ImageDB
+
+    result = evaluate(
+        ImageDB.open(args.db), read_pairs(args.pairs), sources=args.sources, progress=_show(args)
+    )
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(
+            f"R@1 {result.recall_at_1:.2f}  R@5 {result.recall_at_5:.2f}  "
+            f"R@10 {result.recall_at_10:.2f}  MRR {result.mrr:.2f}  ({result.count} pairs)"
+        )
+    return 0
+
+
+def embed_shards_main(argv: Sequence[str] | None = None) -> int:
+    """The ``embed-shards`` command: ``starkret embed`` under its own name."""
+    parser = argparse.ArgumentParser(
+        prog="embed-shards",
+        description="Embed image collections with CLIP into clip-retrieval's layout, "
+        "resumably (same as `starkret embed`).",
+    )
+    _add_embed_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command = "embed-shards"
+    return _run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from starkret._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="starkret",
+        description="Image retrieval core for multimodal-dialogue pipelines.",
+    )
+    parser.add_argument("--version", action="version", version=f"starkret {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    doctor = sub.add_parser("doctor", help="report what this install can do")
+    doctor.set_defaults(func=_cmd_doctor)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the throughput benchmarks (same-run ratios)",
+        description="Runs benches/run.py; arguments after `bench` are passed to it "
+        "(see `starkret bench -- --help`).",
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benches/run.py")
+    bench.set_defaults(func=_cmd_bench)
+
+    embed = sub.add_parser("embed", help="embed shards, folders or tables (= embed-shards)")
+    _add_embed_arguments(embed)
+
+    from starkret.index.build import (
+        AUTO_EXACT_MAX_ROWS,
+        DEFAULT_MAX_INDEX_MEMORY,
+        DEFAULT_MAX_QUERY_TIME_MS,
+    )
+
+    build = sub.add_parser("build-index", help="index embedded sources (exact, ivf or AutoFaiss)")
+    build.add_argument("path", help="an embed-shards output, or a DB folder of them")
+    build.add_argument("--kind", choices=["auto", "exact", "ivf", "autofaiss"], default="auto")
+    build.add_argument("--max-index-memory-usage", default=DEFAULT_MAX_INDEX_MEMORY)
+    build.add_argument("--max-index-query-time-ms", type=float, default=DEFAULT_MAX_QUERY_TIME_MS)
+    build.add_argument(
+        "--auto-exact-max-rows",
+        type=int,
+        default=AUTO_EXACT_MAX_ROWS,
+        help="kind=auto: exact search up to this many images, ivf above",
+    )
+    _add_common(build, json_help="print one JSON object: kind, count, recall per source")
+    build.set_defaults(func=_cmd_build_index)
+
+    clip_back = sub.add_parser(
+        "clip-back",
+        help="make indexed sources loadable by clip-retrieval's clip back (image.index)",
+    )
+    clip_back.add_argument("path", help="an indexed source folder, or a DB folder of them")
+    clip_back.add_argument(
+        "--adopt",
+        action="store_true",
+        help="first take an index autofaiss or clip-retrieval built in the folder "
+        "(index/knn.index or image.index) as the source's index, if it fits",
+    )
+    clip_back.set_defaults(func=_cmd_clip_back)
+
+    search = sub.add_parser("search", help="top images of every source for descriptions")
+    search.add_argument("db", help="DB folder (one sub-folder per source)")
+    search.add_argument("queries", nargs="+", help="image descriptions")
+    search.add_argument("-k", type=int, default=5, help="results per source")
+    search.add_argument("--sources", nargs="+", default=None, help="only these sources")
+    search.add_argument(
+        "--device", default="cpu", help="cpu, or cuda / cuda:N for exact search on a GPU"
+    )
+    _add_common(search, json_help="JSON output")
+    search.set_defaults(func=_cmd_search)
+
+    align = sub.add_parser("align", help="choose an image for every sharing moment of a file")
+    align.add_argument("db", help="DB folder (one sub-folder per source)")
+    align.add_argument("dialogues", help="Stark-style episodes (JSON/JSONL) or moment JSONL")
+    align.add_argument("-o", "--output", required=True, help="aligned JSONL (appended, resumable)")
+    align.add_argument("--k-per-source", type=int, default=5)
+    align.add_argument("--min-score", type=float, default=0.2)
+    align.add_argument("--near-duplicate-threshold", type=float, default=0.94)
+    align.add_argument("--reuse", choices=["episode", "global", "none"], default="episode")
+    align.add_argument(
+        "--device", default="cpu", help="cpu, or cuda / cuda:N for exact search on a GPU"
+    )
+    align.add_argument("--report", default=None, help="also write this HTML report")
+    align.add_argument("--no-progress", action="store_true")
+    align.add_argument(
+        "--keys",
+        choices=["stark", "db"],
+        default="stark",
+        help="images_key: Stark's image UUIDs (url:UUID for CC12M/RedCaps12M; default) "
+        "or the DB keys",
+    )
+    align.add_argument(
+        "--fill-modules",
+        default="retrieval,none",
+        help="align only turns whose images_module_name is one of these, comma-separated "
+        "('none': turns without one); p-t2i, t2i and web turns are left as they are",
+    )
+    align.add_argument("--parquet", default=None, help="also write the output as this parquet")
+    align.add_argument(
+        "--export-images",
+        default=None,
+        metavar="DIR",
+        help="write the chosen local images (not CC12M/RedCaps12M) as stark-image-style tars",
+    )
+    _add_common(align, json_help="print the run's summary as one JSON object")
+    align.set_defaults(func=_cmd_align)
+
+    srv = sub.add_parser("serve", help="serve a DB over HTTP: batched search, align, a page")
+    srv.add_argument("db", help="DB folder (one sub-folder per source)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--device", default="cpu", help="cpu, or cuda for exact GPU search")
+    srv.add_argument("--workers", type=int, default=1, help="batches searched in parallel")
+    srv.add_argument(
+        "--batch-wait-ms", type=float, default=3.0, help="longest wait to fill a batch"
+    )
+    srv.add_argument(
+        "--max-batch",
+        type=int,
+        default=256,
+        help="most queries searched together (1: one query per request, like clip back)",
+    )
+    srv.add_argument("--min-score", type=float, default=0.2, help="align: below = fallback")
+    srv.add_argument("--near-duplicate-threshold", type=float, default=0.94)
+    srv.set_defaults(func=_cmd_serve)
+
+    ev = sub.add_parser("eval", help="Recall@1/5/10 and MRR of descriptions against a gallery")
+    ev.add_argument("db", help="DB folder (the gallery)")
+    ev.add_argument("pairs", help='JSONL: {"description"|"ultron_output", "image_key"}')
+    ev.add_argument("--sources", nargs="+", default=None, help="only these sources")
+    _add_common(ev, json_help="JSON output")
+    ev.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "bench_args", None) and args.bench_args[0] == "--":
+        args.bench_args = args.bench_args[1:]
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        _apply_common(args)
+        return int(args.func(args) or 0)
+    except _USER_ERRORS as exc:
+        # notes say where it happened ("while embedding part 3 (shard:...)")
+        message = " ".join([*str(exc).splitlines(), *getattr(exc, "__notes__", ())])
+        print(f"starkret {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"starkret {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

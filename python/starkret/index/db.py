@@ -1,0 +1,328 @@
+"""``ImageDB``: several embedded sources searched together, per source, in batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from starkret.index.source import SourceIndex, source_dirs
+from starkret.index.topk import Exclusions, split_exclude
+from starkret.store.keyindex import KeyIndex
+from starkret.store.metadata import Metadata
+
+__all__ = ["Hit", "ImageDB", "Results"]
+
+#: Manifest fields every source of one DB must share: their vectors are compared.
+_SAME_SPACE = ("model", "pretrained", "dim", "image_size", "mean", "std")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: a source's image and its score for the query."""
+
+    key: str
+    source: str
+    score: float
+    id: int
+    url: str | None
+    caption: str | None
+    row: int  # global row of the image in its source (its embedding)
+
+
+@dataclass
+class Results:
+    """Search results as arrays, before any metadata is read: ``(q, m)`` each.
+
+    Per query, hits of every searched source are ranked together (score descending,
+    then source name, then row); ``rows`` is -1 (score -inf) past the last hit.
+    ``sources[q, j]`` indexes :attr:`ImageDB.sources`.
+    """
+
+    sources: np.ndarray  # int16
+    rows: np.ndarray  # int64
+    scores: np.ndarray  # float32
+
+    def valid(self) -> np.ndarray:
+        return self.rows >= 0
+
+
+class _Source:
+    """One source of the DB: its index (vectors, search), metadata and key lookups.
+    Opening reads file headers only; nothing per row is loaded."""
+
+    def __init__(self, name: str, index: SourceIndex) -> None:
+        self.name, self.index = name, index
+        self.metadata = Metadata.open(index.source_dir, index.parts.offsets, index.infos)
+        self.keys = KeyIndex.open(index.source_dir, self.metadata, index.infos)
+
+    def rows_of(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """Every row of each key found (DB keys and Stark ``url:`` keys)."""
+        owner, rows = self.keys.lookup(keys, every=True)
+        found: dict[str, list[int]] = {}
+        for o, r in zip(owner.tolist(), rows.tolist(), strict=True):
+            found.setdefault(keys[o], []).append(r)
+        return {k: np.asarray(v, np.int64) for k, v in found.items()}
+
+
+class ImageDB:
+    """A folder of embedded sources (``embed-shards`` outputs, one sub-folder each).
+
+    Searches every source (or the ones named) and returns the top ``k`` of each, for
+    a whole batch of queries at once. Queries are strings, encoded with the text tower
+    of the model the sources were embedded with, or vectors of the right dimension.
+
+    >>> db = ImageDB.open("db")  # doctest: +SKIP
+    >>> hits = db.search(["a golden retriever on a beach"], k=5)  # doctest: +SKIP
+    >>> [(h.source, h.key, round(h.score, 3)) for h in hits[0]][:2]  # doctest: +SKIP
+    [('cc12m', 'cc12m/000012345', 0.312), ('redcaps12m', 'redcaps12m/000998877', 0.305)]
+    """
+
+    def __init__(self, root: Path, sources: dict[str, _Source], manifest: dict, embedder=None):
+        self.root, self._sources, self.manifest = root, sources, manifest
+        self._embedder = embedder
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, embedder=None) -> ImageDB:
+        """Open every embedded source under ``path`` (or ``path`` itself if it is one)."""
+        root = Path(path)
+        dirs = source_dirs(root)
+        indices = [SourceIndex.open(d) for d in dirs]
+        first = indices[0].manifest
+        for idx in indices[1:]:
+            for field in _SAME_SPACE:
+                if idx.manifest.get(field) != first.get(field):
+                    raise ValueError(
+                        f"{idx.source_dir} was embedded with {field}={idx.manifest.get(field)!r} "
+                        f"but {indices[0].source_dir} with {first.get(field)!r}: their vectors "
+                        "cannot be searched together"
+                    )
+        sources: dict[str, _Source] = {}
+        for idx in indices:
+            name = idx.manifest["source"]
+            if name in sources:
+                raise ValueError(
+                    f"two folders hold source {name!r}: {idx.source_dir} and "
+                    f"{sources[name].index.source_dir}"
+                )
+            sources[name] = _Source(name, idx)
+        return cls(root, sources, first, embedder)
+
+    # ==== Properties ====
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self._sources)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def __len__(self) -> int:
+        return sum(s.index.count for s in self._sources.values())
+
+    def __repr__(self) -> str:
+        parts = ", ".join(
+            f"{n}: {s.index.count} ({s.index.kind})" for n, s in self._sources.items()
+        )
+        return f"ImageDB({str(self.root)!r}, model={self.manifest['model']!r}, {parts})"
+
+    @property
+    def embedder(self):
+        """The text tower of the DB's model (loaded on first use)."""
+        if self._embedder is None:
+            from starkret.ingest.towers import ClipEmbedder
+
+            self._embedder = ClipEmbedder(self.manifest["model"], self.manifest["pretrained"])
+        return self._embedder
+
+    # ==== Search ====
+
+    def encode(self, queries: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Queries as unit float32 vectors: texts through the text tower, vectors checked."""
+        if isinstance(queries, str):
+            raise TypeError("queries must be a sequence of strings or an (n, dim) array")
+        if isinstance(queries, np.ndarray) or (len(queries) and not isinstance(queries[0], str)):
+            vectors = np.asarray(queries, dtype=np.float32)
+            if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+                raise ValueError(
+                    f"query vectors must have shape (n, {self.dim}) for this DB "
+                    f"({self.manifest['model']}), got {vectors.shape}"
+                )
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            return vectors / np.where(norms > 0, norms, 1)
+        return self.embedder.encode_texts(list(queries), dtype="float32")
+
+    def search(
+        self,
+        queries: Sequence[str] | np.ndarray,
+        k: int = 5,
+        *,
+        sources: Sequence[str] | None = None,
+        exclude: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> list[list[Hit]]:
+        """Top ``k`` images of each source for every query, best first.
+
+        ``exclude`` holds image keys never to return: one collection for all queries,
+        or one per query. ``device="cuda"`` (or ``"cuda:N"``) scans exactly on the GPU
+        (:mod:`starkret.index.gpu`: float32 scores, tiles sized to free GPU memory,
+        parts kept resident when they fit) instead of the CPU scan or the approximate
+        index; ``device="torch-cpu"`` runs that same code on the CPU.
+        """
+        _check_k(k)
+        results = self.search_arrays(
+            self.encode(queries),
+            k,
+            sources=sources,
+            exclude=exclude,
+            device=device,
+            threads=threads,
+        )
+        return self.hits(results)
+
+    def search_arrays(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        *,
+        sources: Sequence[str] | None = None,
+        exclude: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        exclude_rows: dict[str, Exclusions] | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> Results:
+        """:meth:`search` for unit query ``vectors``, as arrays (no metadata read).
+
+        ``exclude``: keys, as in :meth:`search`; ``exclude_rows``: per source name, rows
+        never to return (:class:`~starkret.index.topk.Exclusions`).
+        """
+        _check_k(k)
+        names = list(self._sources) if sources is None else list(sources)
+        for name in names:
+            if name not in self._sources:
+                raise ValueError(f"unknown source {name!r}; this DB has {self.sources}")
+        n = len(vectors)
+        banned = split_exclude(exclude, n, keys=True)
+        rank = {name: i for i, name in enumerate(sorted(self._sources))}
+        number = {name: i for i, name in enumerate(self._sources)}
+        scores, rows, which, order_key = [], [], [], []
+        for name in names:
+            source = self._sources[name]
+            exclusions = _key_exclusions(source, banned)
+            if exclude_rows and name in exclude_rows:
+                exclusions = _union(exclusions, exclude_rows[name], n)
+            s, r = source.index.search(
+                vectors, int(k), exclude=exclusions, device=device, threads=threads
+            )
+            scores.append(s)
+            rows.append(r)
+            which.append(np.full(s.shape, number[name], np.int16))
+            order_key.append(np.full(s.shape, rank[name], np.int16))
+        if not names:
+            empty = np.zeros((n, 0))
+            return Results(empty.astype(np.int16), empty.astype(np.int64), empty.astype(np.float32))
+        s, r = np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)
+        w, o = np.concatenate(which, axis=1), np.concatenate(order_key, axis=1)
+        ranked = np.lexsort((r, o, -s), axis=-1)
+        take = lambda a: np.take_along_axis(a, ranked, axis=1)  # noqa: E731
+        return Results(take(w), take(r), take(s))
+
+    def hits(self, results: Results) -> list[list[Hit]]:
+        """:class:`Hit` objects for the rows of ``results`` (metadata read once per source)."""
+        valid = results.valid()
+        names = self.sources
+        meta: dict[int, dict] = {}
+        position = np.full(results.rows.shape, -1, np.int64)
+        for s in np.unique(results.sources[valid]).tolist():
+            mask = valid & (results.sources == s)
+            meta[s] = self._sources[names[s]].metadata.take(results.rows[mask])
+            position[mask] = np.arange(int(mask.sum()))
+        out: list[list[Hit]] = []
+        for q in range(results.rows.shape[0]):
+            hits = []
+            for j in np.flatnonzero(valid[q]).tolist():
+                s, p = int(results.sources[q, j]), int(position[q, j])
+                m = meta[s]
+                hits.append(
+                    Hit(
+                        m["key"][p],
+                        names[s],
+                        float(results.scores[q, j]),
+                        int(m["id"][p]),
+                        m["url"][p],
+                        m["caption"][p],
+                        int(results.rows[q, j]),
+                    )
+                )
+            out.append(hits)
+        return out
+
+    def locate(self, key: str, sources: Sequence[str] | None = None) -> tuple[str, int] | None:
+        """``(source, row)`` of an image key (DB key or Stark ``url:`` key), or None."""
+        for name in self.sources if sources is None else sources:
+            row = int(self._sources[name].keys.lookup([key])[0])
+            if row >= 0:
+                return name, row
+        return None
+
+    def metadata(self, source: str) -> Metadata:
+        """The metadata rows of ``source`` (memory-mapped; read per row on demand)."""
+        return self._sources[source].metadata
+
+    def embeddings(self, source: str) -> list[np.ndarray]:
+        """The memory-mapped float16 parts of ``source``, in row order."""
+        return list(self._sources[source].index.parts.arrays)
+
+    def part_of(self, source: str, row: int) -> tuple[int, int]:
+        """``(part, row within the part)`` of a global row of ``source``."""
+        offsets = self._sources[source].index.parts.offsets
+        part = int(np.searchsorted(offsets, row, side="right") - 1)
+        return part, int(row - offsets[part])
+
+    def source_dir(self, source: str) -> Path:
+        return self._sources[source].index.source_dir
+
+    def source_manifest(self, source: str) -> dict:
+        """The ``starkret.json`` manifest of ``source`` (as loaded when the DB was opened)."""
+        return self._sources[source].index.manifest
+
+    def vectors(self, source: str, rows: Sequence[int]) -> np.ndarray:
+        """Image embeddings (float32) of ``rows`` of ``source``."""
+        return self._sources[source].index.parts.rows(np.asarray(rows, dtype=np.int64))
+
+
+def _check_k(k: object) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+
+
+def _key_exclusions(source: _Source, banned) -> Exclusions | None:
+    """Rows of ``source`` for excluded keys (``banned`` from :func:`split_exclude`)."""
+    if banned is None:
+        return None
+    shape, items = banned
+    collections = [items] if shape == "shared" else items
+    wanted = sorted({str(key) for keys in collections for key in keys})
+    found = source.rows_of(wanted) if wanted else {}
+    none = np.zeros(0, np.int64)
+
+    def rows(keys) -> np.ndarray:
+        hits = [found[str(key)] for key in keys if str(key) in found]
+        return np.unique(np.concatenate(hits)) if hits else none
+
+    if shape == "shared":
+        return Exclusions(shared=rows(items))
+    return Exclusions(per_query=tuple(rows(keys) for keys in items))
+
+
+def _union(a: Exclusions | None, b: Exclusions, n: int) -> Exclusions:
+    if a is None:
+        return b
+    if a.per_query is None and b.per_query is None:
+        return Exclusions(shared=np.union1d(a.shared, b.shared))
+    return Exclusions(per_query=tuple(np.union1d(a.of_query(q), b.of_query(q)) for q in range(n)))

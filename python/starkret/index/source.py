@@ -1,0 +1,187 @@
+"""One embedded source's index, opened for search: exact (Rust scan of the float16 parts),
+ivf, AutoFaiss, or a torch device.
+
+``SourceIndex.open(dir)`` searches every kind and returns global row numbers: rows of the
+source's parts concatenated in part order (part 0 first), the same order as its metadata.
+Which function searches a source is chosen by its kind and the device
+(:func:`starkret.index.exact.searcher`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from starkret.index.exact import (
+    Exclusions,
+    Parts,
+    register_searcher,
+    searcher,
+)
+from starkret.store.metadata import Metadata
+
+_logger = logging.getLogger("starkret")
+
+
+def source_dirs(path: str | os.PathLike) -> list[Path]:
+    """The embedded sources at ``path``: itself if it is one, else its sub-folders that are."""
+    root = Path(path)
+    if (root / "starkret.json").exists():
+        return [root]
+    dirs = sorted(p.parent for p in root.glob("*/starkret.json"))
+    if not dirs:
+        raise FileNotFoundError(f"no embedded sources (*/starkret.json) under {root}")
+    return dirs
+
+
+def _manifest(source_dir: Path) -> dict:
+    path = source_dir / "starkret.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} not found: {source_dir} is not an embed-shards output"
+        ) from None
+    if not manifest.get("complete"):
+        raise ValueError(f"{source_dir} is not completely embedded: re-run embed-shards first")
+    return manifest
+
+
+#: The name older code (and other modules) import.
+_Parts = Parts
+
+
+class SourceIndex:
+    """Search one source: exact over its memory-mapped parts, or its AutoFaiss index."""
+
+    def __init__(self, source_dir: Path, manifest: dict, parts: Parts, infos: dict, faiss_index):
+        self.source_dir, self.manifest, self.parts = source_dir, manifest, parts
+        self.infos, self._faiss = infos, faiss_index
+        self._ivf = None
+        if infos.get("kind") == "ivf":
+            from starkret.index.ivf import IvfIndex
+
+            self._ivf = IvfIndex.open(source_dir / "index", parts, infos)
+
+    @classmethod
+    def open(cls, source_dir: str | os.PathLike) -> SourceIndex:
+        source_dir = Path(source_dir)
+        manifest = _manifest(source_dir)
+        parts = Parts.load(source_dir)
+        infos_path = source_dir / "index" / "infos.json"
+        infos = json.loads(infos_path.read_text()) if infos_path.exists() else {"kind": "exact"}
+        foreign = [p for p in ("index/knn.index", "image.index") if (source_dir / p).is_file()]
+        if not infos_path.exists() and foreign:
+            _logger.warning(
+                "%s: %s was not built by starkret and is not used (exact search); "
+                "`starkret clip-back --adopt %s` checks it and uses it",
+                source_dir,
+                foreign[0],
+                source_dir,
+            )
+        return cls.open_with(source_dir, manifest, parts, infos)
+
+    @classmethod
+    def open_with(cls, source_dir: Path, manifest: dict, parts: Parts, infos: dict):
+        faiss_index = None
+        if infos.get("kind") == "autofaiss":
+            import faiss
+
+            faiss_index = faiss.read_index(
+                str(source_dir / "index" / "knn.index"),
+                faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY,
+            )
+        return cls(source_dir, manifest, parts, infos, faiss_index)
+
+    @property
+    def kind(self) -> str:
+        return self.infos.get("kind", "exact")
+
+    @property
+    def count(self) -> int:
+        return self.parts.count
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude=None,
+        exact: bool | None = None,
+        threads: int | None = None,
+        device: str = "cpu",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (scores, global rows) per query; rows are -1 where fewer exist.
+
+        ``exclude``: global rows never returned (any form :func:`~starkret.index.topk.split_exclude`
+        reads, or :class:`~starkret.index.topk.Exclusions`). ``exact=True`` scans exactly
+        whatever the index kind; the function is :func:`~starkret.index.exact.searcher`'s
+        choice for the kind and ``device``.
+        """
+        queries = np.ascontiguousarray(queries, np.float32)
+        exclusions = Exclusions.parse(exclude, len(queries))
+        kind = "exact" if exact else self.kind
+        search = searcher(kind, device)
+        return search(self, queries, k, exclusions, threads=threads, device=device)
+
+    def metadata(self) -> Metadata:
+        """The source's metadata, memory-mapped if ``build-index`` wrote it."""
+        return Metadata.open(self.source_dir, self.parts.offsets, self.infos)
+
+
+def _faiss_search(index: SourceIndex, queries, k, exclude: Exclusions | None, **_):
+    # Excluded rows are filtered after the search: ask for enough extra ones.
+    extra = exclude.largest() if exclude is not None else 0
+    scores, ids = index._faiss.search(queries, k + extra)
+    order = np.asarray(index.infos["faiss_order"], dtype=np.int64)
+    rows = _faiss_ids_to_rows(ids, order, index.parts.offsets)
+    if exclude is None:
+        return scores[:, :k], rows[:, :k]
+    out_s = np.full((len(rows), k), -np.inf, np.float32)
+    out_r = np.full((len(rows), k), -1, np.int64)
+    for q, row in enumerate(rows):
+        keep = np.flatnonzero((row >= 0) & ~np.isin(row, exclude.of_query(q)))[:k]
+        out_s[q, : len(keep)] = scores[q, keep]
+        out_r[q, : len(keep)] = row[keep]
+    return out_s, out_r
+
+
+register_searcher("autofaiss", "cpu", _faiss_search)
+
+
+def _faiss_ids_to_rows(ids, order, offsets):
+    """faiss numbers rows in the order autofaiss read the files (sorted by name)."""
+    sizes = np.diff(offsets)[order]
+    faiss_offsets = np.concatenate([[0], np.cumsum(sizes)])
+    flat = ids.reshape(-1)
+    valid = flat >= 0
+    slot = np.searchsorted(faiss_offsets, flat[valid], side="right") - 1
+    rows = np.full(flat.shape, -1, np.int64)
+    rows[valid] = offsets[order[slot]] + (flat[valid] - faiss_offsets[slot])
+    return rows.reshape(ids.shape)
+
+
+def _ivf_search(index: SourceIndex, queries, k, exclude: Exclusions | None, **_):
+    return index._ivf.search(queries, k, exclude=exclude)
+
+
+def _device_search(index: SourceIndex, queries, k, exclude: Exclusions | None, *, device, **_):
+    from starkret.index.gpu import DeviceSearcher
+
+    searchers = index.__dict__.setdefault("_device_searchers", {})
+    if device not in searchers:  # parts stay resident on the device between calls
+        torch_device = "cpu" if device == "torch-cpu" else device  # the GPU code, run on CPU
+        searchers[device] = DeviceSearcher(index.parts.arrays, device=torch_device)
+    if exclude is not None:
+        exclude = exclude.shared if exclude.per_query is None else list(exclude.per_query)
+    return searchers[device].search(queries, k, exclude=exclude)
+
+
+register_searcher("ivf", "cpu", _ivf_search)
+register_searcher("*", "cuda", _device_search)
+register_searcher("*", "mps", _device_search)
+register_searcher("*", "torch-cpu", _device_search)

@@ -1,0 +1,530 @@
+"""Image sources cut into parts: webdataset shards, image folders, parquet / Arrow tables.
+
+A *part* is the unit of work of ``starkret.embed``: it becomes one output file pair
+(``img_emb_{i}.npy`` + ``metadata_{i}.parquet``), is written atomically, and is what a
+resumed run skips or redoes. A shard is one part; folders and tables are cut into
+parts of ``chunk_size`` images, in a stable order, so part ``i`` always means the
+same images.
+
+Table cells are untrusted: a Hugging Face image struct ``{"bytes": null, "path": P}``
+is read only if ``P`` (relative to the table file's folder, or absolute) resolves,
+symlinks included, to a regular file inside the dataset's own folder (the folder given
+as input, or the table file's folder); anything else is a per-row failure
+``unsafe path: ...`` and the file is never opened.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from starkret import _core
+from starkret.ingest.preprocess import ShardBatch, preprocess, preprocess_shards
+from starkret.ingest.shards import DEFAULT_MAX_MEMBER_BYTES, expand_shard_paths
+
+__all__ = ["IMAGE_SUFFIXES", "Part", "PreprocessOptions", "input_format", "plan_parts"]
+
+#: File suffixes taken as images in folders (the bytes decide the format, not the name).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_TABLE_SUFFIXES = (".parquet", ".arrow")
+_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
+_CAPTION_COLUMNS = ("caption", "text", "txt", "description", "question", "query")
+_KEY_COLUMNS = ("key", "id", "image_id", "filename", "file_name")
+_URL_COLUMNS = ("url", "image_url")
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """How a part's images are turned into model input."""
+
+    size: int = 336
+    mode: str = "exact"
+    dtype: str = "float32"
+    batch_size: int = 256
+    threads: int | None = None
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    #: "chw" (3, S, S) or, for uint8 crops only, "hwc" (S, S, 3): the Rust core's layout,
+    #: for towers that normalise on the device (``embedder.accepts_uint8``).
+    layout: str = "chw"
+
+    def preprocess_kwargs(self) -> dict:
+        """The keyword arguments ``preprocess`` and ``preprocess_shards`` share."""
+        return {
+            "size": self.size,
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "threads": self.threads,
+            "mean": self.mean,
+            "std": self.std,
+            "layout": self.layout,
+        }
+
+    def for_model(self, embedder) -> PreprocessOptions:
+        """These options with the pixel format (:func:`input_format`) and batch size of
+        ``embedder`` (a worker's, built from the driver's settings)."""
+        dtype, layout = input_format(embedder)
+        batch_size = getattr(embedder, "batch_size", None) or self.batch_size
+        return replace(self, dtype=dtype, layout=layout, batch_size=batch_size)
+
+
+def input_format(embedder) -> tuple[str, str]:
+    """The pixels ``embedder`` is fed: ``(dtype, layout)`` of :class:`PreprocessOptions`.
+
+    On CUDA, uint8 crops in the Rust core's HWC layout when the tower normalises on
+    the device (``embedder.accepts_uint8``: a quarter of float32's bytes over the bus,
+    no CPU normalisation), else float16 (half the bytes; the model runs in half
+    precision there anyway). On CPU float32: the model reads it as is (a uint8 lookup
+    costs more there than it saves).
+    """
+    if getattr(embedder.device, "type", "cpu") != "cuda":
+        return "float32", "chw"
+    if getattr(embedder, "accepts_uint8", False):
+        return "uint8", "hwc"
+    return "float16", "chw"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One unit of work: a shard, a chunk of a folder, or a row range of a table."""
+
+    kind: str  # "shard" | "files" | "table"
+    path: str  # the shard, the folder root, or the table file
+    name: str  # what the metadata's `shard` column says
+    members: tuple[str, ...] = ()  # files: relative paths
+    start: int = 0  # table: first row
+    stop: int = 0  # table: one past the last row
+    root: str = ""  # table: the dataset folder its image paths must stay inside
+    # Not part of the identity (``describe``), so folders embedded before them resume:
+    #: table: resolved (image, caption, key, url, status) columns; files: unused
+    columns: tuple[str | None, ...] = ()
+    #: table: what positional keys start with (``train/data-00000-of-00001``)
+    key_prefix: str = ""
+    #: files: "img2dataset" -> key = file stem, url from the KEY.json sidecar
+    layout: str = ""
+
+    def describe(self) -> str:
+        """A stable one-line identity, recorded in the manifest to detect changed inputs."""
+        if self.kind == "files":
+            return f"files:{self.path}:{self.members[0]}..{self.members[-1]}:{len(self.members)}"
+        if self.kind == "table":
+            return f"table:{self.path}:{self.start}:{self.stop}"
+        return f"shard:{self.path}"
+
+    def batches(self, options: PreprocessOptions) -> Iterator[ShardBatch]:
+        """Preprocessed batches of this part, prepared ahead of the consumer."""
+        if self.kind == "shard":
+            return iter(
+                preprocess_shards(
+                    self.path,
+                    batch_size=options.batch_size,
+                    per_shard=True,
+                    **options.preprocess_kwargs(),
+                )
+            )
+        return _prefetched(self._raw_batches(options.batch_size), options)
+
+    def _raw_batches(self, batch_size: int) -> Iterator[_RawBatch]:
+        if self.kind == "files":
+            yield from _file_batches(self, batch_size)
+        else:
+            yield from _table_batches(self, batch_size)
+
+
+@dataclass
+class _RawBatch:
+    """Encoded images and their metadata, before preprocessing."""
+
+    images: list[bytes]
+    keys: list[str]
+    captions: list[str | None]
+    shard: str
+    failures: list[tuple[str, str | None, str]]
+    urls: list[str | None] = field(default_factory=list)
+
+
+def plan_parts(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    chunk_size: int = 10_000,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    key_column: str | None = None,
+    source: str | None = None,
+) -> list[Part]:
+    """Cut ``inputs`` into parts, in a stable order.
+
+    Each input is a shard pattern (paths, globs, brace ranges of ``.tar`` files), an
+    image folder (searched recursively; key = path relative to the folder; a
+    ``KEY.txt`` beside an image is its caption), a ``.parquet``/``.arrow`` file, a
+    folder of them (a Hugging Face dataset or ``DatasetDict`` saved with
+    ``save_to_disk`` or exported to parquet), or a folder img2dataset wrote (any
+    output format, :mod:`starkret.ingest.known`).
+
+    Table columns: the flags win; then the columns of a known ``source``
+    (``KNOWN_SOURCES``) where present; then by type (a Hugging Face ``Image`` struct
+    or a binary column holds the image, before a string column named ``image``) and
+    by name.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise ValueError("no input given")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    from starkret.ingest.known import KNOWN_SOURCES, img2dataset_format
+
+    columns = {"image": image_column, "caption": caption_column, "key": key_column}
+    known = KNOWN_SOURCES.get(source or "")
+    hints = {"image": known.image, "caption": known.caption, "key": known.key} if known else {}
+    parts: list[Part] = []
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text)
+        layout = img2dataset_format(path) if path.is_dir() else None
+        if layout == "webdataset":
+            for shard in sorted(path.glob("*.tar")):
+                parts.append(Part("shard", os.path.abspath(shard), shard.name))
+        elif layout == "files":
+            parts.extend(_folder_parts(path, chunk_size, layout="img2dataset"))
+        elif layout == "parquet":
+            tables = sorted(path.glob("*.parquet"))
+            prefixes = _key_prefixes(tables, path)
+            for table in tables:
+                parts.extend(_table_parts(table, chunk_size, columns, hints, path, prefixes[table]))
+        elif path.is_dir():
+            tables = sorted(p for p in path.rglob("*") if p.suffix in _TABLE_SUFFIXES)
+            if tables:
+                prefixes = _key_prefixes(tables, path)
+                for table in tables:
+                    parts.extend(
+                        _table_parts(table, chunk_size, columns, hints, path, prefixes[table])
+                    )
+            else:
+                parts.extend(_folder_parts(path, chunk_size))
+        elif path.suffix in _TABLE_SUFFIXES and path.is_file():
+            parts.extend(_table_parts(path, chunk_size, columns, hints, path.parent, path.stem))
+        else:
+            for shard in expand_shard_paths(text):
+                parts.append(Part("shard", os.path.abspath(shard), Path(shard).name))
+    seen: set[str] = set()
+    unique = []
+    for part in parts:
+        if part.describe() not in seen:
+            seen.add(part.describe())
+            unique.append(part)
+    return unique
+
+
+# ==== Image folders ====
+
+
+def _key_prefixes(tables: list[Path], root: Path) -> dict[Path, str]:
+    """Positional keys start with the table's name (``data-00000-of-00001``), or with its
+    path under ``root`` where names repeat (a ``DatasetDict``: ``train/data-...``)."""
+    stems = [t.stem for t in tables]
+    if len(set(stems)) == len(stems):
+        return {t: t.stem for t in tables}
+    return {t: t.relative_to(root).with_suffix("").as_posix() for t in tables}
+
+
+def _folder_parts(root: Path, chunk_size: int, layout: str = "") -> list[Part]:
+    files = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+    root_text = os.path.abspath(root)
+    return [
+        Part(
+            "files",
+            root_text,
+            f"{root.name}/{i // chunk_size:05d}",
+            tuple(files[i : i + chunk_size]),
+            layout=layout,
+        )
+        for i in range(0, len(files), chunk_size)
+    ]
+
+
+def _file_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
+    root = Path(part.path)
+    for start in range(0, len(part.members), batch_size):
+        batch = _RawBatch([], [], [], part.name, [])
+        for rel in part.members[start : start + batch_size]:
+            try:
+                data = (root / rel).read_bytes()
+            except OSError as exc:
+                batch.failures.append((part.name, rel, f"unreadable: {exc.strerror or exc}"))
+                continue
+            sidecar = (root / rel).with_suffix(".txt")
+            try:
+                caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError:
+                caption = None
+            url = None
+            if part.layout == "img2dataset":  # key without folder and extension, as in its tars
+                url = _sidecar_url((root / rel).with_suffix(".json"))
+            batch.images.append(data)
+            batch.keys.append(Path(rel).stem if part.layout == "img2dataset" else rel)
+            batch.captions.append(caption)
+            batch.urls.append(url)
+        yield batch
+
+
+def _sidecar_url(path: Path) -> str | None:
+    """The ``url`` of an img2dataset ``KEY.json`` sidecar (None if absent or unreadable)."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    url = meta.get("url") if isinstance(meta, dict) else None
+    return url if isinstance(url, str) else None
+
+
+# ==== Tables (parquet, Arrow / Hugging Face save_to_disk) ====
+
+
+def _open_table(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    # datasets.save_to_disk writes Arrow IPC *streams*; plain Arrow files also exist.
+    with pa.memory_map(str(path)) as source:
+        try:
+            return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            pass
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def _is_image_type(kind) -> bool:
+    """A Hugging Face ``Image`` struct ({bytes, path}) or a binary column."""
+    import pyarrow as pa
+
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True
+    if pa.types.is_struct(kind):
+        names = [kind.field(i).name for i in range(kind.num_fields)]
+        return "bytes" in names
+    return False
+
+
+def _resolve_columns(schema, columns: dict, hints: dict, path: Path) -> tuple[str | None, ...]:
+    """(image, caption, key, url, status) columns of a table (see :func:`plan_parts`)."""
+    import pyarrow as pa
+
+    names = list(schema.names)
+    typed = [n for n in names if _is_image_type(schema.field(n).type)]
+    image = columns["image"]
+    if image is None and hints.get("image") in names:
+        image = hints["image"]
+    if image is None and typed:
+        image = next((n for n in _IMAGE_COLUMNS if n in typed), typed[0])
+    image = _pick(names, image, _IMAGE_COLUMNS, "image", path, required=True)
+    caption, key = columns["caption"], columns["key"]
+    if caption is None and hints.get("caption") in names:
+        caption = hints["caption"]
+    if key is None and hints.get("key") in names:
+        key = hints["key"]
+    caption = _pick(names, caption, _CAPTION_COLUMNS, "caption", path, required=False)
+    key = _pick(names, key, _KEY_COLUMNS, "key", path, required=False)
+    url = next((n for n in _URL_COLUMNS if n in names and n != image), None)
+    if url is not None and not pa.types.is_string(schema.field(url).type):
+        url = None
+    # img2dataset's parquet output keeps the rows it could not download (status != success)
+    status = "status" if {"status", "error_message"} <= set(names) else None
+    return image, caption, key, url, status
+
+
+def _pick(
+    names: list[str],
+    wanted: str | None,
+    candidates: tuple[str, ...],
+    what: str,
+    path: Path,
+    required: bool,
+) -> str | None:
+    if wanted is not None:
+        if wanted not in names:
+            raise ValueError(f"{path}: no column {wanted!r} ({what}); columns: {names}")
+        return wanted
+    for name in candidates:
+        if name in names:
+            return name
+    if required:
+        raise ValueError(
+            f"{path}: cannot tell which column holds the {what} ({names}); "
+            f"name it with --{what}-column"
+        )
+    return None
+
+
+def _table_parts(
+    path: Path,
+    chunk_size: int,
+    columns: dict[str, str | None],
+    hints: dict[str, str | None],
+    root: Path,
+    prefix: str,
+) -> list[Part]:
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        rows = pq.ParquetFile(path).metadata.num_rows
+        schema = pq.ParquetFile(path).schema_arrow
+    else:
+        table = _open_table(path)
+        rows, schema = table.num_rows, table.schema
+    resolved = _resolve_columns(schema, columns, hints, path)
+    return [
+        Part(
+            "table",
+            f"{os.path.abspath(path)}#{columns['image'] or ''}#{columns['caption'] or ''}"
+            f"#{columns['key'] or ''}",
+            f"{prefix}/{i // chunk_size:05d}",
+            start=i,
+            stop=min(i + chunk_size, rows),
+            root=os.path.abspath(root),
+            columns=resolved,
+            key_prefix=prefix,
+        )
+        for i in range(0, rows, chunk_size)
+    ]
+
+
+def _image_bytes(value, table_dir: str, root: str) -> bytes | str:
+    """A cell of an image column (raw bytes, or Hugging Face's {"bytes", "path"} struct)
+    as its image bytes, or the failure reason."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data:
+            return bytes(data)
+        path = value.get("path")
+        if path:
+            return _read_inside(path, table_dir, root)
+    if isinstance(value, str) and value:  # a column of image file paths
+        return _read_inside(value, table_dir, root)
+    return "empty: no image bytes in the row"
+
+
+def _read_inside(path: object, table_dir: str, root: str) -> bytes | str:
+    """The bytes of the file ``path`` names if it lies inside ``root``, else the reason."""
+    if not isinstance(path, str) or "\0" in path:
+        return f"unsafe path: {str(path)[:200]!r} is not a file path"
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(table_dir, path))
+    if os.path.commonpath([real, real_root]) != real_root:
+        return f"unsafe path: {path[:200]!r} is outside the dataset folder {root}"
+    try:
+        # No symlink left to follow (realpath resolved them); O_NONBLOCK: a FIFO never hangs.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"unreadable: {path[:200]}: {exc.strerror or exc}"
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return f"unreadable: {path[:200]} is not a regular file"
+        if info.st_size > DEFAULT_MAX_MEMBER_BYTES:
+            return (
+                f"too large: {path[:200]} has {info.st_size:,} bytes "
+                f"(limit {DEFAULT_MAX_MEMBER_BYTES:,})"
+            )
+        return f.read(DEFAULT_MAX_MEMBER_BYTES + 1)
+
+
+def _table_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
+    file, image_col, caption_col, key_col = part.path.rsplit("#", 3)
+    path = Path(file)
+    table_dir, root = str(path.parent), part.root or str(path.parent)
+    table = _open_table(path).slice(part.start, part.stop - part.start)
+    if part.columns:
+        image_col, caption_col, key_col, url_col, status_col = part.columns
+    else:  # a Part made by hand
+        explicit = {"image": image_col or None, "caption": caption_col or None}
+        explicit["key"] = key_col or None
+        image_col, caption_col, key_col, url_col, status_col = _resolve_columns(
+            table.schema, explicit, {}, path
+        )
+    prefix = part.key_prefix or path.stem
+    for start in range(0, table.num_rows, batch_size):
+        chunk = table.slice(start, batch_size)
+        n = chunk.num_rows
+        images = chunk.column(image_col).to_pylist()
+        captions = chunk.column(caption_col).to_pylist() if caption_col else [None] * n
+        urls = chunk.column(url_col).to_pylist() if url_col else [None] * n
+        status = chunk.column(status_col).to_pylist() if status_col else ["success"] * n
+        keys = (
+            [str(k) for k in chunk.column(key_col).to_pylist()]
+            if key_col
+            else [f"{prefix}/{part.start + start + i}" for i in range(n)]
+        )
+        batch = _RawBatch([], [], [], part.name, [])
+        for key, value, caption, url, state in zip(
+            keys, images, captions, urls, status, strict=True
+        ):
+            if state != "success":  # never downloaded: not in the webdataset form either
+                continue
+            data = _image_bytes(value, table_dir, root)
+            if isinstance(data, str):
+                batch.failures.append((part.name, key, data))
+                continue
+            batch.images.append(data)
+            batch.keys.append(key)
+            batch.captions.append(None if caption is None else str(caption))
+            batch.urls.append(url)
+        yield batch
+
+
+# ==== Prefetching for Python-side sources ====
+
+
+def _prefetched(
+    raw: Iterator[_RawBatch], options: PreprocessOptions, depth: int = 2
+) -> Iterator[ShardBatch]:
+    """Preprocess raw batches on a helper thread, ``depth`` ahead of the consumer.
+
+    ``preprocess`` releases the GIL, so decoding overlaps the consumer's work.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(batch: _RawBatch) -> ShardBatch:
+        out = preprocess(batch.images, **options.preprocess_kwargs())
+        idx = out.index.tolist()
+        sizes = [_core.image_dimensions(batch.images[i]) or (None, None) for i in idx]
+        failures = list(batch.failures)
+        failures += [(batch.shard, batch.keys[pos], reason) for pos, reason in out.failures]
+        return ShardBatch(
+            pixels=out.pixels,
+            keys=[batch.keys[i] for i in idx],
+            shards=[batch.shard] * len(idx),
+            captions=[batch.captions[i] for i in idx],
+            urls=[batch.urls[i] for i in idx] if batch.urls else [None] * len(idx),
+            jsons=[None] * len(idx),
+            widths=[w for w, _ in sizes],
+            heights=[h for _, h in sizes],
+            failures=failures,
+            fallbacks=[batch.keys[i] for i in out.fallbacks],
+        )
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="starkret-prefetch") as pool:
+        pending = []
+        for batch in raw:
+            pending.append(pool.submit(work, batch))
+            if len(pending) > depth:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()

@@ -1,0 +1,487 @@
+"""``starkret serve``: an ImageDB as an HTTP service, with a page to look at results.
+
+Endpoints (OpenAPI description at ``/openapi.json``, interactive docs at ``/docs``):
+
+- ``POST /search``: texts or vectors -> per query, per source, the top ``k`` hits.
+  Concurrent requests are **micro-batched**: a background batcher collects the queries
+  that arrive within ``batch_wait_ms`` (or until ``max_batch`` queries) and runs one
+  batched search (text encoding included) for all of them.
+- ``POST /align``: sharing moments of a conversation (moments, Ultron outputs or a
+  dialogue with ``[Sharing Image]`` turns) -> one image per moment, never an image the
+  conversation has already been shown nor a near duplicate of one, ``below_threshold``
+  when the best candidate scores under ``min_score`` (so the caller can fall back to
+  generation). Conversations are kept in memory, least recently used first out, expire
+  after ``conversation_ttl_s`` and are reset with ``DELETE /conversation/{id}``.
+- ``GET /image/{source}/{key}``: the image bytes, read only from the DB's own inputs
+  (shards, folders, tables recorded in its manifests), or a redirect to its URL.
+- ``GET /health``, ``GET /stats``; clip back's ``POST /knn-service`` and
+  ``GET /indices-list``; ``GET /`` the page.
+
+Bad requests get a 4xx answer with a one-line ``detail``; the server never reads a file
+that is not one of the DB's inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import os
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from starkret.index.db import Hit, ImageDB
+from starkret.serve.batcher import Batcher, _Job, _top_k_per_source
+from starkret.serve.conversations import Conversations, select_for_conversation
+from starkret.serve.images import ImageStore, _media_type
+from starkret.serve.middleware import _Guard, _Stats
+from starkret.serve.schema import (
+    MAX_BODY_BYTES,
+    MAX_K,
+    MAX_QUERIES,
+    MAX_TEXT,
+    AlignRequest,
+    AlignResponse,
+    ConversationOut,
+    KnnRequest,
+    RequestError,
+    SearchRequest,
+    SearchResponse,
+    ServeConfig,
+)
+
+# ==== The application ====
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def create_app(db: ImageDB, config: ServeConfig | None = None):
+    """The FastAPI application serving ``db`` (the batcher starts with the app)."""
+
+    config = config or ServeConfig()
+    stats = _Stats()
+    conversations = Conversations(
+        config.max_conversations, config.conversation_ttl_s, config.max_shown_per_conversation
+    )
+    images = ImageStore(db)
+    state: dict[str, Any] = {}
+
+    def fail(status: int, reason: str):
+        raise RequestError(status, reason)
+
+    def check_sources(sources: list[str] | None) -> tuple[str, ...] | None:
+        if sources is None:
+            return None
+        for s in sources:
+            if s not in db.sources:
+                fail(422, _one_line(f"unknown source {s!r}; this DB has {db.sources}"))
+        return tuple(dict.fromkeys(sources))
+
+    def check_vector(v: list[float], what: str) -> np.ndarray:
+        if len(v) != db.dim:
+            fail(
+                422,
+                f"wrong vector dimension: {what} has {len(v)} numbers, this DB's vectors "
+                f"have {db.dim}",
+            )
+        a = np.asarray(v, np.float64)
+        if not np.isfinite(a).all():
+            fail(422, f"{what} has a number that is not finite")
+        norm = float(np.linalg.norm(a))
+        if not math.isfinite(norm) or norm == 0.0:
+            fail(422, f"{what} has norm {norm}: it needs a direction")
+        return (a / norm).astype(np.float32)
+
+    async def run_search(
+        queries: list, k: int, sources, exclude: list[set[str]] | None
+    ) -> list[list[Hit]]:
+        texts, text_pos, vecs, vec_pos = [], [], [], []
+        for i, q in enumerate(queries):
+            if isinstance(q, str):
+                texts.append(q)
+                text_pos.append(i)
+            else:
+                vecs.append(check_vector(q, f"query {i}"))
+                vec_pos.append(i)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def done(result) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+            loop.call_soon_threadsafe(settle)
+
+        job = _Job(
+            texts,
+            text_pos,
+            np.stack(vecs) if vecs else None,
+            vec_pos,
+            k,
+            sources,
+            exclude if exclude is not None else [set() for _ in queries],
+            done,
+        )
+        state["batcher"].submit(job)
+        return await future
+
+    def hit_out(h: Hit) -> dict:
+        return {
+            "key": h.key,
+            "source": h.source,
+            "score": h.score,
+            "id": h.id,
+            "url": h.url,
+            "caption": h.caption,
+            "image": image_path(h.source, h.key),
+        }
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = app.state.batcher = Batcher(db, config, stats)
+        try:
+            yield
+        finally:
+            state["batcher"].close()
+
+    app = FastAPI(
+        title="starkret serve",
+        version="1",
+        description="An image DB for image-sharing dialogue models: batched search, "
+        "per-conversation alignment without reuse, image bytes, and a page.",
+        lifespan=lifespan,
+    )
+
+    app.add_middleware(_Guard, limit=MAX_BODY_BYTES, stats=stats)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return JSONResponse({"detail": _one_line(str(exc))}, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            ctx = first.get("ctx") or {}
+            return JSONResponse(
+                {"detail": _one_line(f"malformed JSON: {ctx.get('error', 'cannot parse')}")},
+                400,
+            )
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        msg = first.get("msg", "invalid")
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return JSONResponse({"detail": _one_line(f"invalid {where}: {msg}{more}")}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": _one_line(str(exc.detail))}, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return JSONResponse({"detail": _one_line(f"internal error: {exc}")}, 500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = resources.files("starkret.serve").joinpath("static/index.html").read_text("utf-8")
+        return HTMLResponse(html)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness: the DB is open and the batcher runs."""
+        return {"status": "ok", "images": len(db), "sources": db.sources, "dim": db.dim}
+
+    @app.get("/stats")
+    async def get_stats() -> dict:
+        """Queries, batch sizes, latency percentiles per endpoint, conversations."""
+        out = stats.as_dict()
+        out["conversations"] = {
+            "live": len(conversations),
+            "evicted": conversations.evicted,
+            "expired": conversations.expired,
+            "max": config.max_conversations,
+            "ttl_s": config.conversation_ttl_s,
+        }
+        out["limits"] = {
+            "max_k": MAX_K,
+            "max_queries": MAX_QUERIES,
+            "max_body_bytes": MAX_BODY_BYTES,
+            "batch_wait_ms": config.batch_wait_ms,
+            "max_batch": config.max_batch,
+            "workers": config.workers,
+        }
+        return out
+
+    # Responses are built as plain JSON (no response-model validation on the hot path);
+    # ``responses=`` keeps their schema in the OpenAPI description.
+    @app.post("/search", response_model=None, responses={200: {"model": SearchResponse}})
+    async def search(body: SearchRequest) -> JSONResponse:
+        """Top ``k`` hits of every source (or of ``sources``) for each query."""
+        sources = check_sources(body.sources)
+        exclude = None if body.exclude is None else [set(body.exclude)] * len(body.queries)
+        found = await run_search(body.queries, body.k, sources, exclude)
+        results = []
+        for q, hits in enumerate(found):
+            per_source: dict[str, list[dict]] = {s: [] for s in (sources or db.sources)}
+            for h in hits:
+                per_source[h.source].append(hit_out(h))
+            results.append({"query": q, "hits": per_source})
+        return JSONResponse({"results": results})
+
+    def image_out(record: dict) -> dict:
+        return {k: record[k] for k in ("key", "source", "score", "url", "caption", "image")}
+
+    @app.post("/align", response_model=AlignResponse)
+    async def align(body: AlignRequest) -> dict:
+        """One image per sharing moment, never one this conversation was shown before."""
+        from starkret.align.formats import find_sharing_moments, parse_ultron_output
+
+        sources = check_sources(body.sources)
+        moments: list[dict] = []
+        for i, m in enumerate(body.moments or []):
+            if (m.description is None) == (m.vector is None):
+                fail(422, f"moment {i} needs exactly one of description and vector")
+            moments.append(
+                {
+                    "moment_id": m.moment_id or f"m{i}",
+                    "description": m.description,
+                    "query": m.description
+                    if m.vector is None
+                    else check_vector(m.vector, f"moment {i}").tolist(),
+                    "k": m.k,
+                }
+            )
+        texts = list(body.ultron_outputs or [])
+        dialogue = body.dialogue
+        if body.text is not None:
+            if parse_ultron_output(body.text) is not None:
+                texts.append(body.text)
+            else:
+                dialogue = body.text if dialogue is None else dialogue + "\n" + body.text
+        for i, t in enumerate(texts):
+            d = parse_ultron_output(t)
+            if d is not None:
+                moments.append({"moment_id": f"ultron{i}", "description": d, "query": d, "k": 1})
+        if dialogue:
+            for sm in find_sharing_moments(dialogue):
+                d = sm.description[:MAX_TEXT]
+                moments.append(
+                    {"moment_id": f"line{sm.line}", "description": d, "query": d, "k": 1}
+                )
+        if not moments:
+            fail(422, "empty: no moments, no <RET> turn and no [Sharing Image] line")
+        if len(moments) > MAX_QUERIES:
+            fail(422, f"too many moments: {len(moments)} (limit {MAX_QUERIES})")
+        threshold = config.near_duplicate_threshold
+        min_score = config.min_score if body.min_score is None else body.min_score
+        with conversations.lock:
+            conv = conversations.get(body.conversation_id)
+            shown_keys = {r["key"] for r in conv.shown.values()}
+        fetch = [max(config.k_per_source, m["k"]) * config.overfetch for m in moments]
+        while True:
+            k = min(max(fetch), MAX_K * 4)
+            found = await run_search(
+                [m["query"] for m in moments],
+                k,
+                sources,
+                [shown_keys] * len(moments),
+            )
+            cand_vectors = [_hit_vectors(db, hits) for hits in found]
+            with conversations.lock:
+                conv = conversations.get(body.conversation_id)
+                choice = select_for_conversation(
+                    found,
+                    cand_vectors,
+                    [m["k"] for m in moments],
+                    set(conv.shown),
+                    list(conv.vectors.values()),
+                    threshold=threshold,
+                    min_score=min_score,
+                )
+                starved = [
+                    outcome == "exhausted"
+                    and any(n >= k for n in collections.Counter(h.source for h in hits).values())
+                    for (_, outcome), hits in zip(choice, found, strict=True)
+                ]
+                if any(starved) and k < MAX_K * 4:
+                    fetch = [f * 2 for f in fetch]
+                    continue
+                alignments = []
+                for m, hits, vecs, (picked, outcome) in zip(
+                    moments, found, cand_vectors, choice, strict=True
+                ):
+                    chosen = []
+                    for p in picked:
+                        record = {**hit_out(hits[p]), "moment_id": m["moment_id"]}
+                        conversations.remember(conv, (hits[p].source, hits[p].row), record, vecs[p])
+                        chosen.append(image_out(record))
+                    conv.moments += 1
+                    per_source: dict[str, list[dict]] = {s: [] for s in (sources or db.sources)}
+                    for h in _top_k_per_source(hits, config.k_per_source):
+                        per_source[h.source].append(image_out(hit_out(h)))
+                    alignments.append(
+                        {
+                            "moment_id": m["moment_id"],
+                            "description": m["description"],
+                            "status": outcome,
+                            "images": chosen,
+                            "candidates": per_source,
+                        }
+                    )
+                return {
+                    "conversation_id": body.conversation_id,
+                    "alignments": alignments,
+                    "shown": len(conv.shown),
+                }
+
+    @app.get("/conversation/{conversation_id}", response_model=ConversationOut)
+    async def get_conversation(conversation_id: str) -> dict:
+        """The images a conversation has been shown, oldest first."""
+        with conversations.lock:
+            conv = conversations.get(conversation_id, create=False)
+            if conv is None:
+                fail(404, f"not found: no conversation {conversation_id!r} (expired or reset?)")
+            return {
+                "conversation_id": conversation_id,
+                "moments": conv.moments,
+                "shown": [image_out(r) for r in conv.shown.values()],
+            }
+
+    @app.delete("/conversation/{conversation_id}")
+    async def reset_conversation(conversation_id: str) -> dict:
+        """Forget a conversation's shown images."""
+        with conversations.lock:
+            existed = conversations.reset(conversation_id)
+        return {"conversation_id": conversation_id, "reset": existed}
+
+    @app.get(
+        "/image/{source}/{key:path}",
+        responses={200: {"content": {"image/*": {}}}, 307: {}, 404: {}},
+    )
+    async def image(source: str, key: str):
+        """The image's bytes from the DB's own inputs, or a redirect to its URL."""
+        if source not in db.sources:
+            fail(404, _one_line(f"unknown source {source!r}; this DB has {db.sources}"))
+        data = await asyncio.to_thread(images.read, source, key)
+        if data is not None:
+            return Response(
+                data,
+                media_type=_media_type(data),
+                headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"},
+            )
+        url = images.url(source, key)
+        if isinstance(url, str) and url.startswith(("http://", "https://")):
+            return RedirectResponse(url, 307)
+        fail(404, f"not found: {key!r} has no local bytes and no http(s) URL")
+
+    @app.get("/indices-list")
+    async def indices_list() -> list[str]:
+        """clip back's list of indices: the DB's sources."""
+        return db.sources
+
+    @app.post("/knn-service")
+    async def knn_service(request: Request) -> list[dict]:
+        """clip back's query shape: ``text`` or ``embedding_input``, ``num_images``,
+        ``indice_name``; answers ``[{id, url, caption, similarity}]`` best first."""
+        import json
+
+        raw = await request.body()
+        try:
+            payload = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            fail(400, f"malformed JSON: {exc}")
+        if not isinstance(payload, dict):
+            fail(422, "invalid body: expected a JSON object")
+        try:
+            body = KnnRequest.model_validate(payload)
+        except Exception as exc:
+            errors = getattr(exc, "errors", lambda: [])()
+            first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            fail(422, f"invalid {where}: {first.get('msg')}")
+        if body.image is not None or body.image_url is not None:
+            fail(422, "unsupported: image queries (this server encodes texts and vectors)")
+        if body.text is None and body.embedding_input is None:
+            fail(422, "empty: give text or embedding_input")
+        sources = None
+        if body.indice_name is not None and body.indice_name not in ("all", ""):
+            sources = check_sources([body.indice_name])
+        query = body.text if body.text is not None else body.embedding_input
+        found = await run_search([query], body.num_images, sources, None)
+        hits = sorted(found[0], key=lambda h: -h.score)[: body.num_images]
+        base = str(request.base_url).rstrip("/")
+        return [
+            {
+                "id": h.id,
+                "url": h.url or base + image_path(h.source, h.key),
+                "caption": h.caption,
+                "similarity": h.score,
+                "key": h.key,
+                "source": h.source,
+            }
+            for h in hits
+        ]
+
+    return app
+
+
+def image_path(source: str, key: str) -> str:
+    """The ``GET /image`` path of an image (the key percent-encoded, slashes kept)."""
+    from urllib.parse import quote
+
+    return f"/image/{quote(source, safe='')}/{quote(key, safe='/')}"
+
+
+def _hit_vectors(db: ImageDB, hits: list[Hit]) -> np.ndarray:
+    out = np.zeros((len(hits), db.dim), np.float32)
+    by_source: dict[str, list[int]] = {}
+    for n, h in enumerate(hits):
+        by_source.setdefault(h.source, []).append(n)
+    for source, positions in by_source.items():
+        out[positions] = db.vectors(source, [hits[p].row for p in positions])
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norms > 0, norms, 1)
+
+
+def serve(
+    db_path: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    config: ServeConfig | None = None,
+    embedder=None,
+) -> None:
+    """Open the DB and serve it until interrupted (``starkret serve``)."""
+    import uvicorn
+
+    config = config or ServeConfig()
+    db = ImageDB.open(db_path, embedder=embedder)
+    if embedder is None:
+        from starkret.ingest.towers import ClipEmbedder
+
+        db = ImageDB.open(
+            db_path,
+            embedder=ClipEmbedder(
+                db.manifest["model"], db.manifest["pretrained"], device=config.device
+            ),
+        )
+    db.encode(["warm up"])  # load the text tower before the first request
+    app = create_app(db, config)
+    print(f"starkret serve: {db!r} on http://{host}:{port}/", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

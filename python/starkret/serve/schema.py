@@ -1,0 +1,153 @@
+"""The service's limits, settings and request/response bodies (its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_K = 100
+#: Most queries (or moments) in one request.
+MAX_QUERIES = 256
+#: Longest text query, in characters (CLIP truncates to 77 tokens anyway).
+MAX_TEXT = 2000
+#: Largest request body.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+#: Most keys in one request's ``exclude``.
+MAX_EXCLUDE = 10_000
+
+
+@dataclass
+class ServeConfig:
+    """Service settings (the ``starkret serve`` options)."""
+
+    device: str = "cpu"
+    workers: int = 1  # batcher threads searching in parallel
+    batch_wait_ms: float = 3.0
+    max_batch: int = 256
+    min_score: float = 0.2
+    near_duplicate_threshold: float = 0.94
+    k_per_source: int = 5
+    overfetch: int = 4
+    max_conversations: int = 10_000
+    conversation_ttl_s: float = 3600.0
+    max_shown_per_conversation: int = 1000
+    threads: int | None = None
+
+
+class RequestError(ValueError):
+    """A bad request: answered with ``status`` and a one-line reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+# ==== Request and response bodies (the OpenAPI schema) ====
+
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
+Vector = Annotated[list[float], Field(min_length=1, max_length=8192)]
+Key = Annotated[str, StringConstraints(max_length=4096)]
+SourceName = Annotated[str, StringConstraints(max_length=256)]
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    queries: Annotated[list[Text | Vector], Field(min_length=1, max_length=MAX_QUERIES)] = Field(
+        description="image descriptions, or query vectors of the DB's dimension "
+        f"(at most {MAX_QUERIES})",
+    )
+    k: int = Field(5, ge=1, le=MAX_K, description=f"hits per source (1 to {MAX_K})")
+    sources: Annotated[list[SourceName], Field(max_length=256)] | None = Field(
+        None, description="only these sources (default: all)"
+    )
+    exclude: Annotated[list[Key], Field(max_length=MAX_EXCLUDE)] | None = Field(
+        None, description="image keys never to return"
+    )
+
+
+class HitOut(BaseModel):
+    key: str
+    source: str
+    score: float
+    id: int
+    url: str | None
+    caption: str | None
+    image: str = Field(description="path of GET /image for this hit")
+
+
+class QueryResult(BaseModel):
+    query: int
+    hits: dict[str, list[HitOut]]
+
+
+class SearchResponse(BaseModel):
+    results: list[QueryResult]
+
+
+class MomentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: Text | None = None
+    vector: Vector | None = None
+    moment_id: Annotated[str, StringConstraints(max_length=256)] | None = None
+    k: int = Field(1, ge=1, le=32)
+
+
+class AlignRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    conversation_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    moments: Annotated[list[MomentIn], Field(max_length=MAX_QUERIES)] | None = None
+    ultron_outputs: Annotated[list[Text], Field(max_length=MAX_QUERIES)] | None = Field(
+        None, description="raw Ultron outputs: the `<RET> <h> ... </h>` turns share images"
+    )
+    dialogue: Annotated[str, StringConstraints(max_length=200_000)] | None = Field(
+        None, description="a dialogue text, one turn per line, `[Sharing Image] ...` turns"
+    )
+    text: Annotated[str, StringConstraints(max_length=200_000)] | None = Field(
+        None, description="an Ultron output or a dialogue, whichever it is"
+    )
+    sources: Annotated[list[SourceName], Field(max_length=256)] | None = None
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class ImageOut(BaseModel):
+    key: str
+    source: str
+    score: float
+    url: str | None
+    caption: str | None
+    image: str
+
+
+class AlignmentOut(BaseModel):
+    moment_id: str
+    description: str | None
+    status: Literal["ok", "below_threshold", "exhausted"]
+    images: list[ImageOut]
+    candidates: dict[str, list[ImageOut]]
+
+
+class AlignResponse(BaseModel):
+    conversation_id: str
+    alignments: list[AlignmentOut]
+    shown: int
+
+
+class ConversationOut(BaseModel):
+    conversation_id: str
+    moments: int
+    shown: list[ImageOut]
+
+
+class KnnRequest(BaseModel):
+    """clip back's /knn-service request (the fields this server uses)."""
+
+    model_config = ConfigDict(extra="allow")
+    text: Text | None = None
+    image: str | None = None
+    image_url: str | None = None
+    embedding_input: Vector | None = None
+    modality: str | None = "image"
+    num_images: int = Field(40, ge=1, le=MAX_K)
+    indice_name: SourceName | None = None
