@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
 def _check(args, DeviceSearcher) -> dict:
     """The device path against the Rust scan on a small slice with exclusions."""
-    from starkret.index import topk
+    from starkret import topk
 
     rng = np.random.default_rng(2)
     rows = min(args.rows, 200_000)

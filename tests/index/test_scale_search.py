@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from starkret import Aligner, ImageDB, build_index
-from starkret.index import topk
+from starkret import Aligner, ImageDB, build_index, topk
 from starkret.index.build import AUTO_EXACT_MAX_ROWS, auto_kind
 from starkret.index.gpu import DeviceSearcher, device_search
 from starkret.index.ivf import choose_codes, choose_nlist, parse_bytes

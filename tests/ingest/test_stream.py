@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import starkret
+from starkret.ingest import embed as embed_driver
 from starkret.ingest import pipeline, preprocess, sources
 from starkret.ingest.preprocess import normalisation_table, preprocess_shards
 from starkret.ingest.sources import PreprocessOptions, plan_parts
@@ -92,7 +93,7 @@ class _Tower:
 
 def _embed(inputs, out: Path, embedder, **kwargs) -> pipeline.EmbedReport:
     args = dict(source_name=SOURCE, embedder=embedder, batch_size=2, progress=False)
-    return pipeline.embed(inputs, out, **{**args, **kwargs})
+    return embed_driver.embed(inputs, out, **{**args, **kwargs})
 
 
 def _files(out: Path) -> dict[str, object]:
@@ -166,7 +167,7 @@ def test_uint8_hwc_crops_are_the_chw_crops_transposed_for_shards_fallbacks_and_f
 def test_uint8_path_writes_the_float_paths_output_bit_for_bit(
     shards, tiny, reference, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(pipeline, "input_format", lambda embedder: ("uint8", "hwc"))
+    monkeypatch.setattr(embed_driver, "input_format", lambda embedder: ("uint8", "hwc"))
     tower = _Tower(tiny)
     report = _embed(str(shards / "*.tar"), tmp_path / "out", tower)
     assert report.embedded == 18
@@ -180,7 +181,7 @@ def test_uint8_crops_through_the_real_tower_give_the_float_paths_output(
 ):
     if not getattr(tiny, "accepts_uint8", False):
         pytest.skip("this ClipEmbedder takes float pixels only")
-    monkeypatch.setattr(pipeline, "input_format", lambda embedder: ("uint8", "hwc"))
+    monkeypatch.setattr(embed_driver, "input_format", lambda embedder: ("uint8", "hwc"))
     _embed(str(shards / "*.tar"), tmp_path / "out", tiny)
     assert _files(tmp_path / "out") == reference
 
@@ -195,9 +196,9 @@ def test_uint8_is_sent_on_cuda_only_to_towers_that_take_it(tiny):
     class GpuUint8(Gpu):
         accepts_uint8 = True
 
-    assert pipeline.input_format(tiny) == ("float32", "chw")
-    assert pipeline.input_format(Gpu()) == ("float16", "chw")
-    assert pipeline.input_format(GpuUint8()) == ("uint8", "hwc")
+    assert sources.input_format(tiny) == ("float32", "chw")
+    assert sources.input_format(Gpu()) == ("float16", "chw")
+    assert sources.input_format(GpuUint8()) == ("uint8", "hwc")
 
 
 # ==== One continuous stream ====
@@ -404,10 +405,10 @@ def test_embed_passes_precision_and_compile_to_the_tower_it_builds(
         asked.append(kwargs)
         return tiny
 
-    monkeypatch.setattr(pipeline, "ClipEmbedder", build)
+    monkeypatch.setattr(embed_driver, "ClipEmbedder", build)
     args = dict(source_name=SOURCE, model="starkret-tiny", device="cpu", progress=False)
-    pipeline.embed(str(shards / "00001.tar"), tmp_path / "a", **args)
-    pipeline.embed(
+    embed_driver.embed(str(shards / "00001.tar"), tmp_path / "a", **args)
+    embed_driver.embed(
         str(shards / "00001.tar"), tmp_path / "b", precision="fp32", compile=False, **args
     )
     assert asked == [{"device": "cpu"}, {"device": "cpu", "precision": "fp32", "compile": False}]

@@ -26,11 +26,11 @@ __all__ = ["adopt_index", "link_for_clip_back"]
 
 
 def _count_and_dim(source_dir: Path) -> tuple[int, int]:
-    from starkret.index.exact import _Parts
+    from starkret.index.exact import Parts
     from starkret.index.source import _manifest
 
     manifest = _manifest(source_dir)
-    return _Parts.load(source_dir).count, int(manifest["dim"])
+    return Parts.load(source_dir).count, int(manifest["dim"])
 
 
 def _infos(source_dir: Path) -> dict | None:
