@@ -14,6 +14,7 @@ import pytest
 from starkret.ingest.embed import embed
 from starkret.ingest.sources import plan_parts
 from starkret.testing import encode, run_img2dataset, serve_directory, synthetic_photo
+from starkret.testing.inputs import save_to_disk
 
 
 def _meta(out: Path) -> dict:
@@ -177,20 +178,6 @@ def ai2d(n: int) -> pa.Table:
     )
 
 
-def _save_to_disk(table: pa.Table, folder: Path) -> None:
-    """What ``Dataset.save_to_disk`` writes: an Arrow stream plus its JSON files."""
-    folder.mkdir(parents=True)
-    with (
-        pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink,
-        pa.ipc.new_stream(sink, table.schema) as writer,
-    ):
-        writer.write_table(table)
-    (folder / "state.json").write_text(
-        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
-    )
-    (folder / "dataset_info.json").write_text("{}")
-
-
 def test_mathvision_picks_the_image_struct_over_the_path_string_and_id_as_key(
     tmp_path, tiny_embedder
 ):
@@ -215,8 +202,8 @@ def test_chartqa_query_is_the_caption_and_datasetdict_splits_make_distinct_keys(
     root = tmp_path / "chartqa"
     root.mkdir()
     (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
-    _save_to_disk(chartqa(2), root / "train")
-    _save_to_disk(chartqa(2, seed=10), root / "test")
+    save_to_disk(chartqa(2), root / "train")
+    save_to_disk(chartqa(2, seed=10), root / "test")
     report = embed(
         root, tmp_path / "out", source_name="chartqa", embedder=tiny_embedder, progress=False
     )
@@ -232,7 +219,7 @@ def test_chartqa_query_is_the_caption_and_datasetdict_splits_make_distinct_keys(
 
 
 def test_ai2d_single_dataset_keeps_its_keys(tmp_path, tiny_embedder):
-    _save_to_disk(ai2d(2), tmp_path / "ai2d")
+    save_to_disk(ai2d(2), tmp_path / "ai2d")
     report = embed(
         tmp_path / "ai2d",
         tmp_path / "out",

@@ -1,7 +1,8 @@
 """A self-contained HTML page to judge alignment quality at a glance.
 
 Per moment: the description, the chosen image (an embedded thumbnail when the image's
-bytes are local, a link for ``url:`` images that are not), and the runner-up candidates
+bytes are local, read by :meth:`~starkret.index.db.ImageDB.image_bytes`; a link for
+``url:`` images that are not), and the runner-up candidates
 with scores and sources. Thumbnails are decoded and cropped by the Rust preprocessor in
 one batch, then stored as small JPEGs inside the page.
 """
@@ -35,32 +36,12 @@ justify-content:center;color:#888}
 
 
 def _image_bytes(db: ImageDB, wanted: list[Candidate]) -> dict[str, bytes]:
-    """Bytes of the wanted images that are available locally (shards and folders)."""
-    from starkret.ingest.shards import read_shards
-
-    by_part: dict[tuple[str, int], dict[str, str]] = {}
-    for c in wanted:
-        located = db.locate(c.key, [c.source])
-        if located is None:
-            continue
-        part, _ = db.part_of(c.source, located[1])
-        sample_key = c.key.split("/", 1)[1] if "/" in c.key else c.key
-        by_part.setdefault((c.source, part), {})[sample_key] = c.key
+    """Bytes of the wanted images whose inputs are local (every kind embed reads)."""
     found: dict[str, bytes] = {}
-    for (source, part), keys in by_part.items():
-        inputs = db.source_manifest(source).get("part_inputs") or []
-        if part >= len(inputs):
-            continue
-        kind, path = inputs[part]["kind"], inputs[part]["path"]
-        if kind == "files":
-            for sample_key, key in keys.items():
-                file = Path(path) / sample_key
-                if file.is_file():
-                    found[key] = file.read_bytes()
-        elif kind == "shard" and Path(path).is_file():
-            for sample in read_shards(path):
-                if sample.key in keys:
-                    found[keys[sample.key]] = sample.image
+    for c in wanted:
+        data = db.image_bytes(c.source, c.key)
+        if data is not None:
+            found[c.key] = data
     return found
 
 

@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from starkret.store.images import image_extension
+
 __all__ = [
     "DEFAULT_FILL",
     "STARK_NAMESPACE",
@@ -61,52 +63,6 @@ def stark_record(image_key: str, candidate) -> dict:
 # ==== stark-image-style tars of the chosen local images ====
 
 
-def _image_bytes(db, source: str, db_key: str) -> tuple[bytes, str] | str:
-    """The bytes and extension of a DB image from the inputs it was embedded from, or why not."""
-    from starkret.ingest.sources import _image_bytes as cell_bytes
-    from starkret.ingest.sources import _open_table, _resolve_columns
-
-    located = db.locate(db_key, [source])
-    if located is None:
-        return f"{db_key} is not in the DB"
-    _, row = located
-    part, _ = db.part_of(source, row)
-    manifest = db.source_manifest(source)
-    inputs = manifest.get("part_inputs") or []
-    if part >= len(inputs):
-        return f"{db_key}: the DB does not record where part {part} was read from"
-    kind, path = inputs[part]["kind"], inputs[part]["path"]
-    sample_key = db_key.split("/", 1)[1]
-    if kind == "files":
-        file = Path(path) / sample_key
-        return (
-            (file.read_bytes(), file.suffix.lstrip(".") or "jpg")
-            if file.is_file()
-            else (f"{file} is gone")
-        )
-    if kind == "shard":
-        with tarfile.open(path) as tar:
-            for member in tar:
-                stem, _, ext = member.name.rpartition(".")
-                if stem == sample_key and ext.lower() in ("jpg", "jpeg", "png", "webp"):
-                    data = tar.extractfile(member)
-                    return (data.read(), ext.lower()) if data else f"{member.name} unreadable"
-        return f"{sample_key} not found in {path}"
-    file = Path(path.split("#", 1)[0])
-    table = _open_table(file)
-    image, _, key, _, _ = _resolve_columns(
-        table.schema, {"image": None, "caption": None, "key": None}, {}, file
-    )
-    if key is not None:
-        rows = [i for i, k in enumerate(table.column(key).to_pylist()) if str(k) == sample_key]
-    else:
-        rows = [int(sample_key.rsplit("/", 1)[1])] if "/" in sample_key else []
-    if not rows:
-        return f"{sample_key} not found in {file}"
-    data = cell_bytes(table.column(image)[rows[0]].as_py(), str(file.parent), str(file.parent))
-    return (data, "jpg") if isinstance(data, bytes) else data
-
-
 def export_images(db, records: Iterable[dict], out_dir: str | os.PathLike, per_tar: int = 10_000):
     """Write the chosen images of local sources (not CC12M/RedCaps12M) as stark-image-style
     webdataset tars: ``{uuid}.{ext}`` + ``{uuid}.json`` (``{image_source, index}``).
@@ -123,11 +79,14 @@ def export_images(db, records: Iterable[dict], out_dir: str | os.PathLike, per_t
             if record["image_source"] in URL_SOURCES or record["index"] in seen:
                 continue
             seen.add(record["index"])
-            found = _image_bytes(db, record["image_source"], record["db_key"])
-            if isinstance(found, str):
-                problems.append(found)
+            data = db.image_bytes(record["image_source"], record["db_key"])
+            if data is None:
+                problems.append(
+                    f"{record['db_key']}: no local bytes (not in the DB's source "
+                    f"{record['image_source']!r}, or its input changed since it was embedded)"
+                )
                 continue
-            data, ext = found
+            ext = image_extension(data)
             if tar is None or (written % per_tar == 0 and written):
                 if tar is not None:
                     tar.close()

@@ -11,6 +11,7 @@ import numpy as np
 
 from starkret.index.source import SourceIndex, source_dirs
 from starkret.index.topk import Exclusions, split_exclude
+from starkret.store.images import ImageReader, part_input
 from starkret.store.keyindex import KeyIndex
 from starkret.store.metadata import Metadata
 
@@ -84,6 +85,7 @@ class ImageDB:
     def __init__(self, root: Path, sources: dict[str, _Source], manifest: dict, embedder=None):
         self.root, self._sources, self.manifest = root, sources, manifest
         self._embedder = embedder
+        self._images = ImageReader()
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, embedder=None) -> ImageDB:
@@ -269,6 +271,43 @@ class ImageDB:
             if row >= 0:
                 return name, row
         return None
+
+    # ==== Image bytes ====
+
+    def image_bytes(self, source: str, key: str) -> bytes | None:
+        """The bytes of image ``key`` of ``source``, read from the input it was embedded
+        from (:class:`~starkret.store.images.ImageReader`); None when the key is not in
+        the source, the source does not record its inputs, or the input no longer holds
+        the image. Nothing but the inputs the source's manifest records is ever read.
+
+        >>> db.image_bytes("chartqa", "chartqa/png/chart_001.png")[:4]  # doctest: +SKIP
+        b'\x89PNG'
+        """
+        if source not in self._sources:
+            return None
+        located = self.locate(key, [source])
+        if located is None:
+            return None
+        row = located[1]
+        record = part_input(self.source_manifest(source), self.part_of(source, row)[0])
+        if record is None:
+            return None
+        # The row's own key (``key`` may be a Stark ``url:`` key); embed stores
+        # ``{source}/{sample key}``.
+        db_key = self.metadata(source).take([row], columns=("key",))["key"][0]
+        if not isinstance(db_key, str):
+            return None
+        sample_key = db_key[len(source) + 1 :] if db_key.startswith(f"{source}/") else db_key
+        return self._images.read(record, sample_key)
+
+    def image_url(self, source: str, key: str) -> str | None:
+        """The ``url`` recorded for image ``key`` of ``source`` (None if none or no such key)."""
+        located = self.locate(key, [source]) if source in self._sources else None
+        if located is None:
+            return None
+        # One row of the source's metadata, read on demand (never the whole column).
+        url = self.metadata(source).take([located[1]], columns=("url",))["url"][0]
+        return url if isinstance(url, str) else None
 
     def metadata(self, source: str) -> Metadata:
         """The metadata rows of ``source`` (memory-mapped; read per row on demand)."""

@@ -129,7 +129,7 @@ def embed(
     )
     identity = _manifest_identity(embedder, options, source_name)
     # Where each part's images live, so reports can show them later.
-    identity["part_inputs"] = [{"kind": p.kind, "path": p.path} for p in parts]
+    identity["part_inputs"] = [p.input_record() for p in parts]
     folder = WorkFolder(out)
     with folder.locked():
         others_running = folder.join()

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from starkret import _core
 from starkret._core import Sample
+from starkret.store.images import DEFAULT_MAX_IMAGE_BYTES
 
 __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES",
@@ -18,7 +19,7 @@ __all__ = [
 ]
 
 #: Largest image, caption or JSON member kept in memory unless told otherwise (64 MiB).
-DEFAULT_MAX_MEMBER_BYTES = 64 << 20
+DEFAULT_MAX_MEMBER_BYTES = DEFAULT_MAX_IMAGE_BYTES
 #: Samples the background reader may be ahead of the consumer.
 DEFAULT_PREFETCH = 64
 

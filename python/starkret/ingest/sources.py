@@ -16,7 +16,6 @@ as input, or the table file's folder); anything else is a per-row failure
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,16 +23,16 @@ from pathlib import Path
 from starkret import _core
 from starkret.ingest.preprocess import ShardBatch, preprocess, preprocess_shards
 from starkret.ingest.shards import DEFAULT_MAX_MEMBER_BYTES, expand_shard_paths
+from starkret.store.images import (
+    IMAGE_SUFFIXES,
+    cell_image_bytes,
+    open_table,
+    resolve_columns,
+)
 
 __all__ = ["IMAGE_SUFFIXES", "Part", "PreprocessOptions", "input_format", "plan_parts"]
 
-#: File suffixes taken as images in folders (the bytes decide the format, not the name).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _TABLE_SUFFIXES = (".parquet", ".arrow")
-_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
-_CAPTION_COLUMNS = ("caption", "text", "txt", "description", "question", "query")
-_KEY_COLUMNS = ("key", "id", "image_id", "filename", "file_name")
-_URL_COLUMNS = ("url", "image_url")
 
 
 @dataclass(frozen=True)
@@ -113,6 +112,19 @@ class Part:
         if self.kind == "table":
             return f"table:{self.path}:{self.start}:{self.stop}"
         return f"shard:{self.path}"
+
+    def input_record(self) -> dict:
+        """Where this part's images are, for the manifest's ``part_inputs``: what
+        :class:`starkret.store.images.ImageReader` needs to read one back by key."""
+        record: dict = {"kind": self.kind, "path": self.path}
+        if self.kind == "files" and self.layout:
+            record["layout"] = self.layout
+        if self.kind == "table":
+            record.update(start=self.start, stop=self.stop, root=self.root)
+            if self.columns:
+                record["columns"] = {"image": self.columns[0], "key": self.columns[2]}
+            record["key_prefix"] = self.key_prefix or Path(self.path.rsplit("#", 3)[0]).stem
+        return record
 
     def batches(self, options: PreprocessOptions) -> Iterator[ShardBatch]:
         """Preprocessed batches of this part, prepared ahead of the consumer."""
@@ -293,84 +305,6 @@ def _sidecar_url(path: Path) -> str | None:
 # ==== Tables (parquet, Arrow / Hugging Face save_to_disk) ====
 
 
-def _open_table(path: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
-    # datasets.save_to_disk writes Arrow IPC *streams*; plain Arrow files also exist.
-    with pa.memory_map(str(path)) as source:
-        try:
-            return pa.ipc.open_stream(source).read_all()
-        except pa.ArrowInvalid:
-            pass
-    with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_file(source).read_all()
-
-
-def _is_image_type(kind) -> bool:
-    """A Hugging Face ``Image`` struct ({bytes, path}) or a binary column."""
-    import pyarrow as pa
-
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        return True
-    if pa.types.is_struct(kind):
-        names = [kind.field(i).name for i in range(kind.num_fields)]
-        return "bytes" in names
-    return False
-
-
-def _resolve_columns(schema, columns: dict, hints: dict, path: Path) -> tuple[str | None, ...]:
-    """(image, caption, key, url, status) columns of a table (see :func:`plan_parts`)."""
-    import pyarrow as pa
-
-    names = list(schema.names)
-    typed = [n for n in names if _is_image_type(schema.field(n).type)]
-    image = columns["image"]
-    if image is None and hints.get("image") in names:
-        image = hints["image"]
-    if image is None and typed:
-        image = next((n for n in _IMAGE_COLUMNS if n in typed), typed[0])
-    image = _pick(names, image, _IMAGE_COLUMNS, "image", path, required=True)
-    caption, key = columns["caption"], columns["key"]
-    if caption is None and hints.get("caption") in names:
-        caption = hints["caption"]
-    if key is None and hints.get("key") in names:
-        key = hints["key"]
-    caption = _pick(names, caption, _CAPTION_COLUMNS, "caption", path, required=False)
-    key = _pick(names, key, _KEY_COLUMNS, "key", path, required=False)
-    url = next((n for n in _URL_COLUMNS if n in names and n != image), None)
-    if url is not None and not pa.types.is_string(schema.field(url).type):
-        url = None
-    # img2dataset's parquet output keeps the rows it could not download (status != success)
-    status = "status" if {"status", "error_message"} <= set(names) else None
-    return image, caption, key, url, status
-
-
-def _pick(
-    names: list[str],
-    wanted: str | None,
-    candidates: tuple[str, ...],
-    what: str,
-    path: Path,
-    required: bool,
-) -> str | None:
-    if wanted is not None:
-        if wanted not in names:
-            raise ValueError(f"{path}: no column {wanted!r} ({what}); columns: {names}")
-        return wanted
-    for name in candidates:
-        if name in names:
-            return name
-    if required:
-        raise ValueError(
-            f"{path}: cannot tell which column holds the {what} ({names}); "
-            f"name it with --{what}-column"
-        )
-    return None
-
-
 def _table_parts(
     path: Path,
     chunk_size: int,
@@ -385,9 +319,9 @@ def _table_parts(
         rows = pq.ParquetFile(path).metadata.num_rows
         schema = pq.ParquetFile(path).schema_arrow
     else:
-        table = _open_table(path)
+        table = open_table(path)
         rows, schema = table.num_rows, table.schema
-    resolved = _resolve_columns(schema, columns, hints, path)
+    resolved = resolve_columns(schema, columns, hints, path)
     return [
         Part(
             "table",
@@ -404,59 +338,17 @@ def _table_parts(
     ]
 
 
-def _image_bytes(value, table_dir: str, root: str) -> bytes | str:
-    """A cell of an image column (raw bytes, or Hugging Face's {"bytes", "path"} struct)
-    as its image bytes, or the failure reason."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        if data:
-            return bytes(data)
-        path = value.get("path")
-        if path:
-            return _read_inside(path, table_dir, root)
-    if isinstance(value, str) and value:  # a column of image file paths
-        return _read_inside(value, table_dir, root)
-    return "empty: no image bytes in the row"
-
-
-def _read_inside(path: object, table_dir: str, root: str) -> bytes | str:
-    """The bytes of the file ``path`` names if it lies inside ``root``, else the reason."""
-    if not isinstance(path, str) or "\0" in path:
-        return f"unsafe path: {str(path)[:200]!r} is not a file path"
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(table_dir, path))
-    if os.path.commonpath([real, real_root]) != real_root:
-        return f"unsafe path: {path[:200]!r} is outside the dataset folder {root}"
-    try:
-        # No symlink left to follow (realpath resolved them); O_NONBLOCK: a FIFO never hangs.
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"unreadable: {path[:200]}: {exc.strerror or exc}"
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            return f"unreadable: {path[:200]} is not a regular file"
-        if info.st_size > DEFAULT_MAX_MEMBER_BYTES:
-            return (
-                f"too large: {path[:200]} has {info.st_size:,} bytes "
-                f"(limit {DEFAULT_MAX_MEMBER_BYTES:,})"
-            )
-        return f.read(DEFAULT_MAX_MEMBER_BYTES + 1)
-
-
 def _table_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
     file, image_col, caption_col, key_col = part.path.rsplit("#", 3)
     path = Path(file)
     table_dir, root = str(path.parent), part.root or str(path.parent)
-    table = _open_table(path).slice(part.start, part.stop - part.start)
+    table = open_table(path).slice(part.start, part.stop - part.start)
     if part.columns:
         image_col, caption_col, key_col, url_col, status_col = part.columns
     else:  # a Part made by hand
         explicit = {"image": image_col or None, "caption": caption_col or None}
         explicit["key"] = key_col or None
-        image_col, caption_col, key_col, url_col, status_col = _resolve_columns(
+        image_col, caption_col, key_col, url_col, status_col = resolve_columns(
             table.schema, explicit, {}, path
         )
     prefix = part.key_prefix or path.stem
@@ -478,7 +370,7 @@ def _table_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
         ):
             if state != "success":  # never downloaded: not in the webdataset form either
                 continue
-            data = _image_bytes(value, table_dir, root)
+            data = cell_image_bytes(value, table_dir, root, DEFAULT_MAX_MEMBER_BYTES)
             if isinstance(data, str):
                 batch.failures.append((part.name, key, data))
                 continue

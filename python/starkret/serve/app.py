@@ -39,7 +39,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starkret.index.db import Hit, ImageDB
 from starkret.serve.batcher import Batcher, _Job, _top_k_per_source
 from starkret.serve.conversations import Conversations, select_for_conversation
-from starkret.serve.images import ImageStore, _media_type
 from starkret.serve.middleware import _Guard, _Stats
 from starkret.serve.schema import (
     MAX_BODY_BYTES,
@@ -55,6 +54,7 @@ from starkret.serve.schema import (
     SearchResponse,
     ServeConfig,
 )
+from starkret.store.images import media_type
 
 # ==== The application ====
 
@@ -72,7 +72,6 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
     conversations = Conversations(
         config.max_conversations, config.conversation_ttl_s, config.max_shown_per_conversation
     )
-    images = ImageStore(db)
     state: dict[str, Any] = {}
 
     def fail(status: int, reason: str):
@@ -378,14 +377,16 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         """The image's bytes from the DB's own inputs, or a redirect to its URL."""
         if source not in db.sources:
             fail(404, _one_line(f"unknown source {source!r}; this DB has {db.sources}"))
-        data = await asyncio.to_thread(images.read, source, key)
+        if db.locate(key, [source]) is None:
+            fail(404, f"not found: no image {key!r} in source {source!r}")
+        data = await asyncio.to_thread(db.image_bytes, source, key)
         if data is not None:
             return Response(
                 data,
-                media_type=_media_type(data),
+                media_type=media_type(data),
                 headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"},
             )
-        url = images.url(source, key)
+        url = db.image_url(source, key)
         if isinstance(url, str) and url.startswith(("http://", "https://")):
             return RedirectResponse(url, 307)
         fail(404, f"not found: {key!r} has no local bytes and no http(s) URL")
