@@ -14,7 +14,7 @@ the CPU cores the process kept busy.
     python benches/bench_gpu.py --out bench-results/gpu          # on a GPU, ~6 min
     python benches/bench_gpu.py --smoke --out /tmp/gpu-smoke     # CPU, starkret-tiny, seconds
 
-Writes ``gpu.md`` (the tables the README quotes) and ``gpu.json`` into ``--out`` after
+Writes ``gpu.md`` (the tables docs/development.md describes) and ``gpu.json`` into ``--out`` after
 every step, so a run stopped early still leaves what it measured. ``--budget`` seconds:
 a step that would not fit what is left is skipped with a line saying so.
 """

@@ -1,16 +1,20 @@
 """Run starkret's throughput benchmarks and print one table of same-run ratios.
 
-Every ``benches/bench_*.py`` module exposes ``run(args) -> list[Row]`` and may add its own
-options through ``add_arguments(parser)``. Usage::
+Every ``benches/bench_*.py`` module that exposes ``run(args) -> list[Row]`` is one
+benchmark (``bench_gpu.py`` is a script of its own: ``benches/gpu.sh``) and may add its
+own options through ``add_arguments(parser)``. Usage::
 
     python benches/run.py [--quick] [--only NAME ...] [--json results.json]
 
-``starkret bench`` runs this file with the same arguments.
+``starkret bench`` runs this file with the same arguments. The JSON holds the machine,
+the date, the arguments and the rows; ``python benches/results.py results.json -o
+benches/RESULTS.md`` turns it into the results page.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import json
 import os
@@ -29,7 +33,9 @@ def discover() -> dict[str, object]:
     for path in sorted(HERE.glob("bench_*.py")):
         # Imported by plain module name (benches/ is on sys.path) so that worker
         # processes a benchmark spawns can import its functions too.
-        modules[path.stem.removeprefix("bench_")] = importlib.import_module(path.stem)
+        module = importlib.import_module(path.stem)
+        if hasattr(module, "run"):
+            modules[path.stem.removeprefix("bench_")] = module
     return modules
 
 
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(module, "add_arguments"):
             module.add_arguments(parser)
     args = parser.parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
 
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
@@ -106,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     if args.json:
         args.json.write_text(
-            json.dumps({"machine": info, "rows": [r.as_dict() for r in rows]}, indent=2)
+            json.dumps(
+                {
+                    "machine": info,
+                    "date": started.isoformat(timespec="seconds"),
+                    "args": list(sys.argv[1:] if argv is None else argv),
+                    "rows": [r.as_dict() for r in rows],
+                },
+                indent=2,
+            )
         )
     return 0
 

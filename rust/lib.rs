@@ -1,7 +1,8 @@
 //! Python bindings of the starkret Rust core (`starkret._core`).
 //!
 //! This file only converts arguments and results and registers functions; every
-//! concept lives in its own module (see DESIGN.md section 3) with its own unit tests.
+//! concept lives in its own module (see docs/architecture.md, "Rust modules") with its
+//! own unit tests.
 //! All compute runs with the GIL released.
 
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target in fuzz/ for a bounded time (see README, "Fuzzing").
+# Runs every cargo-fuzz target in fuzz/ for a bounded time (see docs/development.md, "Fuzzing").
 #
 #   scripts/fuzz.sh                 every target, FUZZ_SECONDS each (default 60)
 #   scripts/fuzz.sh decode pax      only these targets

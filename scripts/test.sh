@@ -33,7 +33,7 @@ step "pytest"
 
 # Every fuzz target briefly: a fixed number of inputs with a fixed seed, so a failure
 # reproduces on the same commit on any machine (scripts/fuzz.sh; FUZZ_SECONDS=0 skips,
-# FUZZ_SECONDS=N runs each target N seconds instead; longer runs: README "Fuzzing").
+# FUZZ_SECONDS=N runs each target N seconds instead; longer runs: docs/development.md, "Fuzzing").
 if [[ "${FUZZ_SECONDS:-}" != 0 ]]; then
     if [[ -n "${FUZZ_SECONDS:-}" ]]; then
         step "fuzz (${FUZZ_SECONDS}s per target)"

@@ -1,7 +1,7 @@
 """benches/gpu.sh and benches/bench_gpu.py: the GPU benchmark, run in its CPU smoke mode.
 
 No GPU in CI: the smoke mode runs the same code with starkret-tiny on the CPU, so the
-script is known to work (and to write every column the README quotes) before a GPU slot.
+script is known to work (and to write every column docs/development.md describes) before a GPU slot.
 """
 
 from __future__ import annotations

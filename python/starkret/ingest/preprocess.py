@@ -143,7 +143,7 @@ def preprocess(
     ``mode="exact"`` (default) the uint8 crop is bit-identical to that reference for
     JPEG and PNG, and normalised values equal it exactly; other formats go through
     Pillow (counted in ``fallbacks``). ``mode="fast"`` lets libjpeg-turbo shrink large
-    JPEGs in the DCT domain first (see the README for its measured error).
+    JPEGs in the DCT domain first (docs/ingest.md gives its measured error).
 
     The work runs on ``threads`` Rust threads (default: all cores) without the GIL.
     Bad inputs never raise: each is reported in ``failures`` with a reason that starts
