@@ -8,11 +8,15 @@
 //! - it is a near duplicate of an image already chosen in the episode (unless reuse
 //!   is allowed at all).
 //!
+//! An episode may start with images it has already shown (a conversation's earlier
+//! turns, see [`Shown`]): they count as used in it and as chosen, so neither they nor
+//! their near duplicates are chosen again (unless reuse is allowed at all).
+//!
 //! Scanning stops at the first candidate under `min_score`. Each moment ends `Chosen`
 //! (all of its `k` images found), `BelowThreshold` (the next usable candidate scored
 //! too low) or `Exhausted` (the candidate list ran out: the caller may fetch more).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Which earlier choices make an image unavailable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,13 +46,48 @@ pub struct Moment<'a> {
     pub vectors: &'a [f32],
 }
 
-pub struct Params {
+pub struct Params<'a> {
     pub dim: usize,
     pub reuse: Reuse,
     pub threshold: f32,
     pub min_score: f32,
     /// Images already used before these moments (counts for `Reuse::Global`).
     pub used: Vec<u64>,
+    /// Images episodes have already shown before these moments.
+    pub shown: Shown<'a>,
+}
+
+/// Images already shown, per episode: image `i` (id `ids[i]`, unit row `i` of `vectors`,
+/// `dim` values per row) was shown in episode `episodes[i]`.
+#[derive(Default, Clone, Copy)]
+pub struct Shown<'a> {
+    pub episodes: &'a [u64],
+    pub ids: &'a [u64],
+    pub vectors: &'a [f32],
+}
+
+impl Shown<'_> {
+    /// Why the arrays do not describe shown images of dimension `dim`, if they do not.
+    pub fn check(&self, dim: usize) -> Result<(), String> {
+        let n = self.ids.len();
+        if self.episodes.len() != n || n.checked_mul(dim) != Some(self.vectors.len()) {
+            return Err(
+                "shown_episodes, shown_ids and shown_vectors must have one row per shown image \
+                 (of the candidates' dimension)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Positions of the shown images of every episode.
+    fn by_episode(&self) -> HashMap<u64, Vec<usize>> {
+        let mut out: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (i, &e) in self.episodes.iter().enumerate() {
+            out.entry(e).or_default().push(i);
+        }
+        out
+    }
 }
 
 /// Candidate lists as the aligner passes them, flattened: moment `m` (of episode
@@ -157,16 +196,27 @@ struct Episode {
 }
 
 /// Choose images for `moments`, in order. Moments of one episode must be adjacent.
-pub fn select(moments: &[Moment<'_>], params: &Params) -> Vec<Choice> {
+pub fn select(moments: &[Moment<'_>], params: &Params<'_>) -> Vec<Choice> {
     let d = params.dim;
     let mut episode = Episode::default();
     let mut used_globally: HashSet<u64> = params.used.iter().copied().collect();
+    let shown = params.shown;
+    // Slices of equal length by `Shown::check`; `get` keeps a bad caller from panicking.
+    let shown_row = |i: usize| shown.vectors.get(i * d..(i + 1) * d).unwrap_or(&[]);
+    if params.reuse == Reuse::Global {
+        used_globally.extend(shown.ids.iter().copied());
+    }
+    let shown_of = shown.by_episode();
     let mut out = Vec::with_capacity(moments.len());
     for m in moments {
         if episode.id != Some(m.episode) {
             episode.id = Some(m.episode);
             episode.used.clear();
             episode.chosen.clear();
+            for &i in shown_of.get(&m.episode).map_or(&[][..], Vec::as_slice) {
+                episode.used.push(shown.ids[i]);
+                episode.chosen.extend_from_slice(shown_row(i));
+            }
         }
         let n = m
             .ids
@@ -223,14 +273,55 @@ pub fn select(moments: &[Moment<'_>], params: &Params) -> Vec<Choice> {
 mod tests {
     use super::*;
 
-    fn params(reuse: Reuse) -> Params {
+    fn params(reuse: Reuse) -> Params<'static> {
         Params {
             dim: 2,
             reuse,
             threshold: 0.94,
             min_score: 0.2,
             used: Vec::new(),
+            shown: Shown::default(),
         }
+    }
+
+    #[test]
+    fn images_an_episode_has_shown_and_their_near_duplicates_are_not_chosen() {
+        // candidate 0 was shown in episode 1, candidate 1 is a near copy of another
+        // image episode 1 showed; episode 2 showed nothing
+        let v = [1.0, 0.0, 0.0, 1.0, 0.6, 0.8];
+        let m = |episode| Moment {
+            episode,
+            k: 1,
+            ids: &[7, 8, 9],
+            scores: &[0.9, 0.8, 0.7],
+            vectors: &v,
+        };
+        let shown_vectors = [1.0, 0.0, 0.0, 0.999];
+        let shown = Shown {
+            episodes: &[1, 1],
+            ids: &[7, 100],
+            vectors: &shown_vectors,
+        };
+        for (reuse, want) in [
+            (Reuse::Episode, vec![vec![2], vec![0]]),
+            (Reuse::Global, vec![vec![2], vec![1]]),
+            (Reuse::None, vec![vec![0], vec![0]]),
+        ] {
+            let p = Params {
+                shown,
+                ..params(reuse)
+            };
+            let got = select(&[m(1), m(2)], &p);
+            let picks: Vec<_> = got.iter().map(|c| c.picked.clone()).collect();
+            assert_eq!(picks, want, "{reuse:?}");
+        }
+        assert!(shown.check(2).is_ok());
+        let short = Shown { ids: &[7], ..shown };
+        assert!(short
+            .check(2)
+            .unwrap_err()
+            .contains("one row per shown image"));
+        assert!(shown.check(3).is_err());
     }
 
     #[test]

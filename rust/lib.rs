@@ -407,10 +407,12 @@ impl PyShardBatches {
 type Selection = (Vec<i64>, Vec<i64>, Vec<u8>);
 
 /// Greedy per-moment choice over flattened candidate lists (see `rust/dedup.rs`).
-/// Moment `m` owns candidates `offsets[m]..offsets[m + 1]`, sorted best first.
+/// Moment `m` owns candidates `offsets[m]..offsets[m + 1]`, sorted best first; image `i`
+/// of `shown_*` was shown in episode `shown_episodes[i]` before these moments.
 #[pyfunction]
 #[pyo3(signature = (
-    episodes, ks, offsets, ids, scores, vectors, *, reuse, threshold, min_score, used=None
+    episodes, ks, offsets, ids, scores, vectors, *, reuse, threshold, min_score, used=None,
+    shown_episodes=None, shown_ids=None, shown_vectors=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn select_images(
@@ -425,6 +427,9 @@ fn select_images(
     threshold: f32,
     min_score: f32,
     used: Option<PyReadonlyArray1<'_, u64>>,
+    shown_episodes: Option<PyReadonlyArray1<'_, u64>>,
+    shown_ids: Option<PyReadonlyArray1<'_, u64>>,
+    shown_vectors: Option<PyReadonlyArray2<'_, f32>>,
 ) -> PyResult<Selection> {
     let reuse = match reuse {
         "episode" => dedup::Reuse::Episode,
@@ -453,12 +458,29 @@ fn select_images(
         Some(u) => u.as_slice()?.to_vec(),
         None => Vec::new(),
     };
+    let shown = match (&shown_episodes, &shown_ids, &shown_vectors) {
+        (None, None, None) => dedup::Shown::default(),
+        (Some(episodes), Some(ids), Some(vectors)) => dedup::Shown {
+            episodes: episodes.as_slice()?,
+            ids: ids.as_slice()?,
+            vectors: vectors
+                .as_slice()
+                .map_err(|_| PyValueError::new_err("shown_vectors must be C-contiguous"))?,
+        },
+        _ => {
+            return Err(PyValueError::new_err(
+                "give shown_episodes, shown_ids and shown_vectors together, or none of them",
+            ))
+        }
+    };
+    shown.check(flat.dim).map_err(PyValueError::new_err)?;
     let params = dedup::Params {
         dim: flat.dim,
         reuse,
         threshold,
         min_score,
         used,
+        shown,
     };
     let choices = py.detach(|| dedup::select(&moments, &params));
     let mut picked = Vec::new();

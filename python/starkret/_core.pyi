@@ -161,13 +161,18 @@ def select_images(
     threshold: float,
     min_score: float,
     used: npt.NDArray[np.uint64] | None = None,
+    shown_episodes: npt.NDArray[np.uint64] | None = None,
+    shown_ids: npt.NDArray[np.uint64] | None = None,
+    shown_vectors: npt.NDArray[np.float32] | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
     """The aligner's greedy choice over flattened candidate lists (see rust/dedup.rs).
 
     Moment ``m`` owns candidates ``offsets[m]:offsets[m + 1]`` (best first). Returns the
     picked candidate indices (flat), the number picked per moment, and the outcome per
     moment (0 chosen, 1 below threshold, 2 exhausted). ``used``: images already used
-    before these moments (for ``reuse="global"``).
+    before these moments (for ``reuse="global"``). ``shown_*`` (all three or none):
+    image ``i`` (id ``shown_ids[i]``, unit vector ``shown_vectors[i]``) was already shown
+    in episode ``shown_episodes[i]``: it counts as used and chosen there.
     """
 
 # ==== Key index ====

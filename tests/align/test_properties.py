@@ -106,12 +106,21 @@ def alignments(draw):
         "threshold": draw(st.sampled_from([-1.0, 0.0, 0.25, 0.5, 1.0, 2.0])),
         "min_score": draw(st.sampled_from([-2.0, -0.5, 0.0, 0.5])),
         "used": draw(st.lists(st.integers(0, 5), max_size=3)),
+        # images episodes showed before (a conversation's earlier turns)
+        "shown": {
+            e: [
+                (draw(st.integers(0, 7)), np.array(v, np.float32))
+                for v in draw(st.lists(st.lists(quarter, min_size=d, max_size=d), max_size=3))
+            ]
+            for e in draw(st.sets(st.integers(0, 3), max_size=2))
+        },
     }
     return d, moments, params
 
 
 def rust_select(d, moments, params):
     offsets = np.cumsum([0] + [len(m["ids"]) for m in moments]).astype(np.int64)
+    shown = [(e, cid, v) for e, images in params.get("shown", {}).items() for cid, v in images]
     picked, counts, outcomes = starkret._core.select_images(
         np.array([m["episode"] for m in moments], np.uint64),
         np.array([m["k"] for m in moments], np.int64),
@@ -123,6 +132,9 @@ def rust_select(d, moments, params):
         threshold=params["threshold"],
         min_score=params["min_score"],
         used=np.array(params["used"], np.uint64),
+        shown_episodes=np.array([e for e, _, _ in shown], np.uint64),
+        shown_ids=np.array([cid for _, cid, _ in shown], np.uint64),
+        shown_vectors=np.array([v for _, _, v in shown], np.float32).reshape(len(shown), d),
     )
     out, start = [], 0
     for m, count in enumerate(counts):
@@ -135,6 +147,7 @@ def rust_select(d, moments, params):
 @PROPERTY
 @given(alignments())
 def test_aligner_choice_equals_the_python_reference(case):
+    # with images shown before the moments too (what serve's /align passes)
     d, moments, params = case
     assert rust_select(d, moments, params) == reference_select(moments, **params)
 
@@ -160,4 +173,42 @@ def test_select_images_refuses_offsets_and_ks_that_describe_no_moments(offsets, 
             reuse="episode",
             threshold=0.9,
             min_score=0.0,
+        )
+
+
+@pytest.mark.parametrize(
+    ("shown", "match"),
+    [
+        ({"shown_ids": np.zeros(1, np.uint64)}, "together"),
+        (
+            {
+                "shown_episodes": np.zeros(2, np.uint64),
+                "shown_ids": np.zeros(1, np.uint64),
+                "shown_vectors": np.eye(2, dtype=np.float32)[:1],
+            },
+            "one row per shown image",
+        ),
+        (
+            {
+                "shown_episodes": np.zeros(1, np.uint64),
+                "shown_ids": np.zeros(1, np.uint64),
+                "shown_vectors": np.ones((1, 3), np.float32),
+            },
+            "one row per shown image",
+        ),
+    ],
+)
+def test_select_images_refuses_shown_images_that_do_not_fit(shown, match):
+    with pytest.raises(ValueError, match=match):
+        starkret._core.select_images(
+            np.zeros(1, np.uint64),
+            np.ones(1, np.int64),
+            np.array([0, 2], np.int64),
+            np.arange(2, dtype=np.uint64),
+            np.ones(2, np.float32),
+            np.eye(2, dtype=np.float32),
+            reuse="episode",
+            threshold=0.9,
+            min_score=0.0,
+            **shown,
         )

@@ -11,6 +11,7 @@ import starkret
 from starkret import Aligner, ImageDB, build_index
 from starkret.index.gpu import device_search
 from starkret.index.source import SourceIndex
+from starkret.index.topk import Exclusions
 from starkret.testing import reference_select, write_source
 
 DIM = 32
@@ -332,3 +333,26 @@ def test_autofaiss_plans_with_available_not_free_memory(tmp_path):
     )
     assert starkret.index.build._available_memory(str(meminfo)) == "21G"
     assert starkret.index.build._available_memory(str(tmp_path / "missing")) == "16G"
+
+
+def test_a_faiss_index_search_leaves_out_excluded_rows_like_the_exact_scan(db_dir):
+    # the autofaiss path filters after the search: a flat faiss index must then agree
+    # with the exact scan, exclusions included
+    import faiss
+
+    from starkret.index.source import _faiss_search
+
+    root, _ = db_dir
+    index = SourceIndex.open(root / "cc12m")
+    flat = faiss.IndexFlatIP(index.parts.dim)
+    flat.add(index.parts.rows(np.arange(index.count)))
+    index._faiss = flat
+    index.infos = {**index.infos, "faiss_order": list(range(len(index.parts.arrays)))}
+    queries = _unit(np.random.default_rng(8), 4)
+    _, top = index.search(queries, 3, exact=True)
+    for exclude in ({int(top[0, 0]), int(top[1, 1])}, [{int(r)} for r in top[:, 0]]):
+        exclusions = Exclusions.parse(exclude, len(queries))
+        s1, r1 = index.search(queries, 6, exclude=exclusions, exact=True)
+        s2, r2 = _faiss_search(index, queries, 6, exclusions)
+        np.testing.assert_array_equal(r1, r2)
+        np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-6)

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from starkret import Aligner, ImageDB, build_index, topk
+from starkret import Aligner, ImageDB, build_index
 from starkret.index.build import AUTO_EXACT_MAX_ROWS, auto_kind
 from starkret.index.gpu import DeviceSearcher, device_search
 from starkret.index.ivf import choose_codes, choose_nlist, parse_bytes
 from starkret.index.source import SourceIndex
 from starkret.index.text_like import recall_at, text_like_queries
+from starkret.index.topk import topk
 from starkret.testing import write_source
 
 #: The torch-device searcher runs on the CPU in CI; on a GPU (benches/gpu.sh) on CUDA too.

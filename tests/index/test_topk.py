@@ -237,3 +237,53 @@ def test_bad_dtypes_are_type_errors():
 def test_k_too_large_to_allocate_is_a_value_error():
     with pytest.raises(ValueError, match="do not fit in memory"):
         starkret.topk(np.zeros((4, 4), np.float32), np.zeros((3, 4), np.float32), 2**62)
+
+
+# ==== Exclusions: the one form searches take ====
+
+
+def test_exclusions_parse_every_form_once_and_keep_an_exclusions_as_it_is():
+    from starkret.index.topk import Exclusions
+
+    shared = Exclusions.parse({5, 2}, 3)
+    assert shared.per_query is None and shared.shared.tolist() == [2, 5]
+    assert Exclusions.parse(shared, 3) is shared
+    per_query = Exclusions.parse(np.array([[1, 2], [3, 4]]), 2)
+    assert [e.tolist() for e in per_query.per_query] == [[1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="2 per-query collections for 3 queries"):
+        Exclusions.parse(per_query, 3)
+    with pytest.raises(TypeError, match="mixes"):
+        Exclusions.parse([1, {2}], 2)
+
+
+def test_exclusion_mask_and_pairs_agree_with_a_set_per_query():
+    from starkret.index.topk import Exclusions
+
+    rng = np.random.default_rng(3)
+    rows = rng.integers(-1, 50, size=(6, 9))
+    lists = [rng.integers(0, 60, int(rng.integers(0, 8))) for _ in range(6)]
+    for exclude in (Exclusions.parse(lists, 6), Exclusions.parse(lists[1], 6)):
+        sets = [set(exclude.of_query(q).tolist()) for q in range(6)]
+        want = np.array([[r >= 0 and r in sets[q] for r in row] for q, row in enumerate(rows)])
+        np.testing.assert_array_equal(exclude.mask(rows) & (rows >= 0), want)
+        queries, banned = exclude.pairs(6)
+        assert np.all(np.diff(banned) >= 0)
+        assert set(zip(queries.tolist(), banned.tolist(), strict=True)) == {
+            (q, r) for q in range(6) for r in sets[q]
+        }
+    assert Exclusions.parse([], 6).pairs(6) is None
+
+
+def test_key_exclusions_become_the_rows_of_every_source():
+    from starkret.index.topk import Exclusions
+
+    lookups = {
+        "a": lambda keys: {k: np.array([i, i + 10]) for i, k in enumerate(keys) if k != "z"},
+        "b": lambda keys: {},
+    }
+    shared = Exclusions.of_keys(["x", "z"], 2, lookups)
+    assert shared["a"].shared.tolist() == [0, 10] and len(shared["b"].shared) == 0
+    per_query = Exclusions.of_keys([["x"], []], 2, lookups)
+    assert [e.tolist() for e in per_query["a"].per_query] == [[0, 10], []]
+    union = per_query["a"].union(Exclusions(shared=np.array([3])), 2)
+    assert [e.tolist() for e in union.per_query] == [[0, 3, 10], [3]]

@@ -191,7 +191,9 @@ def test_duplicate_detection_survives_resume(tmp_path, tiny_embedder):
 
 
 def test_a_hash_collision_never_drops_a_good_sample(tmp_path, tiny_embedder, monkeypatch):
-    monkeypatch.setattr(keyset, "key_hashes", lambda keys: np.full(len(keys), 12345, np.uint64))
+    monkeypatch.setattr(
+        keyset, "process_local_hashes", lambda keys: np.full(len(keys), 12345, np.uint64)
+    )
     _tar(tmp_path / "s" / "00000.tar", [("a", _jpeg(1)), ("b", _jpeg(2))])
     _tar(tmp_path / "s" / "00001.tar", [("c", _jpeg(3)), ("a", _jpeg(4))])
     embed(

@@ -92,7 +92,8 @@ def test_search_takes_vectors_sources_and_exclusions(client, demo_db):
 
 
 class _GatedDB:
-    """An ImageDB whose first search waits until the test opens the gate."""
+    """An ImageDB whose first search (the batcher's ``search_arrays``) waits until the
+    test opens the gate."""
 
     def __init__(self, db) -> None:
         self._db, self.gate, self.calls = db, threading.Event(), []
@@ -103,10 +104,10 @@ class _GatedDB:
     def __len__(self) -> int:
         return len(self._db)
 
-    def search(self, queries, k=5, **kwargs):
-        self.calls.append(len(queries))
+    def search_arrays(self, vectors, k, **kwargs):
+        self.calls.append(len(vectors))
         self.gate.wait(30)
-        return self._db.search(queries, k=k, **kwargs)
+        return self._db.search_arrays(vectors, k, **kwargs)
 
 
 def test_concurrent_requests_are_searched_in_one_batch(demo_db):
@@ -368,6 +369,147 @@ def test_align_matches_the_aligner_for_a_fresh_conversation(client, demo_db):
     assert [[i["key"] for i in a["images"]] for a in got] == [
         [c.key for c in a.images] for a in expected
     ]
+
+
+def _clustered_db(folder: Path, dim: int = 16):
+    """Two sources of images around four topics, with near-duplicate groups (within a
+    source and across the two); returns the DB, its unit vectors and the topics."""
+    rng = np.random.default_rng(11)
+    topics = rng.standard_normal((4, dim))
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    vectors = {}
+    for name, n in (("charts", 14), ("photos", 24)):
+        v = topics[rng.integers(0, 4, n)] + 0.45 * rng.standard_normal((n, dim))
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        for copy, of in ((1, 0), (2, 0), (7, 6)):  # near copies (cosine > 0.99)
+            v[copy] = v[of] + 0.01 * rng.standard_normal(dim)
+        vectors[name] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    vectors["photos"][10] = vectors["charts"][3] + 0.01 * rng.standard_normal(dim)
+    vectors["photos"][10] /= np.linalg.norm(vectors["photos"][10])
+    for name, v in vectors.items():
+        write_source(folder / name, name, v, part_size=10)
+    return starkret.ImageDB.open(folder), vectors, topics
+
+
+def _reference_choice(db, vectors, moments, rule):
+    """reference_select over every row of every source, one episode per conversation
+    (its moments in order): ``[(status, keys)]`` in the order of ``moments``."""
+    from starkret.testing import reference_select
+
+    rows = [
+        (s, name, row, vectors[name][row].astype(np.float16).astype(np.float32))
+        for s, name in enumerate(db.sources)
+        for row in range(len(vectors[name]))
+    ]
+    spec, lists = [], []
+    episodes = {}
+    for m in moments:
+        episodes.setdefault(m["conversation"], len(episodes))
+    order = sorted(range(len(moments)), key=lambda i: episodes[moments[i]["conversation"]])
+    for m in (moments[i] for i in order):
+        q = np.asarray(m["vector"], np.float32)
+        q /= np.linalg.norm(q)
+        ranked = sorted(rows, key=lambda r: (-float(r[3] @ q), r[1], r[2]))
+        lists.append(ranked)
+        spec.append(
+            {
+                "episode": episodes[m["conversation"]],
+                "k": m["k"],
+                "ids": [(s << 40) | row for s, _, row, _ in ranked],
+                "scores": [float(v @ q) for *_, v in ranked],
+                "vectors": [v for *_, v in ranked],
+            }
+        )
+    chosen = reference_select(spec, reuse="episode", **rule)
+    out = [None] * len(moments)
+    for i, ranked, (picked, outcome) in zip(order, lists, chosen, strict=True):
+        out[i] = (outcome, [f"{ranked[p][1]}/{ranked[p][2]:09d}" for p in picked])
+    return out
+
+
+def test_align_across_requests_equals_the_aligner_and_the_reference(tmp_path):
+    # One conversation asks again and again about the same topics, so later turns meet
+    # images shown earlier and their near duplicates; a second conversation interleaves.
+    db, vectors, topics = _clustered_db(tmp_path)
+    rng = np.random.default_rng(12)
+    requests = []
+    for r in range(7):
+        conversation = "talk" if r % 3 else "other"
+        moments = []
+        for j in range(int(rng.integers(1, 4))):
+            q = topics[int(rng.integers(0, 2))] + 0.2 * rng.standard_normal(topics.shape[1])
+            if rng.random() < 0.15:
+                q = rng.standard_normal(topics.shape[1])  # about nothing in the DB
+            k = int(rng.integers(1, 3))
+            moments.append({"vector": q.tolist(), "k": k, "moment_id": f"r{r}m{j}"})
+        requests.append((conversation, moments))
+    rule = {"threshold": 0.97, "min_score": 0.35}
+    config = ServeConfig(min_score=rule["min_score"], near_duplicate_threshold=rule["threshold"])
+    served = []
+    with Server(db, config) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        for conversation, moments in requests:
+            r = c.post("/align", json={"conversation_id": conversation, "moments": moments})
+            assert r.status_code == 200, r.text
+            served += [
+                (a["status"], [i["key"] for i in a["images"]]) for a in r.json()["alignments"]
+            ]
+    flat = [
+        {**m, "conversation": conversation, "episode_id": conversation}
+        for conversation, moments in requests
+        for m in moments
+    ]
+    aligner = starkret.Aligner(
+        db,
+        min_score=rule["min_score"],
+        near_duplicate_threshold=rule["threshold"],
+        reuse="episode",
+    )
+    aligned = [
+        (a.status, [c.key for c in a.images])
+        for a in aligner.align(
+            [{k: m[k] for k in ("episode_id", "moment_id", "vector", "k")} for m in flat]
+        )
+    ]
+    reference = _reference_choice(db, vectors, flat, rule)
+    assert served == aligned == reference
+    # the case is not trivial: images were refused as shown or near copies, some moments
+    # found nothing good enough, and no conversation was shown one image twice
+    statuses = [status for status, _ in served]
+    assert "ok" in statuses and "below_threshold" in statuses
+    for conversation in ("talk", "other"):
+        keys = [
+            k
+            for m, (_, ks) in zip(flat, served, strict=True)
+            for k in ks
+            if m["conversation"] == conversation
+        ]
+        assert len(keys) == len(set(keys))
+    firsts = [
+        _reference_choice(db, vectors, [{**m, "k": 1, "conversation": i}], rule)[0][1]
+        for i, m in enumerate(flat)
+    ]
+    assert any(f and f[0] not in ks for f, (_, ks) in zip(firsts, served, strict=True))
+
+
+def test_concurrent_align_requests_of_one_conversation_never_share_an_image(tmp_path):
+    db, _, topics = _clustered_db(tmp_path)
+    config = ServeConfig(min_score=-1.0, near_duplicate_threshold=0.97, workers=2)
+    answers: list[list[str]] = []
+    with Server(db, config) as s:
+
+        def ask() -> None:
+            with httpx.Client(base_url=s.url, timeout=60) as c:
+                body = {"conversation_id": "busy", "moments": [{"vector": topics[0].tolist()}]}
+                r = c.post("/align", json=body)
+                answers.append([i["key"] for a in r.json()["alignments"] for i in a["images"]])
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    keys = [k for keys in answers for k in keys]
+    assert len(answers) == 6 and len(keys) == 6 and len(set(keys)) == 6
 
 
 def test_align_parses_ultron_outputs_and_dialogues(client):

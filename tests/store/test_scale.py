@@ -265,11 +265,11 @@ def _reference_alignments(db_vectors, moments, queries, *, k_per_source, min_sco
 
 @pytest.mark.parametrize(("reuse", "prefix"), [("episode", 8), ("global", 1), ("none", 2)])
 def test_aligner_end_to_end_equals_the_python_reference(tmp_path, monkeypatch, reuse, prefix):
-    import starkret.align.aligner
+    import starkret.align.choice
 
     # the choice reads vectors for a prefix of each list first: short prefixes must
     # grow until the choice is the one over the full lists
-    monkeypatch.setattr(starkret.align.aligner, "SELECT_PREFIX", prefix)
+    monkeypatch.setattr(starkret.align.choice, "SELECT_PREFIX", prefix)
     rng = np.random.default_rng(9)
     topics = _unit(rng, 6)
     vectors = {}

@@ -6,7 +6,8 @@ episode, or anywhere in the run), not a near duplicate of an image already chose
 the episode nor of a better candidate of the same moment, and scores at least
 ``min_score``. Otherwise the moment says why (``below_threshold``, ``exhausted``), so the
 planner can fall back to web search or text-to-image. The greedy choice with its
-near-duplicate checks runs in Rust over all moments at once.
+near-duplicate checks runs in Rust over all moments at once
+(:func:`starkret.align.choice.choose`, which the service's ``/align`` calls too).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from starkret import _core
+from starkret.align.choice import OUTCOMES, Candidates, Choice, Rule, choose
+from starkret.defaults import DEFAULTS
 from starkret.index.db import ImageDB
 
 __all__ = ["MAX_IMAGES_PER_MOMENT", "Aligner", "Alignment", "Candidate", "Moment"]
@@ -27,11 +29,6 @@ __all__ = ["MAX_IMAGES_PER_MOMENT", "Aligner", "Alignment", "Candidate", "Moment
 #: bounded to keep one moment's memory small (``k = 10**9`` once asked for 32 GB).
 MAX_IMAGES_PER_MOMENT = 32
 
-_OUTCOMES = ("ok", "below_threshold", "exhausted")
-#: Candidates per moment whose vectors the choice reads first (more only if it needs them).
-SELECT_PREFIX = 8
-#: An image's id in the choice: its source's number shifted by this, or'd with its row.
-IMAGE_ID_SOURCE_SHIFT = 40
 #: Sources whose images Stark refers to by URL (`url:` keys).
 URL_SOURCES = frozenset({"cc12m", "redcaps12m"})
 
@@ -165,14 +162,14 @@ class Aligner:
         self,
         db: ImageDB,
         *,
-        k_per_source: int = 5,
-        min_score: float = 0.2,
-        near_duplicate_threshold: float = 0.94,
-        reuse: str = "episode",
-        overfetch: int = 4,
-        max_fetch: int = 4096,
-        chunk_moments: int = 2048,
-        device: str = "cpu",
+        k_per_source: int = DEFAULTS.k_per_source,
+        min_score: float = DEFAULTS.min_score,
+        near_duplicate_threshold: float = DEFAULTS.near_duplicate_threshold,
+        reuse: str = DEFAULTS.reuse,
+        overfetch: int = DEFAULTS.overfetch,
+        max_fetch: int = DEFAULTS.max_fetch,
+        chunk_moments: int = DEFAULTS.chunk_moments,
+        device: str = DEFAULTS.device,
     ) -> None:
         if reuse not in ("episode", "global", "none"):
             raise ValueError(f"reuse must be 'episode', 'global' or 'none', got {reuse!r}")
@@ -232,110 +229,34 @@ class Aligner:
 
     def _align_chunk(self, moments: list[Moment]) -> list[Alignment]:
         vectors = self._vectors(moments)
-        n_sources = len(self.db.sources)
-        base = max(self.k_per_source, 1) * self.overfetch
-        fetch = np.array([max(base, m.k * self.overfetch) for m in moments], np.int64)
-        found: list[_Found | None] = [None] * len(moments)
-        pending = np.arange(len(moments))
-        while True:
-            self._search(vectors, fetch, pending, found)
-            cands = _Candidates.stack(found)  # type: ignore[arg-type]
-            picked, counts, outcomes = self._select(moments, cands)
-            starved = [
-                j
-                for j, outcome in enumerate(outcomes)
-                if outcome == 2
-                and fetch[j] < self.max_fetch
-                and np.bincount(found[j].sources, minlength=n_sources).max() >= fetch[j]
-            ]
-            if not starved:
-                break
-            pending = np.asarray(starved)
-            fetch[pending] = np.minimum(fetch[pending] * 2, self.max_fetch)
-        picked = np.asarray(picked, np.int64)
-        if self.reuse == "global" and len(picked):
-            self._used_globally = np.union1d(self._used_globally, cands.ids[picked])
-        return self._alignments(moments, cands, picked, np.asarray(counts), outcomes)
-
-    def _search(self, vectors, fetch, pending, found) -> None:
-        """Search the ``pending`` moments, one batched search per distinct fetch size."""
-        for size in np.unique(fetch[pending]).tolist():
-            group = pending[fetch[pending] == size]
-            res = self.db.search_arrays(vectors[group], int(size), device=self.device)
-            valid = res.valid()
-            for row, j in enumerate(group.tolist()):
-                keep = valid[row]
-                found[j] = _Found(
-                    res.sources[row, keep], res.rows[row, keep], res.scores[row, keep]
-                )
-
-    def _select(self, moments: list[Moment], cands: _Candidates):
-        """The Rust choice over the chunk, reading candidate vectors only as needed.
-
-        The greedy choice of a moment looks at its candidates in order and stops once
-        it has its images or meets a score under ``min_score``; it never looks further.
-        So it first runs on a short prefix of every list (vectors read for those rows
-        only), and again with longer prefixes only for the moments whose prefix ran
-        out: the result is the one over the full lists.
-        """
         episodes: dict[str, int] = {}
-        episode_ids = np.array(
-            [episodes.setdefault(m.episode_id, len(episodes)) for m in moments], np.uint64
+        numbers = [episodes.setdefault(m.episode_id, len(episodes)) for m in moments]
+
+        def search(group: np.ndarray, k: int):
+            return self.db.search_arrays(vectors[group], k, device=self.device)
+
+        choice = choose(
+            self.db,
+            np.array(numbers, np.uint64),
+            np.array([m.k for m in moments], np.int64),
+            search,
+            rule=Rule(self.reuse, self.threshold, self.min_score),
+            k_per_source=self.k_per_source,
+            overfetch=self.overfetch,
+            max_fetch=self.max_fetch,
+            used=self._used_globally,
         )
-        ks = np.array([m.k for m in moments], np.int64)
-        sizes = np.diff(cands.offsets)
-        limit = np.minimum(sizes, np.maximum(SELECT_PREFIX, 2 * ks))
-        # vectors read so far, compact: slot[i] is candidate i's row in `store` (-1: unread)
-        store = np.zeros((0, self.db.dim), np.float32)
-        slot = np.full(len(cands.rows), -1, np.int64)
-        while True:
-            # flat indices of every moment's prefix, in moment order
-            starts = np.repeat(cands.offsets[:-1], limit)
-            within = np.arange(int(limit.sum())) - np.repeat(np.cumsum(limit) - limit, limit)
-            idx = starts + within
-            new = idx[slot[idx] < 0]
-            slot[new] = len(store) + np.arange(len(new))
-            store = np.concatenate([store, self._read_vectors(cands, new)])
-            offsets = np.zeros(len(moments) + 1, np.int64)
-            offsets[1:] = np.cumsum(limit)
-            picked, counts, outcomes = _core.select_images(
-                episode_ids,
-                ks,
-                offsets,
-                cands.ids[idx],
-                cands.scores[idx],
-                store[slot[idx]],
-                reuse=self.reuse,
-                threshold=self.threshold,
-                min_score=self.min_score,
-                used=self._used_globally,
-            )
-            cut = [j for j, o in enumerate(outcomes) if o == 2 and limit[j] < sizes[j]]
-            if not cut:
-                return idx[np.asarray(picked, np.int64)], counts, outcomes
-            limit[cut] = np.minimum(limit[cut] * 4, sizes[cut])
+        if self.reuse == "global" and len(choice.picked):
+            picked_ids = choice.candidates.ids[choice.picked]
+            self._used_globally = np.union1d(self._used_globally, picked_ids)
+        return self._alignments(moments, choice)
 
-    def _read_vectors(self, cands: _Candidates, idx: np.ndarray) -> np.ndarray:
-        """Vectors (float32) of candidates ``idx``, in that order."""
-        out = np.empty((len(idx), self.db.dim), np.float32)
-        for s, name in enumerate(self.db.sources):
-            mine = np.flatnonzero(cands.sources[idx] == s)
-            if len(mine):
-                out[mine] = self.db.vectors(name, cands.rows[idx[mine]])
-        return out
-
-    def _alignments(self, moments, cands: _Candidates, picked, counts, outcomes):
+    def _alignments(self, moments: list[Moment], choice: Choice) -> list[Alignment]:
         """Alignment objects; metadata is read only for the candidates they hold."""
         names = self.db.sources
-        moment_of = np.repeat(np.arange(len(moments)), np.diff(cands.offsets))
-        # The first k_per_source candidates of every (moment, source): candidates are
-        # ranked best first within a moment, so these are each source's top.
-        group = moment_of * len(names) + cands.sources
-        order = np.argsort(group, kind="stable")
-        first = np.searchsorted(group[order], group[order], side="left")
-        rank = np.empty(len(group), np.int64)
-        rank[order] = np.arange(len(group)) - first
-        shown = rank < self.k_per_source
+        cands: Candidates = choice.candidates
+        picked, counts, outcomes = choice.picked, choice.counts, choice.outcomes
+        shown = cands.first_per_source(self.k_per_source, len(names))
         needed = shown.copy()
         needed[picked] = True
         made: dict[int, Candidate] = {}
@@ -365,44 +286,12 @@ class Aligner:
                     m.episode_id,
                     m.session,
                     m.description,
-                    _OUTCOMES[outcomes[j]],
+                    OUTCOMES[outcomes[j]],
                     chosen,
                     per_source,
                 )
             )
         return out
-
-
-@dataclass
-class _Found:
-    """One moment's candidates, best first: source number, row and score arrays."""
-
-    sources: np.ndarray
-    rows: np.ndarray
-    scores: np.ndarray
-
-
-@dataclass
-class _Candidates:
-    """A chunk's candidates, flat: moment ``j`` owns ``offsets[j]:offsets[j + 1]``."""
-
-    offsets: np.ndarray
-    sources: np.ndarray
-    rows: np.ndarray
-    scores: np.ndarray
-    ids: np.ndarray  # (source number << IMAGE_ID_SOURCE_SHIFT) | row: one id per image
-
-    @classmethod
-    def stack(cls, found: list[_Found]) -> _Candidates:
-        offsets = np.zeros(len(found) + 1, np.int64)
-        offsets[1:] = np.cumsum([len(f.rows) for f in found])
-        sources = np.concatenate([f.sources for f in found]).astype(np.int64)
-        rows = np.concatenate([f.rows for f in found]).astype(np.int64)
-        scores = np.ascontiguousarray(np.concatenate([f.scores for f in found]), np.float32)
-        ids = (sources.astype(np.uint64) << np.uint64(IMAGE_ID_SOURCE_SHIFT)) | rows.astype(
-            np.uint64
-        )
-        return cls(offsets, sources, rows, scores, ids)
 
 
 def _is_integer(value: object) -> bool:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from starkret.defaults import DEFAULTS
 from starkret.store.claims import FolderLockError
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
@@ -544,10 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="top images of every source for descriptions")
     search.add_argument("db", help="DB folder (one sub-folder per source)")
     search.add_argument("queries", nargs="+", help="image descriptions")
-    search.add_argument("-k", type=int, default=5, help="results per source")
+    search.add_argument(
+        "-k",
+        type=int,
+        default=DEFAULTS.k_per_source,
+        help="results per source (default: %(default)s)",
+    )
     search.add_argument("--sources", nargs="+", default=None, help="only these sources")
     search.add_argument(
-        "--device", default="cpu", help="cpu, or cuda / cuda:N for exact search on a GPU"
+        "--device",
+        default=DEFAULTS.device,
+        help="cpu, or cuda / cuda:N for exact search on a GPU (default: %(default)s)",
     )
     _add_common(search, json_help="JSON output")
     search.set_defaults(func=_cmd_search)
@@ -556,12 +564,34 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("db", help="DB folder (one sub-folder per source)")
     align.add_argument("dialogues", help="Stark-style episodes (JSON/JSONL) or moment JSONL")
     align.add_argument("-o", "--output", required=True, help="aligned JSONL (appended, resumable)")
-    align.add_argument("--k-per-source", type=int, default=5)
-    align.add_argument("--min-score", type=float, default=0.2)
-    align.add_argument("--near-duplicate-threshold", type=float, default=0.94)
-    align.add_argument("--reuse", choices=["episode", "global", "none"], default="episode")
     align.add_argument(
-        "--device", default="cpu", help="cpu, or cuda / cuda:N for exact search on a GPU"
+        "--k-per-source",
+        type=int,
+        default=DEFAULTS.k_per_source,
+        help="candidates shown per source (default: %(default)s)",
+    )
+    align.add_argument(
+        "--min-score",
+        type=float,
+        default=DEFAULTS.min_score,
+        help="below: no image, the moment says below_threshold (default: %(default)s)",
+    )
+    align.add_argument(
+        "--near-duplicate-threshold",
+        type=float,
+        default=DEFAULTS.near_duplicate_threshold,
+        help="cosine at which two images are near duplicates (default: %(default)s)",
+    )
+    align.add_argument(
+        "--reuse",
+        choices=["episode", "global", "none"],
+        default=DEFAULTS.reuse,
+        help="where an image may not be chosen twice (default: %(default)s)",
+    )
+    align.add_argument(
+        "--device",
+        default=DEFAULTS.device,
+        help="cpu, or cuda / cuda:N for exact search on a GPU (default: %(default)s)",
     )
     align.add_argument("--report", default=None, help="also write this HTML report")
     align.add_argument("--no-progress", action="store_true")
@@ -590,21 +620,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve a DB over HTTP: batched search, align, a page")
     srv.add_argument("db", help="DB folder (one sub-folder per source)")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    srv.add_argument("--port", type=int, default=8080)
-    srv.add_argument("--device", default="cpu", help="cpu, or cuda for exact GPU search")
-    srv.add_argument("--workers", type=int, default=1, help="batches searched in parallel")
     srv.add_argument(
-        "--batch-wait-ms", type=float, default=3.0, help="longest wait to fill a batch"
+        "--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)"
+    )
+    srv.add_argument("--port", type=int, default=DEFAULTS.port, help="(default: %(default)s)")
+    srv.add_argument(
+        "--device",
+        default=DEFAULTS.device,
+        help="cpu, or cuda for exact GPU search (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULTS.workers,
+        help="batches searched in parallel (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=DEFAULTS.batch_wait_ms,
+        help="longest wait to fill a batch (default: %(default)s)",
     )
     srv.add_argument(
         "--max-batch",
         type=int,
-        default=256,
-        help="most queries searched together (1: one query per request, like clip back)",
+        default=DEFAULTS.max_batch,
+        help="most queries searched together (1: one query per request, like clip back; "
+        "default: %(default)s)",
     )
-    srv.add_argument("--min-score", type=float, default=0.2, help="align: below = fallback")
-    srv.add_argument("--near-duplicate-threshold", type=float, default=0.94)
+    srv.add_argument(
+        "--min-score",
+        type=float,
+        default=DEFAULTS.min_score,
+        help="align: below = fallback (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--near-duplicate-threshold",
+        type=float,
+        default=DEFAULTS.near_duplicate_threshold,
+        help="align: cosine at which two images are near duplicates (default: %(default)s)",
+    )
     srv.set_defaults(func=_cmd_serve)
 
     ev = sub.add_parser("eval", help="Recall@1/5/10 and MRR of descriptions against a gallery")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret.defaults import DEFAULTS
 from starkret.index.source import SourceIndex, source_dirs
-from starkret.index.topk import Exclusions, split_exclude
+from starkret.index.topk import Exclusions
 from starkret.store.images import ImageReader, part_input
 from starkret.store.keyindex import KeyIndex
 from starkret.store.metadata import Metadata
@@ -49,6 +50,28 @@ class Results:
 
     def valid(self) -> np.ndarray:
         return self.rows >= 0
+
+    def slice(self, start: int, stop: int) -> Results:
+        """The results of queries ``start:stop``."""
+        return Results(self.sources[start:stop], self.rows[start:stop], self.scores[start:stop])
+
+    def first_per_source(self, k: int) -> Results:
+        """Per query, only the first ``k`` hits of each source (rank order kept): the
+        top ``k`` of every source, from a search that asked for more."""
+        valid = self.valid()
+        keep = np.zeros_like(valid)
+        for s in np.unique(self.sources[valid]).tolist():
+            mine = valid & (self.sources == s)
+            keep |= mine & (np.cumsum(mine, axis=1) <= k)
+        width = int(keep.sum(axis=1).max(initial=0))
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+        kept = np.take_along_axis(keep, order, 1)
+        take = lambda a: np.take_along_axis(a, order, 1)  # noqa: E731
+        return Results(
+            np.where(kept, take(self.sources), 0).astype(np.int16),
+            np.where(kept, take(self.rows), -1).astype(np.int64),
+            np.where(kept, take(self.scores), -np.inf).astype(np.float32),
+        )
 
 
 class _Source:
@@ -161,7 +184,7 @@ class ImageDB:
     def search(
         self,
         queries: Sequence[str] | np.ndarray,
-        k: int = 5,
+        k: int = DEFAULTS.k_per_source,
         *,
         sources: Sequence[str] | None = None,
         exclude: Sequence[str] | Sequence[Sequence[str]] | None = None,
@@ -209,15 +232,17 @@ class ImageDB:
             if name not in self._sources:
                 raise ValueError(f"unknown source {name!r}; this DB has {self.sources}")
         n = len(vectors)
-        banned = split_exclude(exclude, n, keys=True)
+        by_key = Exclusions.of_keys(
+            exclude, n, {name: self._sources[name].rows_of for name in names}
+        )
         rank = {name: i for i, name in enumerate(sorted(self._sources))}
         number = {name: i for i, name in enumerate(self._sources)}
         scores, rows, which, order_key = [], [], [], []
         for name in names:
             source = self._sources[name]
-            exclusions = _key_exclusions(source, banned)
+            exclusions = by_key[name] if by_key is not None else None
             if exclude_rows and name in exclude_rows:
-                exclusions = _union(exclusions, exclude_rows[name], n)
+                exclusions = exclude_rows[name].union(exclusions, n)
             s, r = source.index.search(
                 vectors, int(k), exclude=exclusions, device=device, threads=threads
             )
@@ -338,30 +363,3 @@ class ImageDB:
 def _check_k(k: object) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise ValueError(f"k must be a positive int, got {k!r}")
-
-
-def _key_exclusions(source: _Source, banned) -> Exclusions | None:
-    """Rows of ``source`` for excluded keys (``banned`` from :func:`split_exclude`)."""
-    if banned is None:
-        return None
-    shape, items = banned
-    collections = [items] if shape == "shared" else items
-    wanted = sorted({str(key) for keys in collections for key in keys})
-    found = source.rows_of(wanted) if wanted else {}
-    none = np.zeros(0, np.int64)
-
-    def rows(keys) -> np.ndarray:
-        hits = [found[str(key)] for key in keys if str(key) in found]
-        return np.unique(np.concatenate(hits)) if hits else none
-
-    if shape == "shared":
-        return Exclusions(shared=rows(items))
-    return Exclusions(per_query=tuple(rows(keys) for keys in items))
-
-
-def _union(a: Exclusions | None, b: Exclusions, n: int) -> Exclusions:
-    if a is None:
-        return b
-    if a.per_query is None and b.per_query is None:
-        return Exclusions(shared=np.union1d(a.shared, b.shared))
-    return Exclusions(per_query=tuple(np.union1d(a.of_query(q), b.of_query(q)) for q in range(n)))

@@ -19,8 +19,8 @@ How it works:
   device's free memory (``torch.cuda.mem_get_info``). Parts that fit in
   :data:`RESIDENT_FRACTION` of free memory are uploaded once and kept (the searcher is
   reusable); otherwise tiles stream from the memory maps through two pinned buffers.
-* **Exclusions** are (query, row) pairs sorted by row, uploaded once; each tile sets its
-  pairs to ``-inf`` with one indexed write on the device.
+* **Exclusions** are (query, row) pairs sorted by row (``Exclusions.pairs``), uploaded
+  once; each tile sets its pairs to ``-inf`` with one indexed write on the device.
 * **Exact merge.** Each tile's top-k comes from ``torch.topk`` on the scores; a query
   whose k-th score is tied with an unselected entry of the tile is redone with a
   composite int64 key (ordered float bits, then the complement of the row), so ties go
@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from starkret.index.topk import Exclude, Exclusions
 
 __all__ = ["RESIDENT_FRACTION", "DeviceSearcher", "device_search"]
 
@@ -196,11 +198,13 @@ class DeviceSearcher:
 
     # ==== search ====
 
-    def search(self, queries: np.ndarray, k: int, *, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, exclude: Exclusions | Exclude = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` ``(scores, rows)`` per query, as :func:`starkret.topk` returns them.
 
-        ``exclude``: global rows never returned, one collection for all queries or one
-        per query (what :func:`starkret.topk` takes).
+        ``exclude``: global rows never returned, an :class:`~starkret.index.topk.Exclusions`
+        or any form :func:`starkret.topk` takes.
         """
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.dim:
@@ -213,7 +217,8 @@ class DeviceSearcher:
         out_r = np.full((n, k), -1, np.int64)
         if n == 0 or self.count == 0:
             return out_s, out_r
-        pairs = _exclusion_pairs(exclude, n)
+        exclusions = Exclusions.parse(exclude, n)
+        pairs = exclusions.pairs(n) if exclusions is not None else None
         self._ensure_resident()
         chunk, tile_rows = self._plan(n)
         with self.torch.inference_mode():
@@ -267,7 +272,7 @@ def device_search(
     parts: Sequence[np.ndarray] | np.ndarray,
     k: int,
     *,
-    exclude=None,
+    exclude: Exclusions | Exclude = None,
     device: str = "cuda",
     **options,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -346,34 +351,6 @@ def _tile_top_keys(torch, scores, k: int, first: int):
 
 
 # ==== exclusions ====
-
-
-def _exclusion_pairs(exclude, n_queries: int):
-    """Exclusions as ``(query, row)`` int64 arrays sorted by row (``None`` if none)."""
-    if exclude is None:
-        return None
-    if isinstance(exclude, np.ndarray) and exclude.ndim == 2:
-        exclude = list(exclude)
-    items = list(exclude) if not isinstance(exclude, (set, frozenset)) else sorted(exclude)
-    per_query = bool(items) and all(not np.isscalar(e) for e in items)
-    if per_query:
-        if len(items) != n_queries:
-            raise ValueError(
-                f"exclude has {len(items)} per-query collections for {n_queries} queries"
-            )
-        rows_list = [np.fromiter((int(r) for r in e), np.int64) for e in items]
-        qs = np.repeat(np.arange(n_queries, dtype=np.int64), [len(r) for r in rows_list])
-        rows = np.concatenate(rows_list) if rows_list else np.zeros(0, np.int64)
-    else:
-        shared = np.unique(np.asarray(items, dtype=np.int64))
-        qs = np.repeat(np.arange(n_queries, dtype=np.int64), len(shared))
-        rows = np.tile(shared, n_queries)
-    keep = rows >= 0
-    qs, rows = qs[keep], rows[keep]
-    if rows.size == 0:
-        return None
-    order = np.argsort(rows, kind="stable")
-    return qs[order], rows[order]
 
 
 def _chunk_pairs(torch, pairs, first_query: int, n: int, device):

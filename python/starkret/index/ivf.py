@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret.index.topk import Exclusions
+
 __all__ = [
     "INDEX_FILE",
     "TARGET_RECALL",
@@ -81,18 +83,17 @@ def choose_codes(count: int, dim: int, budget: int) -> str:
     )
 
 
-def rerank(parts, queries: np.ndarray, candidates: np.ndarray, k: int, banned=None):
+def rerank(
+    parts, queries: np.ndarray, candidates: np.ndarray, k: int, exclude: Exclusions | None = None
+):
     """Exact top-``k`` among each query's candidate rows (``-1`` = none).
 
     Scores are float32 dot products with the float16 rows widened exactly; ties rank
-    the lower row first. ``banned``: one set of rows per query (or None).
+    the lower row first. ``exclude``: rows never returned.
     """
     cand = np.asarray(candidates, np.int64)
-    if banned is not None:
-        cand = cand.copy()
-        for j, ban in enumerate(banned):
-            if ban:
-                cand[j, np.isin(cand[j], list(ban))] = -1
+    if exclude is not None:
+        cand = np.where(exclude.mask(cand), -1, cand)
     return best_of(candidate_scores(parts, queries, cand), cand, k)
 
 
@@ -159,17 +160,22 @@ class IvfIndex:
             raise FileNotFoundError(f"{path} not found: re-run build-index --kind ivf")
         return cls(faiss.read_index(str(path)), parts, infos)
 
-    def search(self, queries: np.ndarray, k: int, *, exclude=None, candidates: int | None = None):
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude: Exclusions | None = None,
+        candidates: int | None = None,
+    ):
         """Top-``k`` ``(scores, global rows)``; exact scores, approximate candidate set."""
-        from starkret.index.topk import per_query_exclusions
-
         q = np.ascontiguousarray(queries, np.float32)
-        banned = per_query_exclusions(exclude, len(q))
-        extra = max((len(b) for b in banned), default=0) if banned else 0
+        exclude = Exclusions.parse(exclude, len(q))  # an Exclusions: only checked
+        extra = exclude.largest() if exclude is not None else 0
         want = max(candidates or self.candidates, k) + extra
         want = min(want, max(1, self.parts.count))
         _, ids = self.index.search(q, want)
-        return rerank(self.parts, q, ids, k, banned)
+        return rerank(self.parts, q, ids, k, exclude)
 
 
 def build_ivf(

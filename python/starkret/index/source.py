@@ -117,10 +117,10 @@ class SourceIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, global rows) per query; rows are -1 where fewer exist.
 
-        ``exclude``: global rows never returned (any form :func:`~starkret.index.topk.split_exclude`
-        reads, or :class:`~starkret.index.topk.Exclusions`). ``exact=True`` scans exactly
-        whatever the index kind; the function is :func:`~starkret.index.exact.searcher`'s
-        choice for the kind and ``device``.
+        ``exclude``: global rows never returned (any form
+        :meth:`~starkret.index.topk.Exclusions.parse` reads, or an ``Exclusions``).
+        ``exact=True`` scans exactly whatever the index kind; the function is
+        :func:`~starkret.index.exact.searcher`'s choice for the kind and ``device``.
         """
         queries = np.ascontiguousarray(queries, np.float32)
         exclusions = Exclusions.parse(exclude, len(queries))
@@ -141,12 +141,16 @@ def _faiss_search(index: SourceIndex, queries, k, exclude: Exclusions | None, **
     rows = _faiss_ids_to_rows(ids, order, index.parts.offsets)
     if exclude is None:
         return scores[:, :k], rows[:, :k]
-    out_s = np.full((len(rows), k), -np.inf, np.float32)
-    out_r = np.full((len(rows), k), -1, np.int64)
-    for q, row in enumerate(rows):
-        keep = np.flatnonzero((row >= 0) & ~np.isin(row, exclude.of_query(q)))[:k]
-        out_s[q, : len(keep)] = scores[q, keep]
-        out_r[q, : len(keep)] = row[keep]
+    keep = (rows >= 0) & ~exclude.mask(rows)
+    # kept hits first, in rank order; the rest becomes padding
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(keep, order, 1)
+    out_s = np.where(kept, np.take_along_axis(scores, order, 1), -np.inf).astype(np.float32)
+    out_r = np.where(kept, np.take_along_axis(rows, order, 1), -1)
+    if out_s.shape[1] < k:  # faiss returned fewer columns than asked for
+        pad = k - out_s.shape[1]
+        out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        out_r = np.pad(out_r, ((0, 0), (0, pad)), constant_values=-1)
     return out_s, out_r
 
 
@@ -176,8 +180,6 @@ def _device_search(index: SourceIndex, queries, k, exclude: Exclusions | None, *
     if device not in searchers:  # parts stay resident on the device between calls
         torch_device = "cpu" if device == "torch-cpu" else device  # the GPU code, run on CPU
         searchers[device] = DeviceSearcher(index.parts.arrays, device=torch_device)
-    if exclude is not None:
-        exclude = exclude.shared if exclude.per_query is None else list(exclude.per_query)
     return searchers[device].search(queries, k, exclude=exclude)
 
 

@@ -8,7 +8,7 @@ collection on disk can be searched with a few hundred MB of RAM.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,6 @@ __all__ = [
     "Exclusions",
     "count_above",
     "merge_topk",
-    "split_exclude",
     "topk",
     "topk_parts",
 ]
@@ -115,7 +114,6 @@ def topk_parts(
     options: dict[str, object] = {"threads": threads}
     exclusions = Exclusions.parse(exclude, q.shape[0])
     if exclusions is not None:
-        exclusions.check(q.shape[0])
         options.update(exclusions.core_options())
     views = [a.view(np.uint16) if a.dtype == np.float16 else a for a in arrays]
     return _core.topk_search_parts(q, views, k, **options)
@@ -245,7 +243,9 @@ def _id_array(ids: Iterable[int], what: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
-# ==== Exclusions: the one parser ====
+# ==== Exclusions: the one form, and its one parser ====
+
+_NO_ROWS = np.zeros(0, np.int64)
 
 
 def _is_row(item: object) -> bool:
@@ -256,62 +256,108 @@ def _is_key(item: object) -> bool:
     return isinstance(item, str)
 
 
-def split_exclude(exclude, n_queries: int, *, keys: bool = False):
-    """The shape of an ``exclude`` argument: ``None``, ``("shared", items)`` (one
-    collection for every query) or ``("per_query", [items, ...])`` (one per query).
-
-    Items are row ids, or image keys with ``keys=True``. This is the only place that
-    reads the shape, so :func:`topk`, ``SourceIndex.search`` and ``ImageDB.search``
-    accept the same forms: a set, list, tuple or 1-D array of items; a sequence of
-    ``n_queries`` such collections; or a 2-D array (one row per query).
-    """
-    if exclude is None:
-        return None
-    is_item = _is_key if keys else _is_row
-    what = "keys" if keys else "row ids"
-    if isinstance(exclude, (str, bytes)):
-        raise TypeError(
-            f"exclude must be a collection of {what}, not a single {type(exclude).__name__}"
-        )
-    if isinstance(exclude, np.ndarray):
-        if exclude.ndim == 2:
-            items = list(exclude)
-        elif exclude.ndim <= 1:
-            return ("shared", exclude.reshape(-1))
-        else:
-            raise ValueError(f"exclude must be 1-D or 2-D, got shape {exclude.shape}")
-    elif isinstance(exclude, (set, frozenset)):
-        return ("shared", exclude)
-    else:
-        items = list(exclude)
-    if not items or all(is_item(i) for i in items):
-        return ("shared", items)
-    if any(is_item(i) or isinstance(i, (str, bytes)) for i in items):
-        raise TypeError(
-            f"exclude mixes single {what} and collections; give one collection for all "
-            "queries or one per query"
-        )
-    if len(items) != n_queries:
-        raise ValueError(f"exclude has {len(items)} per-query collections for {n_queries} queries")
-    return ("per_query", items)
+#: Per source name, every row of each key found: ``rows_of(keys) -> {key: rows}``.
+RowsOfKeys = Callable[[list[str]], Mapping[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
 class Exclusions:
-    """Row ids never to return: ``shared`` for every query, or one array per query."""
+    """Row ids never to return: ``shared`` for every query, or one array per query.
+
+    The one form exclusions take between modules: what a caller gives (a set, list or
+    array of rows; one such collection per query; image keys) is read once, at the API
+    boundary, by :meth:`parse` or :meth:`of_keys`, and every search (exact, ivf, faiss,
+    torch device) takes the result.
+
+    >>> Exclusions.parse({3, 1}, n_queries=2).of_query(1).tolist()
+    [1, 3]
+    >>> Exclusions.parse([[0], [2, 5]], n_queries=2).pairs(2)
+    (array([0, 1, 1]), array([0, 2, 5]))
+    """
 
     shared: np.ndarray | None = None
     per_query: tuple[np.ndarray, ...] | None = None
 
+    # ==== reading what callers give ====
+
     @classmethod
     def parse(cls, exclude, n_queries: int) -> Exclusions | None:
-        """Row ids given in any form :func:`split_exclude` reads (or an ``Exclusions``)."""
-        if exclude is None or isinstance(exclude, Exclusions):
+        """Row ids given as one collection (set, list, tuple, 1-D array) for every query,
+        a sequence of ``n_queries`` collections (or a 2-D array), or an ``Exclusions``."""
+        if exclude is None:
+            return None
+        if isinstance(exclude, Exclusions):
+            exclude.check(n_queries)
             return exclude
-        shape, items = split_exclude(exclude, n_queries)
+        shape, items = cls._split(exclude, n_queries, keys=False)
         if shape == "shared":
-            return cls(shared=_id_array(items, "exclude"))
+            rows = _id_array(items, "exclude")
+            return cls(shared=np.unique(rows) if isinstance(items, (set, frozenset)) else rows)
         return cls(per_query=tuple(_id_array(e, f"exclude[{i}]") for i, e in enumerate(items)))
+
+    @classmethod
+    def of_keys(
+        cls, exclude, n_queries: int, sources: Mapping[str, RowsOfKeys]
+    ) -> dict[str, Exclusions] | None:
+        """Image keys (one collection for every query, or one per query) as the rows of
+        every source that hold them: ``{source name: Exclusions}``.
+
+        ``sources`` maps each source name to its key lookup (every row of each key).
+        """
+        if exclude is None:
+            return None
+        shape, items = cls._split(exclude, n_queries, keys=True)
+        collections = [items] if shape == "shared" else items
+        wanted = sorted({str(key) for keys in collections for key in keys})
+        out = {}
+        for name, rows_of in sources.items():
+            found = rows_of(wanted) if wanted else {}
+
+            def rows(keys, found=found) -> np.ndarray:
+                hits = [found[str(key)] for key in keys if str(key) in found]
+                return np.unique(np.concatenate(hits)) if hits else _NO_ROWS
+
+            if shape == "shared":
+                out[name] = cls(shared=rows(items))
+            else:
+                out[name] = cls(per_query=tuple(rows(keys) for keys in items))
+        return out
+
+    @staticmethod
+    def _split(exclude, n_queries: int, *, keys: bool):
+        """``("shared", items)`` (one collection for every query) or ``("per_query",
+        [items, ...])``; items are row ids, or image keys with ``keys=True``."""
+        is_item = _is_key if keys else _is_row
+        what = "keys" if keys else "row ids"
+        if isinstance(exclude, (str, bytes)):
+            raise TypeError(
+                f"exclude must be a collection of {what}, not a single {type(exclude).__name__}"
+            )
+        if isinstance(exclude, np.ndarray):
+            if exclude.ndim == 2:
+                items = list(exclude)
+            elif exclude.ndim <= 1:
+                return ("shared", exclude.reshape(-1))
+            else:
+                raise ValueError(f"exclude must be 1-D or 2-D, got shape {exclude.shape}")
+        elif isinstance(exclude, (set, frozenset)):
+            return ("shared", exclude)
+        else:
+            items = list(exclude)
+        if not items or all(is_item(i) for i in items):
+            return ("shared", items)
+        if any(is_item(i) or isinstance(i, (str, bytes)) for i in items):
+            raise TypeError(
+                f"exclude mixes single {what} and collections; give one collection for all "
+                "queries or one per query"
+            )
+        if len(items) != n_queries:
+            raise ValueError(
+                f"exclude has {len(items)} per-query collections for {n_queries} queries"
+            )
+        return ("per_query", items)
+
+    # ==== reading it ====
 
     def of_query(self, q: int) -> np.ndarray:
         """The rows excluded for query ``q``."""
@@ -329,18 +375,54 @@ class Exclusions:
                 f"exclude has {len(self.per_query)} per-query collections for {n_queries} queries"
             )
 
+    def union(self, other: Exclusions | None, n_queries: int) -> Exclusions:
+        """Rows excluded by either."""
+        if other is None:
+            return self
+        if self.per_query is None and other.per_query is None:
+            return Exclusions(shared=np.union1d(self.shared, other.shared))
+        return Exclusions(
+            per_query=tuple(
+                np.union1d(self.of_query(q), other.of_query(q)) for q in range(n_queries)
+            )
+        )
+
+    def pairs(self, n_queries: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every exclusion as ``(query, row)`` int64 arrays sorted by row (rows < 0
+        dropped), or None if there is none: what a tiled scan masks tile by tile."""
+        if self.per_query is None:
+            shared = np.unique(self.shared)
+            queries = np.repeat(np.arange(n_queries, dtype=np.int64), len(shared))
+            rows = np.tile(shared, n_queries)
+        else:
+            self.check(n_queries)
+            sizes = [len(e) for e in self.per_query]
+            queries = np.repeat(np.arange(n_queries, dtype=np.int64), sizes)
+            rows = np.concatenate([_NO_ROWS, *self.per_query])
+        keep = rows >= 0
+        queries, rows = queries[keep], rows[keep]
+        if rows.size == 0:
+            return None
+        order = np.argsort(rows, kind="stable")
+        return queries[order], rows[order]
+
+    def mask(self, rows: np.ndarray) -> np.ndarray:
+        """For a ``(q, m)`` array of rows (one line per query), where they are excluded."""
+        rows = np.asarray(rows, np.int64)
+        if self.per_query is None:
+            return np.isin(rows, self.shared)
+        self.check(rows.shape[0])
+        pairs = self.pairs(rows.shape[0])
+        if pairs is None:
+            return np.zeros(rows.shape, bool)
+        # one int64 per (query, row): query * stride + row, rows in [0, stride)
+        stride = int(max(int(rows.max(initial=0)), int(pairs[1][-1]))) + 1
+        banned = pairs[0] * stride + pairs[1]
+        queries = np.arange(rows.shape[0], dtype=np.int64)[:, None]
+        return (rows >= 0) & np.isin(queries * stride + rows, banned)
+
     def core_options(self) -> dict[str, object]:
         """Keyword arguments of the Rust search."""
         if self.per_query is None:
             return {"exclude": self.shared}
         return {"exclude_per_query": list(self.per_query)}
-
-
-def per_query_exclusions(exclude, n_queries: int) -> list[set[int]] | None:
-    """``exclude`` (None, one collection of rows for all queries, or one per query) as
-    one set per query (read by :func:`~starkret.index.topk.split_exclude`)."""
-    parsed = Exclusions.parse(exclude, n_queries)
-    if parsed is None:
-        return None
-    parsed.check(n_queries)
-    return [set(parsed.of_query(q).tolist()) for q in range(n_queries)]

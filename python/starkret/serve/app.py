@@ -24,7 +24,7 @@ that is not one of the DB's inputs.
 from __future__ import annotations
 
 import asyncio
-import collections
+import concurrent.futures
 import math
 import os
 from importlib import resources
@@ -36,12 +36,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from starkret.index.db import Hit, ImageDB
-from starkret.serve.batcher import Batcher, _Job, _top_k_per_source
-from starkret.serve.conversations import Conversations, select_for_conversation
+from starkret.align.choice import Choice, Rule, choose
+from starkret.defaults import DEFAULTS
+from starkret.index.db import Hit, ImageDB, Results
+from starkret.serve.batcher import Batcher, _Job
+from starkret.serve.conversations import Conversations
 from starkret.serve.middleware import _Guard, _Stats
 from starkret.serve.schema import (
     MAX_BODY_BYTES,
+    MAX_FETCH,
     MAX_K,
     MAX_QUERIES,
     MAX_TEXT,
@@ -100,9 +103,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             fail(422, f"{what} has norm {norm}: it needs a direction")
         return (a / norm).astype(np.float32)
 
-    async def run_search(
-        queries: list, k: int, sources, exclude: list[set[str]] | None
-    ) -> list[list[Hit]]:
+    def make_job(queries: list, k: int, sources, done, **options) -> _Job:
         texts, text_pos, vecs, vec_pos = [], [], [], []
         for i, q in enumerate(queries):
             if isinstance(q, str):
@@ -111,6 +112,12 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             else:
                 vecs.append(check_vector(q, f"query {i}"))
                 vec_pos.append(i)
+        vectors = np.stack(vecs) if vecs else None
+        return _Job(texts, text_pos, vectors, vec_pos, k, sources, done, **options)
+
+    async def run_search(
+        queries: list, k: int, sources, exclude_keys: tuple[str, ...] = ()
+    ) -> list[list[Hit]]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -125,18 +132,22 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
 
             loop.call_soon_threadsafe(settle)
 
-        job = _Job(
-            texts,
-            text_pos,
-            np.stack(vecs) if vecs else None,
-            vec_pos,
-            k,
-            sources,
-            exclude if exclude is not None else [set() for _ in queries],
-            done,
-        )
-        state["batcher"].submit(job)
+        state["batcher"].submit(make_job(queries, k, sources, done, exclude_keys=exclude_keys))
         return await future
+
+    def search_blocking(queries: list, k: int, sources, exclude_rows) -> Results:
+        """The batcher's arrays for ``queries``, waited for (from a worker thread)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(result) -> None:
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        job = make_job(queries, k, sources, done, exclude_rows=exclude_rows, arrays=True)
+        state["batcher"].submit(job)
+        return future.result()
 
     def hit_out(h: Hit) -> dict:
         return {
@@ -233,8 +244,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
     async def search(body: SearchRequest) -> JSONResponse:
         """Top ``k`` hits of every source (or of ``sources``) for each query."""
         sources = check_sources(body.sources)
-        exclude = None if body.exclude is None else [set(body.exclude)] * len(body.queries)
-        found = await run_search(body.queries, body.k, sources, exclude)
+        found = await run_search(body.queries, body.k, sources, tuple(body.exclude or ()))
         results = []
         for q, hits in enumerate(found):
             per_source: dict[str, list[dict]] = {s: [] for s in (sources or db.sources)}
@@ -287,58 +297,58 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             fail(422, "empty: no moments, no <RET> turn and no [Sharing Image] line")
         if len(moments) > MAX_QUERIES:
             fail(422, f"too many moments: {len(moments)} (limit {MAX_QUERIES})")
-        threshold = config.near_duplicate_threshold
         min_score = config.min_score if body.min_score is None else body.min_score
+        rule = Rule("episode", config.near_duplicate_threshold, min_score)
+        queries = [m["query"] for m in moments]
         with conversations.lock:
             conv = conversations.get(body.conversation_id)
-            shown_keys = {r["key"] for r in conv.shown.values()}
-        fetch = [max(config.k_per_source, m["k"]) * config.overfetch for m in moments]
-        while True:
-            k = min(max(fetch), MAX_K * 4)
-            found = await run_search(
-                [m["query"] for m in moments],
-                k,
-                sources,
-                [shown_keys] * len(moments),
-            )
-            cand_vectors = [_hit_vectors(db, hits) for hits in found]
+        async with conv.turn:
             with conversations.lock:
                 conv = conversations.get(body.conversation_id)
-                choice = select_for_conversation(
-                    found,
-                    cand_vectors,
-                    [m["k"] for m in moments],
-                    set(conv.shown),
-                    list(conv.vectors.values()),
-                    threshold=threshold,
-                    min_score=min_score,
-                )
-                starved = [
-                    outcome == "exhausted"
-                    and any(n >= k for n in collections.Counter(h.source for h in hits).values())
-                    for (_, outcome), hits in zip(choice, found, strict=True)
-                ]
-                if any(starved) and k < MAX_K * 4:
-                    fetch = [f * 2 for f in fetch]
-                    continue
+                shown, shown_rows = conv.shown_images(db.sources, db.dim)
+
+            def search(group: np.ndarray, k: int) -> Results:
+                return search_blocking([queries[i] for i in group], k, sources, shown_rows)
+
+            choice = await asyncio.to_thread(
+                choose,
+                db,
+                np.zeros(len(moments), np.uint64),  # the conversation is one episode
+                np.array([m["k"] for m in moments], np.int64),
+                search,
+                rule=rule,
+                k_per_source=config.k_per_source,
+                overfetch=config.overfetch,
+                max_fetch=MAX_FETCH,
+                shown=shown,
+            )
+            per_source_top = choice.candidates.first_per_source(
+                config.k_per_source, len(db.sources)
+            )
+            hits = await asyncio.to_thread(_hits_of, db, choice, per_source_top)
+            with conversations.lock:
+                conv = conversations.get(body.conversation_id)
                 alignments = []
-                for m, hits, vecs, (picked, outcome) in zip(
-                    moments, found, cand_vectors, choice, strict=True
-                ):
+                start = 0
+                for j, m in enumerate(moments):
                     chosen = []
-                    for p in picked:
+                    for n in range(start, start + int(choice.counts[j])):
+                        p = int(choice.picked[n])
                         record = {**hit_out(hits[p]), "moment_id": m["moment_id"]}
-                        conversations.remember(conv, (hits[p].source, hits[p].row), record, vecs[p])
+                        image = (hits[p].source, hits[p].row)
+                        conversations.remember(conv, image, record, choice.picked_vectors[n])
                         chosen.append(image_out(record))
+                    start += int(choice.counts[j])
                     conv.moments += 1
+                    a, b = choice.candidates.offsets[j : j + 2].tolist()
                     per_source: dict[str, list[dict]] = {s: [] for s in (sources or db.sources)}
-                    for h in _top_k_per_source(hits, config.k_per_source):
-                        per_source[h.source].append(image_out(hit_out(h)))
+                    for i in (a + np.flatnonzero(per_source_top[a:b])).tolist():
+                        per_source[hits[i].source].append(image_out(hit_out(hits[i])))
                     alignments.append(
                         {
                             "moment_id": m["moment_id"],
                             "description": m["description"],
-                            "status": outcome,
+                            "status": choice.status(j),
                             "images": chosen,
                             "candidates": per_source,
                         }
@@ -424,7 +434,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         if body.indice_name is not None and body.indice_name not in ("all", ""):
             sources = check_sources([body.indice_name])
         query = body.text if body.text is not None else body.embedding_input
-        found = await run_search([query], body.num_images, sources, None)
+        found = await run_search([query], body.num_images, sources)
         hits = sorted(found[0], key=lambda h: -h.score)[: body.num_images]
         base = str(request.base_url).rstrip("/")
         return [
@@ -449,22 +459,24 @@ def image_path(source: str, key: str) -> str:
     return f"/image/{quote(source, safe='')}/{quote(key, safe='/')}"
 
 
-def _hit_vectors(db: ImageDB, hits: list[Hit]) -> np.ndarray:
-    out = np.zeros((len(hits), db.dim), np.float32)
-    by_source: dict[str, list[int]] = {}
-    for n, h in enumerate(hits):
-        by_source.setdefault(h.source, []).append(n)
-    for source, positions in by_source.items():
-        out[positions] = db.vectors(source, [hits[p].row for p in positions])
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.where(norms > 0, norms, 1)
+def _hits_of(db: ImageDB, choice: Choice, shown: np.ndarray) -> dict[int, Hit]:
+    """Hits (metadata read) of the candidates an answer holds: ``shown`` ones and picked
+    ones, by flat candidate index."""
+    needed = shown.copy()
+    needed[choice.picked] = True
+    idx = np.flatnonzero(needed)
+    cands = choice.candidates
+    one_per_line = Results(
+        cands.sources[idx, None].astype(np.int16), cands.rows[idx, None], cands.scores[idx, None]
+    )
+    return {int(i): h[0] for i, h in zip(idx.tolist(), db.hits(one_per_line), strict=True)}
 
 
 def serve(
     db_path: str | os.PathLike,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8080,
+    host: str = DEFAULTS.host,
+    port: int = DEFAULTS.port,
     config: ServeConfig | None = None,
     embedder=None,
 ) -> None:

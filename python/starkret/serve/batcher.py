@@ -5,12 +5,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from starkret.index.db import Hit, ImageDB
+from starkret.index.db import ImageDB
+from starkret.index.topk import Exclusions
 from starkret.serve.middleware import _Stats
 from starkret.serve.schema import ServeConfig
 
@@ -25,8 +27,13 @@ class _Job:
     vector_positions: list[int]
     k: int
     sources: tuple[str, ...] | None
-    exclude: list[set[str]]
     done: Any  # a callable(result | exception)
+    #: Image keys none of the job's queries may return.
+    exclude_keys: tuple[str, ...] = ()
+    #: Per source name, rows none of the job's queries may return.
+    exclude_rows: Mapping[str, np.ndarray] | None = None
+    #: Answer with :class:`Results` arrays instead of one list of hits per query.
+    arrays: bool = False
     size: int = 0
 
 
@@ -35,8 +42,9 @@ class Batcher:
 
     ``submit`` hands a request's queries to the queue; a worker takes the first job,
     waits at most ``wait_ms`` for more (up to ``max_batch`` queries), encodes all texts
-    in one batch, and runs one ``ImageDB.search`` per group of jobs asking for the same
-    sources, with ``k`` the largest asked for and per-query exclusions.
+    in one batch, and runs one ``ImageDB.search_arrays`` per group of jobs asking for the
+    same sources, with ``k`` the largest asked for and per-query exclusions; each job
+    gets the top ``k`` of every source it asked for.
     """
 
     def __init__(self, db: ImageDB, config: ServeConfig, stats: _Stats) -> None:
@@ -100,14 +108,13 @@ class Batcher:
             groups.setdefault(job.sources, []).append(n)
         for sources, members in groups.items():
             try:
-                rows = [vectors[n] for n in members]
-                k = max(jobs[n].k for n in members)
-                exclude = [e for n in members for e in jobs[n].exclude]
-                hits = self.db.search(
-                    np.concatenate(rows),
-                    k=k,
+                group = [jobs[n] for n in members]
+                results = self.db.search_arrays(
+                    np.concatenate([vectors[n] for n in members]),
+                    max(job.k for job in group),
                     sources=None if sources is None else list(sources),
-                    exclude=exclude if any(exclude) else None,
+                    exclude=_key_exclusions(group),
+                    exclude_rows=_row_exclusions(group),
                     device=self.config.device,
                     threads=self.config.threads,
                 )
@@ -115,13 +122,16 @@ class Batcher:
                 for n in members:
                     jobs[n].done(exc)
                 continue
-            self.stats.batch(len(hits))
+            self.stats.batch(len(results.rows))
             start = 0
-            for n in members:
-                job = jobs[n]
-                mine = hits[start : start + job.size]
+            for job in group:
+                mine = results.slice(start, start + job.size).first_per_source(job.k)
                 start += job.size
-                job.done([_top_k_per_source(h, job.k) for h in mine])
+                try:
+                    answer = mine if job.arrays else self.db.hits(mine)
+                except Exception as exc:  # metadata unreadable: this job fails, not the batch
+                    answer = exc
+                job.done(answer)
 
     def _encode(self, jobs: list[_Job]) -> list[np.ndarray]:
         texts = [t for job in jobs for t in job.texts]
@@ -138,12 +148,26 @@ class Batcher:
         return out
 
 
-def _top_k_per_source(hits: list[Hit], k: int) -> list[Hit]:
-    seen: dict[str, int] = {}
-    out = []
-    for h in hits:
-        n = seen.get(h.source, 0)
-        if n < k:
-            out.append(h)
-            seen[h.source] = n + 1
-    return out
+def _key_exclusions(jobs: list[_Job]) -> list[tuple[str, ...]] | None:
+    """The jobs' excluded keys, one collection per query (None if there are none)."""
+    if not any(job.exclude_keys for job in jobs):
+        return None
+    return [job.exclude_keys for job in jobs for _ in range(job.size)]
+
+
+def _row_exclusions(jobs: list[_Job]) -> dict[str, Exclusions] | None:
+    """The jobs' excluded rows, per source, one array per query (None if there are none)."""
+    names = {name for job in jobs for name in (job.exclude_rows or {})}
+    if not names:
+        return None
+    none = np.zeros(0, np.int64)
+    return {
+        name: Exclusions(
+            per_query=tuple(
+                np.asarray((job.exclude_rows or {}).get(name, none), np.int64)
+                for job in jobs
+                for _ in range(job.size)
+            )
+        )
+        for name in names
+    }

@@ -1,7 +1,12 @@
-"""Conversations the service has shown images to, and its choice for their moments."""
+"""Conversations the service has shown images to.
+
+The choice for a conversation's moments is the aligner's (:func:`starkret.align.choice.choose`),
+the conversation being one episode whose earlier turns' images are already shown.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
@@ -9,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from starkret.index.db import Hit
+from starkret.align.choice import Shown, image_ids
 
 # ==== Conversations ====
 
@@ -20,6 +25,22 @@ class _Conversation:
     vectors: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     moments: int = 0
     touched: float = field(default_factory=time.monotonic)
+    #: Held by the one /align request of this conversation that is choosing: turns are
+    #: chosen one after the other, each seeing the images the one before showed.
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def shown_images(self, sources: list[str], dim: int) -> tuple[Shown, dict[str, np.ndarray]]:
+        """The images shown so far, for the choice (episode 0), and their rows per source."""
+        number = {name: i for i, name in enumerate(sources)}
+        images = [image for image in self.shown if image[0] in number]
+        source = np.array([number[s] for s, _ in images], np.int64)
+        rows = np.array([r for _, r in images], np.int64)
+        vectors = np.zeros((len(images), dim), np.float32)
+        for i, image in enumerate(images):
+            vectors[i] = self.vectors[image]
+        shown = Shown(np.zeros(len(images), np.uint64), image_ids(source, rows), vectors)
+        per_source = {name: rows[source == i] for name, i in number.items() if (source == i).any()}
+        return shown, per_source
 
 
 class Conversations:
@@ -70,52 +91,3 @@ class Conversations:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-# ==== Alignment with conversation state ====
-
-
-def select_for_conversation(
-    candidates: list[list[Hit]],
-    vectors: list[np.ndarray],
-    ks: list[int],
-    shown_ids: set[tuple[str, int]],
-    shown_vectors: list[np.ndarray],
-    *,
-    threshold: float,
-    min_score: float,
-) -> list[tuple[list[int], str]]:
-    """The aligner's choice for one conversation's moments, in order.
-
-    Same rules as :class:`starkret.Aligner` with ``reuse="episode"`` (its spec is
-    :func:`starkret.testing.reference_select`), the episode being the whole conversation:
-    images shown earlier (``shown_ids``) are never reused and images within
-    ``threshold`` cosine of one shown (``shown_vectors``) are near duplicates.
-    """
-    used = set(shown_ids)
-    chosen = [np.asarray(v, np.float32) for v in shown_vectors]
-    out = []
-    for hits, cand_vectors, k in zip(candidates, vectors, ks, strict=True):
-        picked: list[int] = []
-        outcome = "exhausted"
-        for i, h in enumerate(hits):
-            if len(picked) >= k:
-                break
-            if h.score < min_score:
-                outcome = "below_threshold"
-                break
-            image = (h.source, h.row)
-            if image in used:
-                continue
-            v = cand_vectors[i]
-            if i and float(np.max(cand_vectors[:i] @ v)) >= threshold:
-                continue
-            if chosen and float(np.max(np.stack(chosen) @ v)) >= threshold:
-                continue
-            picked.append(i)
-            used.add(image)
-            chosen.append(v)
-        if len(picked) >= k:
-            outcome = "ok"
-        out.append((picked, outcome))
-    return out

@@ -7,7 +7,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from starkret.defaults import DEFAULTS
+
 MAX_K = 100
+#: Most candidates per source one /align moment's search may grow to.
+MAX_FETCH = 4 * MAX_K
 #: Most queries (or moments) in one request.
 MAX_QUERIES = 256
 #: Longest text query, in characters (CLIP truncates to 77 tokens anyway).
@@ -22,14 +26,14 @@ MAX_EXCLUDE = 10_000
 class ServeConfig:
     """Service settings (the ``starkret serve`` options)."""
 
-    device: str = "cpu"
-    workers: int = 1  # batcher threads searching in parallel
-    batch_wait_ms: float = 3.0
-    max_batch: int = 256
-    min_score: float = 0.2
-    near_duplicate_threshold: float = 0.94
-    k_per_source: int = 5
-    overfetch: int = 4
+    device: str = DEFAULTS.device
+    workers: int = DEFAULTS.workers  # batcher threads searching in parallel
+    batch_wait_ms: float = DEFAULTS.batch_wait_ms
+    max_batch: int = DEFAULTS.max_batch
+    min_score: float = DEFAULTS.min_score
+    near_duplicate_threshold: float = DEFAULTS.near_duplicate_threshold
+    k_per_source: int = DEFAULTS.k_per_source
+    overfetch: int = DEFAULTS.overfetch
     max_conversations: int = 10_000
     conversation_ttl_s: float = 3600.0
     max_shown_per_conversation: int = 1000
@@ -58,7 +62,9 @@ class SearchRequest(BaseModel):
         description="image descriptions, or query vectors of the DB's dimension "
         f"(at most {MAX_QUERIES})",
     )
-    k: int = Field(5, ge=1, le=MAX_K, description=f"hits per source (1 to {MAX_K})")
+    k: int = Field(
+        DEFAULTS.k_per_source, ge=1, le=MAX_K, description=f"hits per source (1 to {MAX_K})"
+    )
     sources: Annotated[list[SourceName], Field(max_length=256)] | None = Field(
         None, description="only these sources (default: all)"
     )

@@ -31,9 +31,10 @@ _METADATA = re.compile(r"^metadata_(\d+)\.parquet$")
 MERGE_CAP = 1 << 22
 
 
-def key_hashes(keys: Sequence[str]) -> np.ndarray:
-    """64-bit hashes of ``keys`` (Python's string hash: fast, and stable within a process,
-    which is all this needs since the set is rebuilt by every process)."""
+def process_local_hashes(keys: Sequence[str]) -> np.ndarray:
+    """64-bit hashes of ``keys`` that hold in this process only: Python's string hash,
+    salted per process (fast, and all this needs since every process rebuilds the set).
+    Not :func:`starkret._core.key_hashes`, the stable hashes the on-disk key index uses."""
     return np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys)).view(np.uint64)
 
 
@@ -65,14 +66,14 @@ class KeySet:
         """Record the keys of ``part``, just written by this worker."""
         self._loaded.add(part)
         if len(keys):
-            self._push(self._packed(key_hashes(keys), part))
+            self._push(self._packed(process_local_hashes(keys), part))
 
     def first_parts(self, keys: Sequence[str]) -> list[int | None]:
         """For every key, the lowest finished part that holds it, or None."""
         found: list[int | None] = [None] * len(keys)
         if not self._runs or not len(keys):
             return found
-        wanted = key_hashes(keys) & _HASH_MASK
+        wanted = process_local_hashes(keys) & _HASH_MASK
         candidates: dict[int, set[int]] = {}  # part -> positions in keys
         for run in self._runs:
             lo = np.searchsorted(run, wanted, side="left")

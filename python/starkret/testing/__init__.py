@@ -187,19 +187,27 @@ def write_manifest(
     (Path(folder) / "starkret.json").write_text(json.dumps(manifest))
 
 
-def reference_select(moments, *, reuse: str, threshold: float, min_score: float, used=()):
+def reference_select(
+    moments, *, reuse: str, threshold: float, min_score: float, used=(), shown=None
+):
     """A straightforward Python version of the aligner's choice (the Rust code's spec).
 
     ``moments``: dicts with ``episode``, ``k``, ``ids``, ``scores`` (best first) and
-    ``vectors`` (one unit row per candidate). Returns ``(picked indices, outcome)`` per
-    moment with outcome ``"ok"``, ``"below_threshold"`` or ``"exhausted"``.
+    ``vectors`` (one unit row per candidate). ``used``: ids already used anywhere (for
+    ``reuse="global"``); ``shown``: ``{episode: [(id, vector), ...]}``, images episodes
+    showed before these moments (used and chosen there). Returns ``(picked indices,
+    outcome)`` per moment with outcome ``"ok"``, ``"below_threshold"`` or ``"exhausted"``.
     """
+    shown = shown or {}
     out = []
     episode, used_episode, chosen = None, set(), []
-    used_global = set(used)
+    used_global = set(used) | {cid for images in shown.values() for cid, _ in images}
     for m in moments:
         if m["episode"] != episode:
-            episode, used_episode, chosen = m["episode"], set(), []
+            episode = m["episode"]
+            before = shown.get(episode, [])
+            used_episode = {cid for cid, _ in before}
+            chosen = [np.asarray(v, np.float32) for _, v in before]
         picked, outcome = [], "exhausted"
         for i, (cid, score) in enumerate(zip(m["ids"], m["scores"], strict=True)):
             if len(picked) >= m["k"]:
