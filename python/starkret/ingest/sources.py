@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from starkret import _core
+from starkret.errors import InvalidInputError, NotFoundError
 from starkret.ingest.preprocess import ShardBatch, preprocess, preprocess_shards
 from starkret.ingest.shards import DEFAULT_MAX_MEMBER_BYTES, expand_shard_paths
 
@@ -172,9 +173,9 @@ def plan_parts(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
-        raise ValueError("no input given")
+        raise InvalidInputError("no input given")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        raise InvalidInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
     from starkret.ingest.known import KNOWN_SOURCES, img2dataset_format
 
     columns = {"image": image_column, "caption": caption_column, "key": key_column}
@@ -238,7 +239,7 @@ def _folder_parts(root: Path, chunk_size: int, layout: str = "") -> list[Part]:
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        raise NotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
     root_text = os.path.abspath(root)
     return [
         Part(
@@ -358,13 +359,13 @@ def _pick(
 ) -> str | None:
     if wanted is not None:
         if wanted not in names:
-            raise ValueError(f"{path}: no column {wanted!r} ({what}); columns: {names}")
+            raise InvalidInputError(f"{path}: no column {wanted!r} ({what}); columns: {names}")
         return wanted
     for name in candidates:
         if name in names:
             return name
     if required:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: cannot tell which column holds the {what} ({names}); "
             f"name it with --{what}-column"
         )
@@ -379,14 +380,18 @@ def _table_parts(
     root: Path,
     prefix: str,
 ) -> list[Part]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if path.suffix == ".parquet":
-        rows = pq.ParquetFile(path).metadata.num_rows
-        schema = pq.ParquetFile(path).schema_arrow
-    else:
-        table = _open_table(path)
-        rows, schema = table.num_rows, table.schema
+    try:
+        if path.suffix == ".parquet":
+            rows = pq.ParquetFile(path).metadata.num_rows
+            schema = pq.ParquetFile(path).schema_arrow
+        else:
+            table = _open_table(path)
+            rows, schema = table.num_rows, table.schema
+    except pa.ArrowException as exc:  # ArrowInvalid: not parquet / Arrow, or damaged
+        raise InvalidInputError(f"{path}: not a readable table ({exc})"[:300]) from None
     resolved = _resolve_columns(schema, columns, hints, path)
     return [
         Part(

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from starkret.errors import RequestError as RequestError  # its old home: re-exported
+
 MAX_K = 100
 #: Most queries (or moments) in one request.
 MAX_QUERIES = 256
@@ -34,14 +36,6 @@ class ServeConfig:
     conversation_ttl_s: float = 3600.0
     max_shown_per_conversation: int = 1000
     threads: int | None = None
-
-
-class RequestError(ValueError):
-    """A bad request: answered with ``status`` and a one-line reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
 
 
 # ==== Request and response bodies (the OpenAPI schema) ====
