@@ -11,7 +11,7 @@ use std::sync::{Mutex, PoisonError};
 use numpy::{
     PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -19,6 +19,7 @@ mod batches;
 mod cpu;
 mod decode;
 mod dedup;
+mod errors;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -62,9 +63,9 @@ fn split_statuses(statuses: &[preprocess::Status]) -> StatusLists {
 
 fn options(size: usize, mode: &str, max_pixels: u64) -> PyResult<preprocess::Options> {
     if size == 0 {
-        return Err(PyValueError::new_err("size must be positive"));
+        return Err(errors::invalid_input("size must be positive"));
     }
-    let mode = mode.parse().map_err(PyValueError::new_err)?;
+    let mode = mode.parse().map_err(errors::invalid_input)?;
     Ok(preprocess::Options {
         size,
         mode,
@@ -77,7 +78,7 @@ fn table<T: numpy::Element + Copy + Default>(
 ) -> PyResult<[[T; 256]; 3]> {
     let view = lut.as_array();
     if view.shape() != [3, 256] {
-        return Err(PyValueError::new_err(format!(
+        return Err(errors::invalid_input(format!(
             "lut must have shape (3, 256), got {:?}",
             view.shape()
         )));
@@ -98,7 +99,7 @@ fn output_spec(
     lut_f32: Option<PyReadonlyArray2<'_, f32>>,
     lut_f16: Option<PyReadonlyArray2<'_, u16>>,
 ) -> PyResult<(preprocess::Output, [usize; 3])> {
-    let missing = || PyValueError::new_err(format!("output={output:?} needs its lut"));
+    let missing = || errors::invalid_input(format!("output={output:?} needs its lut"));
     Ok(match output {
         "float32" => (
             preprocess::Output::F32(Box::new(table(&lut_f32.ok_or_else(missing)?)?)),
@@ -110,7 +111,7 @@ fn output_spec(
         ),
         "uint8" => (preprocess::Output::U8, [size, size, 3]),
         other => {
-            return Err(PyValueError::new_err(format!(
+            return Err(errors::invalid_input(format!(
                 "output must be float32, float16 or uint8, got {other:?}"
             )))
         }
@@ -178,8 +179,8 @@ fn shard_error(err: shards::ShardError) -> PyErr {
     use shards::ShardError::*;
     let message = err.to_string();
     match err {
-        InvalidPattern { .. } => PyValueError::new_err(message),
-        NoMatch { .. } | NotFound { .. } => PyFileNotFoundError::new_err(message),
+        InvalidPattern { .. } => errors::invalid_input(message),
+        NoMatch { .. } | NotFound { .. } => errors::not_found(message),
         Unreadable { .. } => PyOSError::new_err(message),
     }
 }
@@ -320,7 +321,7 @@ impl PyShardBatches {
         threads: Option<usize>,
     ) -> PyResult<Self> {
         if batch_size == 0 {
-            return Err(PyValueError::new_err("batch_size must be positive"));
+            return Err(errors::invalid_input("batch_size must be positive"));
         }
         let (out, item_shape) = output_spec(output, size, lut_f32, lut_f16)?;
         let opts = batches::BatchOptions {
@@ -436,7 +437,7 @@ fn select_images(
         "global" => dedup::Reuse::Global,
         "none" => dedup::Reuse::None,
         other => {
-            return Err(PyValueError::new_err(format!(
+            return Err(errors::invalid_input(format!(
                 "reuse must be 'episode', 'global' or 'none', got {other:?}"
             )))
         }
@@ -450,10 +451,10 @@ fn select_images(
         scores: scores.as_slice()?,
         vectors: vectors
             .as_slice()
-            .ok_or_else(|| PyValueError::new_err("vectors must be C-contiguous"))?,
+            .ok_or_else(|| errors::invalid_input("vectors must be C-contiguous"))?,
         dim: vectors.shape()[1],
     };
-    let moments = flat.moments().map_err(PyValueError::new_err)?;
+    let moments = flat.moments().map_err(errors::invalid_input)?;
     let used = match &used {
         Some(u) => u.as_slice()?.to_vec(),
         None => Vec::new(),
@@ -465,15 +466,15 @@ fn select_images(
             ids: ids.as_slice()?,
             vectors: vectors
                 .as_slice()
-                .map_err(|_| PyValueError::new_err("shown_vectors must be C-contiguous"))?,
+                .map_err(|_| errors::invalid_input("shown_vectors must be C-contiguous"))?,
         },
         _ => {
-            return Err(PyValueError::new_err(
+            return Err(errors::invalid_input(
                 "give shown_episodes, shown_ids and shown_vectors together, or none of them",
             ))
         }
     };
-    shown.check(flat.dim).map_err(PyValueError::new_err)?;
+    shown.check(flat.dim).map_err(errors::invalid_input)?;
     let params = dedup::Params {
         dim: flat.dim,
         reuse,
@@ -508,7 +509,7 @@ fn exclusion(
 ) -> PyResult<topk::Exclude> {
     Ok(match (global, per_query) {
         (Some(_), Some(_)) => {
-            return Err(PyValueError::new_err(
+            return Err(errors::invalid_input(
                 "give exclude or exclude_per_query, not both",
             ))
         }
@@ -546,7 +547,7 @@ fn part_arrays<'py>(parts: &[Bound<'py, PyAny>]) -> PyResult<Vec<PartRows<'py>>>
         } else if let Ok(a) = part.cast::<PyArray2<u16>>() {
             arrays.push(PartRows::F16(a.readonly()));
         } else {
-            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            return Err(errors::invalid_type(format!(
                 "part {i} must be a 2-D float32 array or float16 bits (uint16)"
             )));
         }
@@ -563,11 +564,11 @@ fn part_databases<'a>(arrays: &'a [PartRows<'_>], d: usize) -> PyResult<Vec<topk
             PartRows::F16(a) => (topk::Rows::F16Bits(a.as_slice()?), a.shape()[1]),
         };
         if part_d != d {
-            return Err(PyValueError::new_err(format!(
+            return Err(errors::invalid_input(format!(
                 "queries have dimension {d}, the database {part_d}"
             )));
         }
-        dbs.push(topk::Database::new(rows, d).map_err(PyValueError::new_err)?);
+        dbs.push(topk::Database::new(rows, d).map_err(errors::invalid_input)?);
     }
     Ok(dbs)
 }
@@ -591,7 +592,7 @@ fn topk_search_parts<'py>(
     let q = queries.as_slice()?;
     let result = py
         .detach(|| topk::search_parts(q, &dbs, k, &exclude, threads.unwrap_or(0)))
-        .map_err(PyValueError::new_err)?;
+        .map_err(errors::invalid_input)?;
     topk_arrays(py, result)
 }
 
@@ -614,7 +615,7 @@ fn count_above_parts<'py>(
     let (q, t) = (queries.as_slice()?, thresholds.as_slice()?);
     let counts = py
         .detach(|| topk::count_above(q, &dbs, t, &exclude, threads.unwrap_or(0)))
-        .map_err(PyValueError::new_err)?;
+        .map_err(errors::invalid_input)?;
     Ok(PyArray1::from_vec(py, counts))
 }
 
@@ -627,7 +628,7 @@ fn merge_topk<'py>(
     k: usize,
 ) -> PyResult<TopKArrays<'py>> {
     if scores.shape() != ids.shape() {
-        return Err(PyValueError::new_err(format!(
+        return Err(errors::invalid_input(format!(
             "scores {:?} and ids {:?} differ in shape",
             scores.shape(),
             ids.shape()
@@ -637,7 +638,7 @@ fn merge_topk<'py>(
     let (s, i) = (scores.as_slice()?, ids.as_slice()?);
     let result = py
         .detach(|| topk::merge(s, i, q, m, k))
-        .map_err(PyValueError::new_err)?;
+        .map_err(errors::invalid_input)?;
     topk_arrays(py, result)
 }
 
@@ -675,11 +676,11 @@ fn string_hashes<'py>(
         let o = o.as_slice()?;
         py.detach(|| keyindex::hash_strings(p, o, bytes))
     } else {
-        return Err(pyo3::exceptions::PyTypeError::new_err(
+        return Err(errors::invalid_type(
             "offsets must be a 1-D int32 or int64 array",
         ));
     }
-    .map_err(PyValueError::new_err)?;
+    .map_err(errors::invalid_input)?;
     Ok(PyArray1::from_vec(py, hashes))
 }
 

@@ -17,6 +17,23 @@ from starkret import _core
 from starkret._version import __version__
 from starkret.align import formats
 from starkret.align.aligner import Aligner, Alignment, Candidate, Moment
+from starkret.errors import (
+    FolderLockError,
+    FormatError,
+    IncompatibleSourcesError,
+    IndexBuildError,
+    InvalidInputError,
+    InvalidTypeError,
+    MissingDependencyError,
+    MissingIndexError,
+    ModelLoadError,
+    NotFoundError,
+    OutputBusyError,
+    OutputExistsError,
+    RequestError,
+    StarkretError,
+    WorkersFailed,
+)
 from starkret.index.build import build_index
 from starkret.index.db import Hit, ImageDB
 from starkret.index.topk import merge_topk, topk, topk_parts
@@ -52,12 +69,27 @@ __all__ = [
     "Candidate",
     "ClipEmbedder",
     "EmbedReport",
+    "FolderLockError",
+    "FormatError",
     "Hit",
     "ImageDB",
+    "IncompatibleSourcesError",
+    "IndexBuildError",
+    "InvalidInputError",
+    "InvalidTypeError",
+    "MissingDependencyError",
+    "MissingIndexError",
+    "ModelLoadError",
     "Moment",
+    "NotFoundError",
+    "OutputBusyError",
+    "OutputExistsError",
     "PreprocessedBatch",
+    "RequestError",
     "Sample",
     "ShardBatch",
+    "StarkretError",
+    "WorkersFailed",
     "__version__",
     "build_index",
     "core_version",

@@ -386,7 +386,7 @@ def test_cli_error_message_names_the_part(shards, tmp_path, capsys, monkeypatch)
     from starkret.cli import commands as cli
 
     def failing(self, options):
-        raise ValueError(f"{self.path}: no column 'image' (image)")
+        raise starkret.InvalidInputError(f"{self.path}: no column 'image' (image)")
         yield
 
     monkeypatch.setattr(sources.Part, "batches", failing)

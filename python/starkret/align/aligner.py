@@ -20,6 +20,7 @@ import numpy as np
 
 from starkret.align.choice import OUTCOMES, Candidates, Choice, Rule, choose
 from starkret.defaults import DEFAULTS
+from starkret.errors import InvalidInputError, InvalidTypeError
 from starkret.index.db import ImageDB
 
 __all__ = ["MAX_IMAGES_PER_MOMENT", "Aligner", "Alignment", "Candidate", "Moment"]
@@ -56,27 +57,27 @@ class Moment:
             }
             missing = [f for f in ("episode_id", "moment_id") if f not in known]
             if missing:
-                raise ValueError(f"moment {position} has no {', '.join(missing)}")
+                raise InvalidInputError(f"moment {position} has no {', '.join(missing)}")
             moment = cls(**known)
         else:
-            raise TypeError(f"moment {position} is {type(item).__name__}, expected a dict")
+            raise InvalidTypeError(f"moment {position} is {type(item).__name__}, expected a dict")
         if moment.description is None and moment.vector is None:
-            raise ValueError(
+            raise InvalidInputError(
                 f"moment {position} ({moment.moment_id}) has neither a description nor a vector"
             )
         k = moment.k
         if not _is_integer(k) or not 1 <= k <= MAX_IMAGES_PER_MOMENT:
-            raise ValueError(
+            raise InvalidInputError(
                 f"moment {position} ({moment.moment_id}): k must be an integer from 1 to "
                 f"{MAX_IMAGES_PER_MOMENT} (MAX_IMAGES_PER_MOMENT), got {k!r}"[:200]
             )
         if moment.description is not None and not isinstance(moment.description, str):
-            raise ValueError(
+            raise InvalidInputError(
                 f"moment {position} ({moment.moment_id}): description must be a str, "
                 f"got {type(moment.description).__name__}"
             )
         if not _is_integer(moment.session):
-            raise ValueError(
+            raise InvalidInputError(
                 f"moment {position} ({moment.moment_id}): session must be an int, "
                 f"got {type(moment.session).__name__}"
             )
@@ -172,7 +173,7 @@ class Aligner:
         device: str = DEFAULTS.device,
     ) -> None:
         if reuse not in ("episode", "global", "none"):
-            raise ValueError(f"reuse must be 'episode', 'global' or 'none', got {reuse!r}")
+            raise InvalidInputError(f"reuse must be 'episode', 'global' or 'none', got {reuse!r}")
         for name, value in (
             ("k_per_source", k_per_source),
             ("overfetch", overfetch),
@@ -180,9 +181,9 @@ class Aligner:
             ("chunk_moments", chunk_moments),
         ):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
         if not -1.0 <= near_duplicate_threshold <= 1.0:
-            raise ValueError("near_duplicate_threshold is a cosine: between -1 and 1")
+            raise InvalidInputError("near_duplicate_threshold is a cosine: between -1 and 1")
         self.db, self.k_per_source, self.min_score = db, k_per_source, float(min_score)
         self.threshold, self.reuse = float(near_duplicate_threshold), reuse
         self.overfetch, self.max_fetch, self.chunk_moments = overfetch, max_fetch, chunk_moments

@@ -42,6 +42,7 @@ from starkret.align.formats import (
     read_episodes,
     stark_fields,
 )
+from starkret.errors import InvalidInputError, NotFoundError, OutputExistsError
 from starkret.index.db import ImageDB
 
 __all__ = ["STATE_SUFFIX", "AlignReport", "align_file", "check_writable_output"]
@@ -147,7 +148,7 @@ def check_writable_output(
         info = os.stat(path)
     except FileNotFoundError:
         if not path.parent.is_dir():
-            raise FileNotFoundError(f"{path}: folder {path.parent} does not exist") from None
+            raise NotFoundError(f"{path}: folder {path.parent} does not exist") from None
         return
     for other in inputs:
         try:
@@ -155,11 +156,13 @@ def check_writable_output(
         except FileNotFoundError:
             continue
         if (info.st_dev, info.st_ino) == (other_info.st_dev, other_info.st_ino):
-            raise ValueError(f"{path} is the same file as {other}: refusing to write over it")
+            raise InvalidInputError(
+                f"{path} is the same file as {other}: refusing to write over it"
+            )
     if not stat.S_ISREG(info.st_mode):
-        raise FileExistsError(f"{path} exists and is not a regular file: refusing to write it")
+        raise OutputExistsError(f"{path} exists and is not a regular file: refusing to write it")
     if info.st_size > 0 and not is_ours(path):
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{path} exists and is not {mark}: refusing to overwrite it "
             "(choose another output or remove the file)"
         )
@@ -262,14 +265,14 @@ def align_file(
     from starkret.align.stark import DEFAULT_FILL
 
     if keys not in ("stark", "db"):
-        raise ValueError(f"keys must be 'stark' or 'db', got {keys!r}")
+        raise InvalidInputError(f"keys must be 'stark' or 'db', got {keys!r}")
     fill = DEFAULT_FILL if fill is None else tuple(fill)
     started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
-        raise FileNotFoundError(f"dialogue file not found: {input_path}")
+        raise NotFoundError(f"dialogue file not found: {input_path}")
     if not input_path.is_file():
-        raise ValueError(f"{input_path} is not a file")
+        raise InvalidInputError(f"{input_path} is not a file")
     aligner = aligner or Aligner(db)
     records_path = output_path.with_name(output_path.name + ".images.jsonl")
     _claim_outputs(input_path, output_path, records_path)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from starkret.align.formats import FormatError, iter_jsonl, parse_ultron_output
+from starkret.errors import InvalidInputError
 from starkret.index.db import ImageDB
 from starkret.index.topk import count_above
 
@@ -50,9 +51,9 @@ def retrieval_metrics(ranks: Sequence[int]) -> EvalResult:
     """Recall@1/5/10 and MRR (x100) from 1-based ranks of the ground truth."""
     r = np.asarray(ranks, dtype=np.float64)
     if r.size == 0:
-        raise ValueError("no pairs to evaluate")
+        raise InvalidInputError("no pairs to evaluate")
     if (r < 1).any():
-        raise ValueError("ranks are 1-based")
+        raise InvalidInputError("ranks are 1-based")
     return EvalResult(
         recall_at_1=float((r <= 1).mean() * 100),
         recall_at_5=float((r <= 5).mean() * 100),
@@ -105,7 +106,7 @@ def evaluate(
     locations = [db.locate(key, names) for key in keys]
     missing = [k for k, loc in zip(keys, locations, strict=True) if loc is None]
     if missing:
-        raise ValueError(
+        raise InvalidInputError(
             f"{len(missing)} ground-truth keys are not in the gallery, e.g. {missing[:3]}"
         )
     ranks = []

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from starkret.errors import FormatError, InvalidTypeError
+
 __all__ = [
     "Episode",
     "FormatError",
@@ -52,10 +54,6 @@ _NOISE = re.compile(
     r"<\|[^|>]*\|>|</?s>|<pad>|<unk>|<eos>|<bos>|\[(?:PAD|CLS|SEP|UNK)\]", re.IGNORECASE
 )
 _SHARING = re.compile(r"\[\s*sharing\s+image\s*\]", re.IGNORECASE)
-
-
-class FormatError(ValueError):
-    """Malformed dialogue data; the message names the file, line and episode."""
 
 
 # ==== Untrusted JSON ====
@@ -194,7 +192,7 @@ def parse_ultron_output(text: str) -> str | None:
     ('a red bike', None)
     """
     if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
+        raise InvalidTypeError(f"text must be a str, got {type(text).__name__}")
     ret = _RET.search(text)
     if ret is None:
         return None
@@ -228,7 +226,7 @@ def find_sharing_moments(dialogue_text: str) -> list[SharingMoment]:
     [SharingMoment(line=2, speaker='B', description='a beach at dusk')]
     """
     if not isinstance(dialogue_text, str):
-        raise TypeError(f"dialogue_text must be a str, got {type(dialogue_text).__name__}")
+        raise InvalidTypeError(f"dialogue_text must be a str, got {type(dialogue_text).__name__}")
     out = []
     for number, line in enumerate(dialogue_text.splitlines(), start=1):
         tag = _SHARING.search(line)

@@ -10,18 +10,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from starkret.defaults import DEFAULTS
-from starkret.store.claims import FolderLockError
-
-# Errors a user can fix; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (
-    FolderLockError,
-    ValueError,
-    TypeError,
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
-    ImportError,
+from starkret.errors import (
+    InvalidInputError,
+    MissingDependencyError,
+    NotFoundError,
+    StarkretError,
+    WorkersFailed,
 )
+
+# Errors a user can fix: starkret's own, and the OS refusing a path the user named (a
+# file that is not there, or not theirs to read or write). Anything else is a bug and
+# keeps its traceback.
+_USER_ERRORS = (StarkretError, FileNotFoundError, FileExistsError, PermissionError)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, json_help: str | None = None) -> None:
@@ -44,7 +44,7 @@ def _apply_common(args: argparse.Namespace) -> None:
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads <= 0:
-            raise ValueError(f"--threads must be a positive number, got {threads}")
+            raise InvalidInputError(f"--threads must be a positive number, got {threads}")
         os.environ["RAYON_NUM_THREADS"] = str(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         import torch
@@ -78,7 +78,7 @@ def _find_benches() -> Path:
     for path in candidates:
         if (path / "run.py").is_file():
             return path
-    raise FileNotFoundError(
+    raise NotFoundError(
         "benches/run.py not found: run `starkret bench` from a starkret source checkout "
         "or set STARKRET_BENCHES to its benches/ folder"
     )
@@ -186,8 +186,6 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from starkret.ingest.localworkers import WorkersFailed
-
     try:
         report = _embed(args)
     except WorkersFailed as exc:  # device workers died with parts left: a rerun finishes
@@ -204,7 +202,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             what = f"all {report.total_failed:,} samples failed"
         else:
             what = "the inputs hold no samples"
-        raise ValueError(
+        raise InvalidInputError(
             f"nothing was embedded into {args.output}: {what} "
             f"(reasons in {Path(args.output) / 'failures'})"
         )
@@ -433,13 +431,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from starkret.serve.app import serve
         from starkret.serve.schema import ServeConfig
-    except ImportError as exc:
-        raise ImportError(
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] == "starkret":
+            raise  # our own module is missing: a bug, not an extra to install
+        raise MissingDependencyError(
             f"starkret serve needs fastapi and uvicorn ({exc}): pip install 'starkret[serve]'"
         ) from exc
 
     if args.workers < 1 or args.max_batch < 1 or args.batch_wait_ms < 0:
-        raise ValueError("--workers and --max-batch must be at least 1, --batch-wait-ms >= 0")
+        raise InvalidInputError(
+            "--workers and --max-batch must be at least 1, --batch-wait-ms >= 0"
+        )
     config = ServeConfig(
         device=args.device,
         workers=args.workers,

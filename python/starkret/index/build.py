@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret.errors import IndexBuildError, InvalidInputError, MissingDependencyError
 from starkret.index.exact import (
     Parts,
     embedding_parts,
@@ -79,7 +80,7 @@ def build_index(
     >>> build_index("db/cc12m", kind="auto")  # doctest: +SKIP
     """
     if kind not in ("auto", "exact", "autofaiss", "ivf"):
-        raise ValueError(f"kind must be 'auto', 'exact', 'ivf' or 'autofaiss', got {kind!r}")
+        raise InvalidInputError(f"kind must be 'auto', 'exact', 'ivf' or 'autofaiss', got {kind!r}")
     source_dir = Path(source_dir)
     manifest = _manifest(source_dir)
     if kind != "exact":  # autofaiss reads files in name order: pad a pre-padding folder's names
@@ -174,7 +175,7 @@ def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
     try:
         from autofaiss import build_index as autofaiss_build
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             "kind='autofaiss' needs the autofaiss extra: pip install 'starkret[autofaiss]' "
             "(it pins numpy<2, pyarrow<18 and faiss-cpu 1.9.0.post1 for autofaiss 2.18); "
             "or use kind='exact'"
@@ -196,7 +197,7 @@ def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
         verbose=logging.WARNING,
     )
     if not tmp_index.exists():
-        raise RuntimeError(
+        raise IndexBuildError(
             f"autofaiss built no index for {source_dir} (memory budget {memory}, "
             f"{_available_memory()} available; its log above says why): lower "
             "max_index_memory_usage, or use kind='exact'"

@@ -22,6 +22,8 @@ import json
 import os
 from pathlib import Path
 
+from starkret.errors import InvalidInputError, MissingIndexError, OutputExistsError
+
 __all__ = ["adopt_index", "link_for_clip_back"]
 
 
@@ -74,16 +76,16 @@ def link_for_clip_back(source_dir: str | os.PathLike) -> Path:
     source_dir = Path(source_dir)
     infos = _infos(source_dir)
     if infos is None or infos.get("kind") == "exact":
-        raise ValueError(
+        raise MissingIndexError(
             f"{source_dir} has no faiss index (clip back needs one): run "
             "`starkret build-index --kind autofaiss` on it first"
         )
     index_file = source_dir / "index" / infos.get("index_file", "knn.index")
     if not index_file.is_file():
-        raise FileNotFoundError(f"{index_file} not found: rebuild the index of {source_dir}")
+        raise MissingIndexError(f"{index_file} not found: rebuild the index of {source_dir}")
     order = infos.get("faiss_order")
     if order is not None and list(order) != sorted(order):
-        raise ValueError(
+        raise InvalidInputError(
             f"{source_dir}: its index numbers rows in another order than clip back reads "
             "the metadata (it was built before part names were zero-padded); rebuild it "
             "with `starkret build-index`"
@@ -94,7 +96,7 @@ def link_for_clip_back(source_dir: str | os.PathLike) -> Path:
     if link.is_symlink() or link.exists():
         if link.is_symlink() and os.readlink(link) == target:
             return link
-        raise FileExistsError(f"{link} exists and is not starkret's link to {target}")
+        raise OutputExistsError(f"{link} exists and is not starkret's link to {target}")
     tmp = source_dir / ".image.index.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target)
@@ -133,7 +135,7 @@ def adopt_index(source_dir: str | os.PathLike) -> dict:
     candidates = [source_dir / "index" / "knn.index", source_dir / "image.index"]
     found = [p for p in candidates if p.is_file()]
     if not found:
-        raise ValueError(
+        raise MissingIndexError(
             f"no faiss index in {source_dir} (looked for index/knn.index and image.index)"
         )
     reasons = []
@@ -164,4 +166,4 @@ def adopt_index(source_dir: str | os.PathLike) -> dict:
         tmp.write_text(json.dumps(infos, indent=2))
         os.replace(tmp, index_dir / "infos.json")
         return infos
-    raise ValueError(f"cannot use the index found in {source_dir}: {'; '.join(reasons)}")
+    raise InvalidInputError(f"cannot use the index found in {source_dir}: {'; '.join(reasons)}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from starkret.defaults import DEFAULTS
+from starkret.errors import IncompatibleSourcesError, InvalidInputError, InvalidTypeError
 from starkret.index.source import SourceIndex, source_dirs
 from starkret.index.topk import Exclusions
 from starkret.store.images import ImageReader, part_input
@@ -120,7 +121,7 @@ class ImageDB:
         for idx in indices[1:]:
             for field in _SAME_SPACE:
                 if idx.manifest.get(field) != first.get(field):
-                    raise ValueError(
+                    raise IncompatibleSourcesError(
                         f"{idx.source_dir} was embedded with {field}={idx.manifest.get(field)!r} "
                         f"but {indices[0].source_dir} with {first.get(field)!r}: their vectors "
                         "cannot be searched together"
@@ -129,7 +130,7 @@ class ImageDB:
         for idx in indices:
             name = idx.manifest["source"]
             if name in sources:
-                raise ValueError(
+                raise IncompatibleSourcesError(
                     f"two folders hold source {name!r}: {idx.source_dir} and "
                     f"{sources[name].index.source_dir}"
                 )
@@ -169,11 +170,11 @@ class ImageDB:
     def encode(self, queries: Sequence[str] | np.ndarray) -> np.ndarray:
         """Queries as unit float32 vectors: texts through the text tower, vectors checked."""
         if isinstance(queries, str):
-            raise TypeError("queries must be a sequence of strings or an (n, dim) array")
+            raise InvalidTypeError("queries must be a sequence of strings or an (n, dim) array")
         if isinstance(queries, np.ndarray) or (len(queries) and not isinstance(queries[0], str)):
             vectors = np.asarray(queries, dtype=np.float32)
             if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-                raise ValueError(
+                raise InvalidInputError(
                     f"query vectors must have shape (n, {self.dim}) for this DB "
                     f"({self.manifest['model']}), got {vectors.shape}"
                 )
@@ -230,7 +231,7 @@ class ImageDB:
         names = list(self._sources) if sources is None else list(sources)
         for name in names:
             if name not in self._sources:
-                raise ValueError(f"unknown source {name!r}; this DB has {self.sources}")
+                raise InvalidInputError(f"unknown source {name!r}; this DB has {self.sources}")
         n = len(vectors)
         by_key = Exclusions.of_keys(
             exclude, n, {name: self._sources[name].rows_of for name in names}
@@ -362,4 +363,4 @@ class ImageDB:
 
 def _check_k(k: object) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+        raise InvalidInputError(f"k must be a positive int, got {k!r}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret.errors import InvalidInputError, MissingIndexError
 from starkret.index.topk import Exclusions, topk_parts
 
 __all__ = [
@@ -41,7 +42,7 @@ def embedding_parts(source_dir: str | os.PathLike) -> list[Path]:
     folder = Path(source_dir) / "img_emb"
     parts = sorted(folder.glob("img_emb_*.npy"), key=_part_number)
     if not parts:
-        raise FileNotFoundError(f"no embeddings in {folder}: run embed-shards first")
+        raise MissingIndexError(f"no embeddings in {folder}: run embed-shards first")
     return parts
 
 
@@ -125,7 +126,9 @@ def searcher(kind: str, device: str) -> SearchFn:
         if key in _SEARCHERS:
             return _SEARCHERS[key]
     known = sorted({d for _, d in _SEARCHERS})
-    raise ValueError(f"no search for a {kind!r} index on device {device!r} (devices: {known})")
+    raise InvalidInputError(
+        f"no search for a {kind!r} index on device {device!r} (devices: {known})"
+    )
 
 
 def _exact(index, queries, k, exclude, *, threads=None, **_):

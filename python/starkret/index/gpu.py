@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from starkret.errors import InvalidInputError
 from starkret.index.topk import Exclude, Exclusions
 
 __all__ = ["RESIDENT_FRACTION", "DeviceSearcher", "device_search"]
@@ -79,13 +80,13 @@ class DeviceSearcher:
             raise ValueError("no parts to search")
         dims = {int(p.shape[1]) for p in self.parts}
         if len(dims) != 1:
-            raise ValueError(f"parts have different dimensions: {sorted(dims)}")
+            raise InvalidInputError(f"parts have different dimensions: {sorted(dims)}")
         self.dim = dims.pop()
         sizes = [int(p.shape[0]) for p in self.parts]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.count = int(self.offsets[-1])
         if self.count >= 1 << 32:
-            raise ValueError(f"{self.count} rows: device search handles < 2**32 rows")
+            raise InvalidInputError(f"{self.count} rows: device search handles < 2**32 rows")
         self.cuda = self.device.type == "cuda"
         self._query_chunk, self._tile_rows = query_chunk, tile_rows
         self._resident_wanted = resident
@@ -208,9 +209,9 @@ class DeviceSearcher:
         """
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must have shape (n, {self.dim}), got {q.shape}")
+            raise InvalidInputError(f"queries must have shape (n, {self.dim}), got {q.shape}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+            raise InvalidInputError(f"k must be a positive int, got {k!r}")
         k = int(k)
         n = q.shape[0]
         out_s = np.full((n, k), -np.inf, np.float32)

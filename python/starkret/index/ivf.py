@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret.errors import InvalidInputError, MissingIndexError
 from starkret.index.topk import Exclusions
 
 __all__ = [
@@ -57,7 +58,7 @@ def parse_bytes(text: str | int) -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)I?B?\s*", str(text).upper())
     if not m:
-        raise ValueError(f"memory size {text!r}: expected e.g. '16GB' or '500MB'")
+        raise InvalidInputError(f"memory size {text!r}: expected e.g. '16GB' or '500MB'")
     scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2)]
     return int(float(m.group(1)) * scale)
 
@@ -77,7 +78,7 @@ def choose_codes(count: int, dim: int, budget: int) -> str:
     for m in (128, 96, 64, 48, 32, 24, 16, 8):
         if dim % m == 0 and count * (m + _ID_BYTES) <= budget:
             return f"PQ{m}"
-    raise ValueError(
+    raise InvalidInputError(
         f"too large: {count:,} vectors do not fit an ivf index in {budget:,} bytes "
         "(the smallest codes take 16 bytes each); raise max_index_memory_usage"
     )
@@ -157,7 +158,7 @@ class IvfIndex:
 
         path = Path(index_dir) / infos.get("index_file", INDEX_FILE)
         if not path.exists():
-            raise FileNotFoundError(f"{path} not found: re-run build-index --kind ivf")
+            raise MissingIndexError(f"{path} not found: re-run build-index --kind ivf")
         return cls(faiss.read_index(str(path)), parts, infos)
 
     def search(
@@ -200,7 +201,7 @@ def build_ivf(
     started = time.perf_counter()
     count, dim = parts.count, int(parts.arrays[0].shape[1])
     if count == 0:
-        raise ValueError(f"empty: {source_dir} has no embeddings to index")
+        raise MissingIndexError(f"empty: {source_dir} has no embeddings to index")
     budget = parse_bytes(max_index_memory_usage)
     nlist = nlist or choose_nlist(count)
     codes = codes or choose_codes(count, dim, budget)

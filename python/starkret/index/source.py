@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret.errors import MissingIndexError, NotFoundError
 from starkret.index.exact import (
     Exclusions,
     Parts,
@@ -30,11 +31,16 @@ _logger = logging.getLogger("starkret")
 def source_dirs(path: str | os.PathLike) -> list[Path]:
     """The embedded sources at ``path``: itself if it is one, else its sub-folders that are."""
     root = Path(path)
+    if not root.is_dir():
+        what = "it is not a folder" if root.exists() else "it does not exist"
+        raise NotFoundError(f"no embedded sources under {root}: {what}")
     if (root / "starkret.json").exists():
         return [root]
     dirs = sorted(p.parent for p in root.glob("*/starkret.json"))
     if not dirs:
-        raise FileNotFoundError(f"no embedded sources (*/starkret.json) under {root}")
+        raise MissingIndexError(
+            f"no embedded sources (*/starkret.json) under {root}: run embed-shards first"
+        )
     return dirs
 
 
@@ -43,11 +49,13 @@ def _manifest(source_dir: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise MissingIndexError(
             f"{path} not found: {source_dir} is not an embed-shards output"
         ) from None
     if not manifest.get("complete"):
-        raise ValueError(f"{source_dir} is not completely embedded: re-run embed-shards first")
+        raise MissingIndexError(
+            f"{source_dir} is not completely embedded: re-run embed-shards first"
+        )
     return manifest
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from starkret import _core
+from starkret.errors import InvalidInputError, InvalidTypeError
 
 __all__ = [
     "Exclude",
@@ -73,7 +74,7 @@ def topk(
     db = _open_database(database)
     q = _as_queries(queries)
     if q.shape[1] != db.shape[1]:
-        raise ValueError(
+        raise InvalidInputError(
             f"queries have dimension {q.shape[1]} but the database rows have {db.shape[1]}"
         )
     return topk_parts(q, [db], k, exclude=exclude, threads=threads)
@@ -102,11 +103,11 @@ def topk_parts(
     """
     arrays = [_open_database(p) for p in parts]
     if not arrays:
-        raise ValueError("the database has no parts")
+        raise InvalidInputError("the database has no parts")
     q = _as_queries(queries)
     for i, a in enumerate(arrays):
         if a.shape[1] != q.shape[1]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"queries have dimension {q.shape[1]} but the rows of part {i} have {a.shape[1]}"
             )
     k = _check_k(k)
@@ -140,11 +141,11 @@ def count_above(
     """
     arrays = [_open_database(p) for p in parts]
     if not arrays:
-        raise ValueError("the database has no parts")
+        raise InvalidInputError("the database has no parts")
     q = _as_queries(queries)
     thresholds = np.ascontiguousarray(thresholds, np.float32).reshape(-1)
     if len(thresholds) != len(q):
-        raise ValueError(f"{len(thresholds)} thresholds for {len(q)} queries")
+        raise InvalidInputError(f"{len(thresholds)} thresholds for {len(q)} queries")
     _check_threads(threads)
     views = [a.view(np.uint16) if a.dtype == np.float16 else a for a in arrays]
     return _core.count_above_parts(q, views, thresholds, threads=threads).astype(np.int64)
@@ -169,19 +170,19 @@ def merge_topk(
     """
     k = _check_k(k)
     if not parts:
-        raise ValueError("merge_topk needs at least one (scores, ids) part")
+        raise InvalidInputError("merge_topk needs at least one (scores, ids) part")
     scores, ids = [], []
     for i, (s, d) in enumerate(parts):
         s, d = np.asarray(s), np.asarray(d)
         if s.ndim != 2 or s.shape != d.shape:
-            raise ValueError(
+            raise InvalidInputError(
                 f"part {i}: scores {s.shape} and ids {d.shape} must be 2-D of equal shape"
             )
         scores.append(s.astype(np.float32, copy=False))
         ids.append(d.astype(np.int64, copy=False))
     rows = {s.shape[0] for s in scores}
     if len(rows) != 1:
-        raise ValueError(f"parts have different numbers of queries: {sorted(rows)}")
+        raise InvalidInputError(f"parts have different numbers of queries: {sorted(rows)}")
     return _core.merge_topk(
         np.ascontiguousarray(np.concatenate(scores, axis=1)),
         np.ascontiguousarray(np.concatenate(ids, axis=1)),
@@ -193,19 +194,19 @@ def _open_database(database: np.ndarray | str | os.PathLike[str]) -> np.ndarray:
     if isinstance(database, (str, os.PathLike)):
         database = np.load(os.fspath(database), mmap_mode="r", allow_pickle=False)
     if not isinstance(database, np.ndarray):
-        raise TypeError(
+        raise InvalidTypeError(
             f"database must be a numpy array or the path of a .npy file, "
             f"got {type(database).__name__}"
         )
     if database.dtype not in _DB_DTYPES:
-        raise TypeError(f"database must be float16 or float32, got {database.dtype}")
+        raise InvalidTypeError(f"database must be float16 or float32, got {database.dtype}")
     if database.ndim != 2:
-        raise ValueError(f"database must be 2-D (n, d), got shape {database.shape}")
+        raise InvalidInputError(f"database must be 2-D (n, d), got shape {database.shape}")
     if database.shape[1] == 0:
-        raise ValueError("database rows must have at least one dimension")
+        raise InvalidInputError("database rows must have at least one dimension")
     if not database.flags.c_contiguous:
         # A copy of a large collection could exhaust memory; the caller decides.
-        raise ValueError(
+        raise InvalidInputError(
             "database must be C-contiguous (row-major); pass np.ascontiguousarray(database) "
             "if a copy of it fits in memory"
         )
@@ -215,23 +216,23 @@ def _open_database(database: np.ndarray | str | os.PathLike[str]) -> np.ndarray:
 def _as_queries(queries: np.ndarray) -> np.ndarray:
     queries = np.asarray(queries)
     if not np.issubdtype(queries.dtype, np.floating):
-        raise TypeError(f"queries must be floating point, got {queries.dtype}")
+        raise InvalidTypeError(f"queries must be floating point, got {queries.dtype}")
     if queries.ndim != 2:
-        raise ValueError(f"queries must be 2-D (q, d), got shape {queries.shape}")
+        raise InvalidInputError(f"queries must be 2-D (q, d), got shape {queries.shape}")
     return np.ascontiguousarray(queries, dtype=np.float32)
 
 
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+        raise InvalidTypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise InvalidInputError(f"k must be at least 1, got {k}")
     return int(k)
 
 
 def _check_threads(threads: int | None) -> None:
     if threads is not None and (isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        raise InvalidInputError(f"threads must be a positive int or None, got {threads!r}")
 
 
 def _id_array(ids: Iterable[int], what: str) -> np.ndarray:
@@ -239,7 +240,7 @@ def _id_array(ids: Iterable[int], what: str) -> np.ndarray:
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{what} must hold integer row ids, got {array.dtype} {array.shape}")
+        raise InvalidTypeError(f"{what} must hold integer row ids, got {array.dtype} {array.shape}")
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
@@ -330,7 +331,7 @@ class Exclusions:
         is_item = _is_key if keys else _is_row
         what = "keys" if keys else "row ids"
         if isinstance(exclude, (str, bytes)):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"exclude must be a collection of {what}, not a single {type(exclude).__name__}"
             )
         if isinstance(exclude, np.ndarray):
@@ -339,7 +340,7 @@ class Exclusions:
             elif exclude.ndim <= 1:
                 return ("shared", exclude.reshape(-1))
             else:
-                raise ValueError(f"exclude must be 1-D or 2-D, got shape {exclude.shape}")
+                raise InvalidInputError(f"exclude must be 1-D or 2-D, got shape {exclude.shape}")
         elif isinstance(exclude, (set, frozenset)):
             return ("shared", exclude)
         else:
@@ -347,12 +348,12 @@ class Exclusions:
         if not items or all(is_item(i) for i in items):
             return ("shared", items)
         if any(is_item(i) or isinstance(i, (str, bytes)) for i in items):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"exclude mixes single {what} and collections; give one collection for all "
                 "queries or one per query"
             )
         if len(items) != n_queries:
-            raise ValueError(
+            raise InvalidInputError(
                 f"exclude has {len(items)} per-query collections for {n_queries} queries"
             )
         return ("per_query", items)
@@ -371,7 +372,7 @@ class Exclusions:
 
     def check(self, n_queries: int) -> None:
         if self.per_query is not None and len(self.per_query) != n_queries:
-            raise ValueError(
+            raise InvalidInputError(
                 f"exclude has {len(self.per_query)} per-query collections for {n_queries} queries"
             )
 

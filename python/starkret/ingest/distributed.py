@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from starkret.errors import InvalidInputError, MissingDependencyError
 from starkret.ingest.sources import Part, PreprocessOptions
 from starkret.ingest.towers import ClipEmbedder
 
@@ -112,7 +113,7 @@ def actor_plan(
     count = workers if workers > 1 else max(1, gpus)
     threads = options.threads if options.threads is not None else max(1, cpus // count)
     if threads * count > cpus:
-        raise ValueError(
+        raise InvalidInputError(
             f"{count} Ray workers x {threads} decode threads need {threads * count} CPUs, "
             f"the cluster has {cpus}: lower --threads or --workers"
         )
@@ -141,7 +142,7 @@ def run_on_ray(
         import ray
         from ray.util import ActorPool
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             "Ray is needed for workers > 1 or --ray-address: pip install 'starkret[scale]'"
         ) from exc
     if not ray.is_initialized():

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from starkret.errors import InvalidInputError, OutputBusyError, OutputExistsError
 from starkret.ingest.pipeline import (
     EmbedReport,
     PartRunner,
@@ -80,15 +81,21 @@ def embed(
     """
     started = time.perf_counter()
     if not isinstance(source_name, str) or not source_name or "/" in source_name:
-        raise ValueError(f"source_name must be a non-empty name without '/', got {source_name!r}")
+        raise InvalidInputError(
+            f"source_name must be a non-empty name without '/', got {source_name!r}"
+        )
     for name, value in (("batch_size", batch_size or 1), ("workers", workers)):
         if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
     if devices is not None:  # one child process per device: starkret.ingest.localworkers
         from starkret.ingest.localworkers import resolve_devices
 
         devices = resolve_devices(devices, workers=workers, ray_address=ray_address)
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(
+            f"{out} exists and is not a folder: the output of embed is a folder"
+        )
     parts = plan_parts(
         sources,
         chunk_size=chunk_size,
@@ -99,7 +106,7 @@ def embed(
     )
     plan = [p.describe() for p in parts]
     if len(parts) > MAX_PARTS:
-        raise ValueError(
+        raise InvalidInputError(
             f"{len(parts):,} parts: at most {MAX_PARTS:,} fit one output folder; "
             "use a larger chunk_size or split the inputs over several folders"
         )
@@ -136,7 +143,7 @@ def embed(
         try:
             if overwrite:
                 if others_running:
-                    raise ValueError(
+                    raise OutputBusyError(
                         f"another embed is running on {out}: --overwrite would delete its "
                         "work; wait for it to finish or use another output folder"
                     )

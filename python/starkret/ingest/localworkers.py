@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from starkret import _core
+from starkret.errors import InvalidInputError, WorkersFailed
 from starkret.ingest.distributed import build_embedder, embedder_spec
 from starkret.ingest.pipeline import EmbedReport, PartRunner, _paths
 from starkret.ingest.sources import Part, PreprocessOptions
@@ -76,11 +77,13 @@ def resolve_devices(
     GPU numbers count the GPUs this process sees (as ``torch.cuda`` numbers them).
     """
     if workers > 1 or ray_address is not None:
-        raise ValueError("devices runs local processes; it cannot be combined with Ray workers")
+        raise InvalidInputError(
+            "devices runs local processes; it cannot be combined with Ray workers"
+        )
     entries = devices.split(",") if isinstance(devices, str) else list(devices)
     entries = [str(e).strip().lower() for e in entries]
     if not entries or any(not e for e in entries):
-        raise ValueError(f"devices must list devices (all, 0,1,... or cpu), got {devices!r}")
+        raise InvalidInputError(f"devices must list devices (all, 0,1,... or cpu), got {devices!r}")
     resolved: list[str] = []
     gpus: int | None = None
     for entry in entries:
@@ -91,20 +94,22 @@ def resolve_devices(
             gpus = _gpu_count()
         if entry == "all":
             if len(entries) != 1:
-                raise ValueError(f"'all' cannot be combined with other devices, got {devices!r}")
+                raise InvalidInputError(
+                    f"'all' cannot be combined with other devices, got {devices!r}"
+                )
             if gpus == 0:
-                raise ValueError(
+                raise InvalidInputError(
                     "devices 'all': no GPU is visible (torch.cuda.device_count() is 0); "
                     "use --devices cpu,... to run CPU workers"
                 )
             return [f"cuda:{i}" for i in range(gpus)]
         number = entry.removeprefix("cuda:")
         if not number.isdigit():
-            raise ValueError(
+            raise InvalidInputError(
                 f"unknown device {entry!r} in {devices!r}: use all, GPU numbers (0,1) or cpu"
             )
         if int(number) >= gpus:
-            raise ValueError(
+            raise InvalidInputError(
                 f"no GPU {int(number)}: this machine shows {gpus} "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
             )
@@ -130,14 +135,6 @@ def _visible_device(device: str) -> str:
 
 
 # ==== Parent ====
-
-
-class WorkersFailed(RuntimeError):
-    """Parts were left undone because the device workers died; ``report`` says what was done."""
-
-    def __init__(self, message: str, report: DevicesReport) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclasses.dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starkret.errors import InvalidInputError
+
 __all__ = ["OPENAI_CLIP_NAMES", "normalise_model"]
 
 #: OpenAI ``clip`` package names -> open_clip configs with QuickGELU.
@@ -45,7 +47,7 @@ def normalise_model(model: Any, pretrained: Any, default: Any) -> tuple[Any, Any
         if pretrained is default:
             pretrained = tag
         elif pretrained != tag:
-            raise ValueError(
+            raise InvalidInputError(
                 f"the model name says pretrained={tag!r} but pretrained={pretrained!r} was given"
             )
     return model, pretrained

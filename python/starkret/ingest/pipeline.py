@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret.errors import IncompatibleSourcesError, InvalidInputError, OutputBusyError
 from starkret.ingest.sources import Part, PreprocessOptions
 from starkret.ingest.towers import ClipEmbedder
 from starkret.store.claims import WorkFolder
@@ -151,28 +152,30 @@ def _check_manifest(out: Path, identity: dict, plan: list[str], others_running: 
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is unreadable ({exc}); use --overwrite to start over") from exc
+        raise InvalidInputError(
+            f"{path} is unreadable ({exc}); use --overwrite to start over"
+        ) from exc
     running = f"another embed is running on {out} with different arguments"
     for key in _MUST_MATCH:
         if old.get(key) != identity[key]:
             if others_running:
-                raise ValueError(
+                raise OutputBusyError(
                     f"{running} ({key}={old.get(key)!r}, this run has {identity[key]!r}); "
                     "wait for it to finish or use another output folder"
                 )
-            raise ValueError(
+            raise IncompatibleSourcesError(
                 f"{out} was embedded with {key}={old.get(key)!r}, this run has "
                 f"{identity[key]!r}: embeddings would not be comparable. Use another output "
                 "folder, or --overwrite to start over"
             )
     old_plan = old.get("parts", [])
     if others_running and plan != old_plan:
-        raise ValueError(
+        raise OutputBusyError(
             f"{running} (other inputs); give it the same inputs to help it, "
             "or wait for it to finish"
         )
     if plan[: len(old_plan)] != old_plan:
-        raise ValueError(
+        raise InvalidInputError(
             f"the inputs differ from the first run into {out} (part lists disagree); "
             "use the same inputs (new ones may only be added after the old ones), "
             "another output folder, or --overwrite"

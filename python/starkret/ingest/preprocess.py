@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from starkret import _core
+from starkret.errors import InvalidInputError, InvalidTypeError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -93,7 +94,7 @@ def normalisation_table(
 
 def _as_bytes(images: Sequence[object]) -> list[bytes]:
     if isinstance(images, (bytes, bytearray, memoryview, str)):
-        raise TypeError("images must be a sequence of encoded images, not a single one")
+        raise InvalidTypeError("images must be a sequence of encoded images, not a single one")
     out = []
     for i, item in enumerate(images):
         if isinstance(item, bytes):
@@ -101,7 +102,7 @@ def _as_bytes(images: Sequence[object]) -> list[bytes]:
         elif isinstance(item, (bytearray, memoryview)):
             out.append(bytes(item))
         else:
-            raise TypeError(f"images[{i}] is {type(item).__name__}, expected bytes")
+            raise InvalidTypeError(f"images[{i}] is {type(item).__name__}, expected bytes")
     return out
 
 
@@ -109,19 +110,19 @@ def _check_options(
     size: int, mode: str, dtype: str, threads: int | None, max_pixels: int, layout: str = "chw"
 ) -> None:
     if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+        raise InvalidInputError(f"size must be a positive int, got {size!r}")
     if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        raise InvalidInputError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if layout not in _LAYOUTS:
-        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        raise InvalidInputError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     if layout == "hwc" and dtype != "uint8":
-        raise ValueError(f"layout='hwc' is for dtype='uint8' crops, got dtype={dtype!r}")
+        raise InvalidInputError(f"layout='hwc' is for dtype='uint8' crops, got dtype={dtype!r}")
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        raise InvalidInputError(f"threads must be a positive int or None, got {threads!r}")
     if not isinstance(max_pixels, int) or max_pixels <= 0:
-        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+        raise InvalidInputError(f"max_pixels must be a positive int, got {max_pixels!r}")
 
 
 def preprocess(
@@ -428,9 +429,11 @@ def preprocess_shards(
     _check_options(size, mode, dtype, threads, max_pixels, layout)
     for name, value in (("batch_size", batch_size), ("prefetch", prefetch)):
         if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(max_member_bytes, int) or max_member_bytes <= 0:
-        raise ValueError(f"max_member_bytes must be a positive int, got {max_member_bytes!r}")
+        raise InvalidInputError(
+            f"max_member_bytes must be a positive int, got {max_member_bytes!r}"
+        )
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     files = expand_shard_paths(paths)
     core = _core.ShardBatches(

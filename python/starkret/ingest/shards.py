@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from starkret import _core
 from starkret._core import Sample
+from starkret.errors import InvalidInputError, InvalidTypeError
 from starkret.store.images import DEFAULT_MAX_IMAGE_BYTES
 
 __all__ = [
@@ -43,8 +44,10 @@ def expand_shard_paths(paths: PathPatterns) -> list[str]:
     ['cc12m/00000.tar', 'cc12m/00001.tar', 'cc12m/00002.tar']
 
     Raises:
-        FileNotFoundError: a path does not exist or a glob matches nothing.
-        ValueError: a pattern is malformed (e.g. an unbalanced ``{``), or none is given.
+        NotFoundError: a path does not exist or a glob matches nothing (a
+            ``FileNotFoundError``).
+        InvalidInputError: a pattern is malformed (e.g. an unbalanced ``{``), or none is
+            given (a ``ValueError``).
     """
     patterns = _as_patterns(paths)
     return [os.fspath(p) for p in _core.expand_shard_paths(patterns)]
@@ -130,14 +133,16 @@ def read_shards(
         prefetch: how many samples the background reader may run ahead.
 
     Raises:
-        FileNotFoundError: a shard path does not exist or a glob matches nothing.
-        ValueError: a malformed pattern, no paths, or a non-positive size.
+        NotFoundError: a shard path does not exist or a glob matches nothing (a
+            ``FileNotFoundError``).
+        InvalidInputError: a malformed pattern, no paths, or a non-positive size (a
+            ``ValueError``).
         RuntimeError: while iterating, if the Rust reader thread fails (a bug).
     """
     if max_member_bytes < 1:
-        raise ValueError(f"max_member_bytes must be at least 1, got {max_member_bytes}")
+        raise InvalidInputError(f"max_member_bytes must be at least 1, got {max_member_bytes}")
     if prefetch < 1:
-        raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        raise InvalidInputError(f"prefetch must be at least 1, got {prefetch}")
     shards = expand_shard_paths(paths)
     return ShardIterator(shards, max_member_bytes=max_member_bytes, prefetch=prefetch)
 
@@ -146,11 +151,11 @@ def _as_patterns(paths: PathPatterns) -> list[str]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if isinstance(paths, bytes):
-        raise TypeError("shard paths must be str or os.PathLike, not bytes")
+        raise InvalidTypeError("shard paths must be str or os.PathLike, not bytes")
     patterns = [os.fspath(p) for p in paths]
     if not patterns:
-        raise ValueError("no shard paths given")
+        raise InvalidInputError("no shard paths given")
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise TypeError(f"shard paths must be str or os.PathLike[str], got {pattern!r}")
+            raise InvalidTypeError(f"shard paths must be str or os.PathLike[str], got {pattern!r}")
     return patterns

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from starkret import _core
+from starkret.errors import InvalidInputError, NotFoundError
 from starkret.ingest.preprocess import ShardBatch, preprocess, preprocess_shards
 from starkret.ingest.shards import DEFAULT_MAX_MEMBER_BYTES, expand_shard_paths
 from starkret.store.images import (
@@ -184,9 +185,9 @@ def plan_parts(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
-        raise ValueError("no input given")
+        raise InvalidInputError("no input given")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        raise InvalidInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
     from starkret.ingest.known import KNOWN_SOURCES, img2dataset_format
 
     columns = {"image": image_column, "caption": caption_column, "key": key_column}
@@ -250,7 +251,7 @@ def _folder_parts(root: Path, chunk_size: int, layout: str = "") -> list[Part]:
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        raise NotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
     root_text = os.path.abspath(root)
     return [
         Part(

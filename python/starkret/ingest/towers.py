@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from starkret.errors import InvalidInputError, InvalidTypeError, ModelLoadError, NotFoundError
+
 __all__ = ["DEFAULT_MODEL", "MINI_MODEL", "TINY_MODEL", "ClipEmbedder", "PendingEmbeddings"]
 
 #: The model of the reference setup (Stark): OpenAI CLIP ViT-L/14 at 336 px.
@@ -84,21 +86,23 @@ def _resolve_device(device: str):
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(
+        raise InvalidInputError(
             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
         ) from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but CUDA is not usable in this process")
+        raise InvalidInputError(
+            f"device={device!r} was requested but CUDA is not usable in this process"
+        )
     return resolved
 
 
 def _resolve_precision(precision: str, device) -> str:
     if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+        raise InvalidInputError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision='fp16' is not supported on CPU; use 'fp32' or 'bf16'")
+        raise InvalidInputError("precision='fp16' is not supported on CPU; use 'fp32' or 'bf16'")
     return precision
 
 
@@ -117,27 +121,27 @@ def _resolve_pretrained(open_clip, model: str, pretrained: Any) -> str | None:
         if len(tags) == 1:
             return tags[0]
         if not tags:
-            raise ValueError(
+            raise InvalidInputError(
                 f"open_clip has no pretrained weights registered for {model!r}: pass a local "
                 "checkpoint path as pretrained=..., or pretrained=None for random weights"
             )
-        raise ValueError(
+        raise InvalidInputError(
             f"{model!r} has several pretrained tags ({', '.join(tags)}): "
             "choose one with pretrained=..."
         )
     if not isinstance(pretrained, (str, os.PathLike)):
-        raise TypeError(
+        raise InvalidTypeError(
             f"pretrained must be a tag, a path or None, got {type(pretrained).__name__}"
         )
     pretrained = os.fspath(pretrained)
     if os.path.isdir(pretrained):
-        raise ValueError(
+        raise InvalidInputError(
             f"pretrained={pretrained!r} is a directory; pass the checkpoint file inside it "
             "(e.g. open_clip_pytorch_model.bin or a .pt/.safetensors file)"
         )
     looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))
     if looks_like_path and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
+        raise NotFoundError(f"pretrained checkpoint not found: {pretrained}")
     return pretrained
 
 
@@ -294,16 +298,18 @@ class ClipEmbedder:
         # clip-retrieval's spellings too: open_clip:NAME/TAG, ViT-L/14@336px
         model, pretrained = normalise_model(model, pretrained, MODEL_DEFAULT)
         if not isinstance(model, str) or not model:
-            raise ValueError(f"model must be an open_clip model name, got {model!r}")
+            raise InvalidInputError(f"model must be an open_clip model name, got {model!r}")
         if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+            raise InvalidInputError(f"image_size must be a positive int, got {image_size!r}")
         if batch_size is not None and (
             not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0
         ):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+            raise InvalidInputError(
+                f"batch_size must be a positive int or None, got {batch_size!r}"
+            )
         open_clip = _open_clip()
         if model not in open_clip.list_models():
-            raise ValueError(
+            raise InvalidInputError(
                 f"unknown model {model!r}; see open_clip.list_models() (e.g. {DEFAULT_MODEL!r}, "
                 f"{TINY_MODEL!r})"
             )
@@ -334,7 +340,7 @@ class ClipEmbedder:
                 )
             except RuntimeError as exc:
                 if self.pretrained is not None and not os.path.isfile(self.pretrained):
-                    raise RuntimeError(
+                    raise ModelLoadError(
                         f"could not load weights {self.pretrained!r} for {model!r} ({exc}). "
                         "Without network access, pass a local checkpoint file as pretrained=..."
                     ) from exc
@@ -472,17 +478,17 @@ class ClipEmbedder:
         hwc = tensor.ndim == 4 and shape[1:3] == (size, size) and shape[3] == 3
         if tensor.dtype == torch.uint8:
             if not (chw or hwc):
-                raise ValueError(
+                raise InvalidInputError(
                     f"uint8 pixels must have shape (N, 3, {size}, {size}) or "
                     f"(N, {size}, {size}, 3), got {shape}"
                 )
             return tensor, not chw
         if not tensor.is_floating_point():
-            raise ValueError(
+            raise InvalidInputError(
                 f"pixels must be a float array (normalised) or uint8 crops, got {tensor.dtype}"
             )
         if not chw:
-            raise ValueError(f"pixels must have shape (N, 3, {size}, {size}), got {shape}")
+            raise InvalidInputError(f"pixels must have shape (N, 3, {size}, {size}), got {shape}")
         return tensor, False
 
     def _on_device(self):
@@ -535,11 +541,11 @@ class ClipEmbedder:
 
         out_dtype = _output_dtype(dtype)
         if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be a sequence of strings, not a single string")
+            raise InvalidTypeError("texts must be a sequence of strings, not a single string")
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+                raise InvalidTypeError(f"texts[{i}] is {type(text).__name__}, expected str")
         tokens = self._tokenizer(texts, context_length=self.context_length)
         out = np.empty((len(texts), self.dim), dtype=out_dtype)
         with torch.inference_mode(), self._autocast():
@@ -581,11 +587,13 @@ def _resolve_compile(compile: Any, device) -> tuple[bool, str | None]:
     elif isinstance(compile, str):
         enabled, mode = True, compile
     else:
-        raise TypeError(f"compile must be None, a bool or a torch.compile mode, got {compile!r}")
+        raise InvalidTypeError(
+            f"compile must be None, a bool or a torch.compile mode, got {compile!r}"
+        )
     if enabled and mode is None:
         mode = os.environ.get(COMPILE_MODE_ENV) or None
     if mode is not None and mode not in _COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {_COMPILE_MODES}, got {mode!r}")
+        raise InvalidInputError(f"compile mode must be one of {_COMPILE_MODES}, got {mode!r}")
     return enabled, (mode if enabled else None)
 
 
@@ -681,4 +689,4 @@ def _output_dtype(dtype: str):
     try:
         return _OUTPUT_DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}") from None
+        raise InvalidInputError(f"dtype must be 'float16' or 'float32', got {dtype!r}") from None

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from starkret.defaults import DEFAULTS
+from starkret.errors import RequestError as RequestError  # its old home: re-exported
 
 MAX_K = 100
 #: Most candidates per source one /align moment's search may grow to.
@@ -38,14 +39,6 @@ class ServeConfig:
     conversation_ttl_s: float = 3600.0
     max_shown_per_conversation: int = 1000
     threads: int | None = None
-
-
-class RequestError(ValueError):
-    """A bad request: answered with ``status`` and a one-line reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
 
 
 # ==== Request and response bodies (the OpenAPI schema) ====

@@ -25,16 +25,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from starkret.errors import FolderLockError
+
 __all__ = ["STATE_DIR", "Claim", "FolderLockError", "WorkFolder"]
 
 #: Sub-folder of an output folder holding the lock and claim files.
 STATE_DIR = ".starkret"
 #: What ``flock`` says on a filesystem that cannot lock (some NFS mounts, FUSE, SMB).
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-
-
-class FolderLockError(OSError):
-    """The output folder's filesystem cannot ``flock``, so workers cannot share it safely."""
 
 
 def _flock(fd: int, mode: int, path: Path) -> None:

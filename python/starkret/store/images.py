@@ -28,6 +28,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
+from starkret.errors import InvalidInputError
+
 __all__ = [
     "CAPTION_COLUMNS",
     "DEFAULT_MAX_IMAGE_BYTES",
@@ -192,13 +194,13 @@ def _pick(
 ) -> str | None:
     if wanted is not None:
         if wanted not in names:
-            raise ValueError(f"{path}: no column {wanted!r} ({what}); columns: {names}")
+            raise InvalidInputError(f"{path}: no column {wanted!r} ({what}); columns: {names}")
         return wanted
     for name in candidates:
         if name in names:
             return name
     if required:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: cannot tell which column holds the {what} ({names}); "
             f"name it with --{what}-column"
         )

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret.errors import InvalidInputError, NotFoundError
+
 __all__ = ["COLUMNS", "METADATA_FILE", "Metadata", "metadata_parts", "write_metadata_arrow"]
 
 #: The columns a hit carries (``Hit.key``, ``id``, ``url``, ``caption``).
@@ -154,7 +156,7 @@ class Metadata:
         sizes = [b.num_rows for b in batches]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if offsets[-1] != self.count:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{self.arrow_path} holds {offsets[-1]} rows for {self.count} embeddings: "
                 f"the file is damaged; run `starkret build-index {self.source_dir}` again"
             )
@@ -175,12 +177,12 @@ class Metadata:
         try:
             table = pq.read_table(path, columns=list(COLUMNS))
         except FileNotFoundError:
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"{path} not found: {self.source_dir} is damaged, re-run embed-shards"
             ) from None
         expected = int(self.offsets[part + 1] - self.offsets[part])
         if table.num_rows != expected:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{path}: {table.num_rows} metadata rows for {expected} embeddings of "
                 f"part {part}; the folder is damaged, re-run embed-shards"
             )
