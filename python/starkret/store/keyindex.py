@@ -58,10 +58,6 @@ class KeyIndex:
                 return cls(metadata, hashes, rows)
         return cls(metadata, None, None)
 
-    @property
-    def on_disk(self) -> bool:
-        return isinstance(self._hashes, np.memmap)
-
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._hashes is None:
             warn_unindexed(

@@ -95,11 +95,6 @@ class Metadata:
     def count(self) -> int:
         return int(self.offsets[-1])
 
-    @property
-    def mapped(self) -> bool:
-        """Whether rows come from the memory-mapped Arrow file (else from parquet parts)."""
-        return self.arrow_path is not None
-
     # ==== Reading rows ====
 
     def take(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str] = COLUMNS) -> dict:
