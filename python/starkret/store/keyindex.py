@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from starkret import _core
+from starkret._io import atomic_write
 from starkret.store.metadata import Metadata, warn_unindexed
 
 __all__ = ["HASHES_FILE", "ROWS_FILE", "URL_PREFIX", "KeyIndex", "write_key_index"]
@@ -136,10 +137,7 @@ def write_key_index(source_dir: str | os.PathLike, metadata: Metadata) -> int:
     source_dir = Path(source_dir)
     hashes, rows = build_key_arrays(metadata)
     for name, array in ((HASHES_FILE, hashes), (ROWS_FILE, rows)):
-        path = source_dir / name
-        tmp = path.with_name(f".{path.name}.tmp.npy")
-        np.save(tmp, array)
-        os.replace(tmp, path)
+        atomic_write(source_dir / name, lambda f, a=array: np.save(f, a))
     return metadata.count
 
 
