@@ -185,12 +185,12 @@ class Results:
     def write(self) -> None:
         self.data["budget_s"] = self.budget.seconds
         self.data["used_s"] = round(self.budget.used(), 1)
-        tmp = self.out / "gpu.json.tmp"
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        tmp.replace(self.out / "gpu.json")
-        tmp = self.out / "gpu.md.tmp"
-        tmp.write_text(render_markdown(self.data))
-        tmp.replace(self.out / "gpu.md")
+        from starkret._io import atomic_write_text
+
+        atomic_write_text(
+            self.out / "gpu.json", json.dumps(self.data, indent=1, default=str) + "\n"
+        )
+        atomic_write_text(self.out / "gpu.md", render_markdown(self.data))
 
 
 def _fmt(value, digits: int = 1) -> str:

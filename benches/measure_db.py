@@ -29,7 +29,7 @@ DIM = 768
 def make(
     folder: Path, source: str, rows: int, part_size: int, seed: int, link: Path | None = None
 ) -> None:
-    from starkret.store.layout import part_file
+    from starkret.store.layout import part_file, part_files
     from starkret.testing import write_manifest, write_part
 
     rng = np.random.default_rng(seed)
@@ -53,7 +53,7 @@ def make(
         )
         if link is not None:
             # Reuse another source's parts (same size) as hard links: no disk, no time.
-            donors = sorted((link / "img_emb").glob("img_emb_*.npy"))
+            donors = part_files(link, "img_emb")
             os.link(donors[part % len(donors)], part_file(folder, "img_emb", part))
     write_manifest(folder, source, DIM, rows, model="ViT-L-14-336-quickgelu", pretrained="openai")
 

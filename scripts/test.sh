@@ -14,6 +14,10 @@ step "ruff"
 "$venv/bin/ruff" check python tests benches
 "$venv/bin/ruff" format --check python tests benches
 
+step "stubtest"
+# python/starkret/_core.pyi is written by hand; this checks it against the built extension.
+"$py" -m mypy.stubtest starkret._core
+
 # The Rust unit tests link libpython (no `extension-module` feature outside maturin).
 export PYO3_PYTHON="$py"
 libdir="$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,37 @@ def test_package_and_core_import_with_matching_versions():
 def test_core_reports_a_simd_level_and_threads():
     assert _core.simd_level() in {"avx512", "avx2+fma", "sse4.1", "sse2", "sve", "neon", "scalar"}
     assert _core.available_threads() >= 1
+
+
+def _packages() -> list:
+    """starkret and every package below it, imported."""
+    names = [i.name for i in pkgutil.walk_packages(starkret.__path__, "starkret.") if i.ispkg]
+    return [starkret, *map(importlib.import_module, names)]
+
+
+def test_no_exported_name_shadows_a_module():
+    """``package.module`` is the module for every submodule: no name a package's
+    ``__init__`` binds hides one (``from p.m import m`` would, once p.m is imported)."""
+    checked = 0
+    for package in _packages():
+        for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+            short = info.name.rsplit(".", 1)[1]
+            if short == "__main__":  # importing it runs the CLI
+                continue
+            before = package.__dict__.get(short)
+            module = importlib.import_module(info.name)
+            assert before is None or before is module, f"{package.__name__}.{short}: {before!r}"
+            assert getattr(package, short) is module, f"{package.__name__}.{short}"
+            checked += 1
+    assert checked > 40
+
+
+def test_the_resize_budget_is_where_the_readme_says():
+    # The README once named starkret.preprocess.MAX_RESIZED_PIXELS: starkret.preprocess is
+    # the function, so that raised AttributeError.
+    from starkret.ingest import preprocess
+
+    assert preprocess.MAX_RESIZED_PIXELS == 1 << 26
 
 
 def test_version_flag_prints_the_version():

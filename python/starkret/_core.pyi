@@ -1,9 +1,29 @@
 """Type stubs for the Rust extension `starkret._core` (kept in sync with rust/lib.rs)."""
 
 from pathlib import Path
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self
+
+__all__ = [
+    "Sample",
+    "ShardBatches",
+    "ShardReader",
+    "__version__",
+    "available_threads",
+    "count_above_parts",
+    "expand_shard_paths",
+    "image_dimensions",
+    "key_hashes",
+    "merge_topk",
+    "preprocess_images",
+    "select_images",
+    "simd_level",
+    "string_hashes",
+    "topk_search_parts",
+]
 
 __version__: str
 
@@ -42,6 +62,8 @@ def expand_shard_paths(patterns: list[str]) -> list[Path]:
     malformed pattern, ``OSError`` for a directory a glob could not list.
     """
 
+# PyO3 classes cannot be subclassed.
+@final
 class Sample:
     """One webdataset sample: an image and what img2dataset stores beside it."""
 
@@ -73,10 +95,11 @@ class Sample:
     def height(self) -> int | None:
         """``"height"`` of the JSON object, when present and a non-negative integer."""
 
+@final
 class ShardReader:
     """Shard samples read ahead on a Rust thread (``starkret.ingest.shards.ShardIterator``)."""
 
-    def __init__(self, paths: list[str], *, max_member_bytes: int, prefetch: int) -> None: ...
+    def __new__(cls, paths: list[str], *, max_member_bytes: int, prefetch: int) -> Self: ...
     def __iter__(self) -> ShardReader: ...
     def __next__(self) -> Sample | tuple[str, str | None, str]:
         """The next sample, or ``(shard, key_or_None, reason)`` for what could not be one.
@@ -85,6 +108,7 @@ class ShardReader:
         data after that point is unknown, so it must not be taken as complete.
         """
 
+@final
 class ShardBatches:
     """Preprocessed batches straight from shards, prepared ahead on background threads.
 
@@ -94,8 +118,8 @@ class ShardBatches:
     decoded by Pillow).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         paths: list[str],
         *,
         size: int,
@@ -109,7 +133,7 @@ class ShardBatches:
         per_shard: bool,
         prefetch: int,
         threads: int | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     def __iter__(self) -> ShardBatches: ...
     def __next__(self) -> dict[str, object]:
         """The next batch; ``RuntimeError`` (naming the shard) if a background thread panicked."""

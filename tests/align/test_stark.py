@@ -4,6 +4,7 @@ parquet in and out, stark-image-style tars of the chosen local images."""
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import uuid
 
@@ -11,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 import starkret
 from starkret.align.dialogue import align_file
@@ -102,3 +104,28 @@ def test_chosen_local_images_export_as_stark_image_tars(tmp_path, tiny_embedder)
     original = records[0]["db_key"].split("/", 1)[1]
     assert data == (imgs / original).read_bytes()
     assert meta == {"image_source": "chartqa", "index": key}
+
+
+class _Images:
+    """A DB that has every image (PNG bytes named after the key)."""
+
+    def image_bytes(self, source: str, key: str) -> bytes:
+        return b"\x89PNG\r\n\x1a\n" + key.encode()
+
+
+def test_export_publishes_only_complete_tars(tmp_path):
+    """A failure mid-export leaves the tars finished before it, and no partial one."""
+
+    def records():
+        for i in range(3):
+            yield {"image_source": "chartqa", "index": f"u{i}", "db_key": f"chartqa/{i}"}
+        raise OSError("input cut short")
+
+    out = tmp_path / "stark-image"
+    with pytest.raises(OSError, match="cut short"):
+        export_images(_Images(), records(), out, per_tar=2)
+    assert sorted(os.listdir(out)) == ["00000.tar"]
+    with tarfile.open(out / "00000.tar") as tar:
+        assert sorted(tar.getnames()) == ["u0.json", "u0.png", "u1.json", "u1.png"]
+    assert export_images(_Images(), [], tmp_path / "none") == (0, [])
+    assert os.listdir(tmp_path / "none") == []

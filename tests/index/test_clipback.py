@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from starkret.ingest.embed import embed
+from starkret.store.layout import part_files, part_name, part_number
 from starkret.testing import synthetic_photo, write_source
 
 BIN = Path(sys.executable).parent
@@ -25,10 +26,6 @@ def _folder(root: Path, n: int) -> Path:
     for i in range(n):
         PIL.Image.fromarray(synthetic_photo(64 + i, 48, seed=i)).save(root / f"im{i:03d}.png")
     return root
-
-
-def _numeric(out: Path, sub: str) -> list[Path]:
-    return sorted((out / sub).glob(f"{sub}_*.*"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +46,7 @@ def thirteen_parts(tmp_path_factory, tiny_embedder):
 def test_part_files_are_zero_padded_so_name_order_is_part_order(thirteen_parts):
     for sub in ("img_emb", "metadata", "failures"):
         names = sorted(os.listdir(thirteen_parts / sub))
-        assert names == [p.name for p in _numeric(thirteen_parts, sub)]
+        assert names == [p.name for p in part_files(thirteen_parts, sub)]
         assert names[0] in ("img_emb_00000.npy", "metadata_00000.parquet", "failures_00000.parquet")
 
 
@@ -75,8 +72,8 @@ def test_real_autofaiss_cli_ids_are_metadata_rows(thirteen_parts, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     index = faiss.read_index(str(tmp_path / "knn.index"))
-    vectors = np.concatenate([np.load(p) for p in _numeric(thirteen_parts, "img_emb")])
-    meta = pa.concat_tables([pq.read_table(p) for p in _numeric(thirteen_parts, "metadata")])
+    vectors = np.concatenate([np.load(p) for p in part_files(thirteen_parts, "img_emb")])
+    meta = pa.concat_tables([pq.read_table(p) for p in part_files(thirteen_parts, "metadata")])
     assert index.ntotal == len(vectors) == meta.num_rows == 13
     _, ids = index.search(vectors.astype(np.float32), 1)
     assert ids[:, 0].tolist() == list(range(13))
@@ -89,11 +86,10 @@ def test_folder_from_before_padding_is_renamed_on_resume_and_still_read(tmp_path
     imgs = _folder(tmp_path / "imgs", 12)
     out = tmp_path / "db" / "ai2d"
     embed(imgs, out, source_name="ai2d", embedder=tiny_embedder, chunk_size=1, progress=False)
-    before = pa.concat_tables([pq.read_table(p) for p in _numeric(out, "metadata")])
+    before = pa.concat_tables([pq.read_table(p) for p in part_files(out, "metadata")])
     for sub in ("img_emb", "metadata", "failures"):  # what starkret wrote before the padding
         for path in (out / sub).iterdir():
-            stem, number = path.stem.rsplit("_", 1)
-            path.rename(path.with_name(f"{stem}_{int(number)}{path.suffix}"))
+            path.rename(path.with_name(part_name(sub, part_number(path), padded=False)))
     db = ImageDB.open(tmp_path / "db")  # old names are read in part order
     query = np.load(out / "img_emb" / "img_emb_10.npy").astype(np.float32)
     assert db.search(query, k=1)[0][0].key == "ai2d/im010.png"
@@ -106,7 +102,7 @@ def test_folder_from_before_padding_is_renamed_on_resume_and_still_read(tmp_path
         assert sorted(os.listdir(out / sub)) == [
             f"{sub}_{i:05d}{'.npy' if sub == 'img_emb' else '.parquet'}" for i in range(12)
         ]
-    after = pa.concat_tables([pq.read_table(p) for p in _numeric(out, "metadata")])
+    after = pa.concat_tables([pq.read_table(p) for p in part_files(out, "metadata")])
     assert after.column("key").to_pylist() == before.column("key").to_pylist()
 
 
@@ -159,7 +155,7 @@ def test_clip_back_loads_an_autofaiss_indexed_source(real, thirteen_parts, tmp_p
         link_for_clip_back(folder)
     build_index(folder, kind="autofaiss", max_index_memory_usage="1G", recall_queries=13)
     assert cli.main(["clip-back", str(folder)]) == 0
-    vectors = np.concatenate([np.load(p) for p in _numeric(folder, "img_emb")])
+    vectors = np.concatenate([np.load(p) for p in part_files(folder, "img_emb")])
     np.save(tmp_path / "q.npy", vectors)
     run = subprocess.run(
         [

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import starkret
 from starkret import Aligner, ImageDB, build_index
+from starkret._io import temp_target
 from starkret.index.gpu import device_search
 from starkret.index.source import SourceIndex
 from starkret.index.topk import Exclusions
@@ -131,6 +135,66 @@ def test_exact_index_infos(db_dir):
     infos = build_index(root / "chartqa", kind="auto")
     assert infos["kind"] == "exact" and infos["count"] == 90
     assert json.loads((root / "chartqa" / "index" / "infos.json").read_text()) == infos
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fds through /proc")
+def test_every_file_build_index_writes_is_fsynced_then_renamed_into_place(db_dir, monkeypatch):
+    root, _ = db_dir
+    fsynced, replaced = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        fsynced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        replaced.append(Path(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    build_index(root / "chartqa", kind="ivf")
+    index_dir = root / "chartqa" / "index"
+    written = sorted(p.name for p in index_dir.iterdir())
+    assert {"infos.json", "metadata.arrow", "image.index"} <= set(written)
+    assert sorted(p.name for p in replaced) == written
+    assert sorted(temp_target(p.name) for p in fsynced if p.parent == index_dir) == written
+    assert fsynced.count(index_dir) >= len(written)  # the folder, after each rename
+    assert not [p for p in root.rglob(".*") if temp_target(p.name)]
+
+
+def _fake_af(monkeypatch, build) -> None:
+    """``autofaiss.build_index`` replaced by ``build(embeddings, index_path)``."""
+    import types
+
+    def build_index(*, embeddings, index_path, **_):
+        build(embeddings, index_path)
+        return None, {"fake": True}
+
+    monkeypatch.setitem(sys.modules, "autofaiss", types.SimpleNamespace(build_index=build_index))
+
+
+def test_a_knn_index_appears_under_its_name_only_when_complete(db_dir, monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    root, vectors = db_dir
+    index_dir = root / "chartqa" / "index"
+
+    def flat(embeddings, index_path):
+        index = faiss.IndexFlatIP(DIM)
+        index.add(vectors["chartqa"].astype(np.float16).astype(np.float32))
+        faiss.write_index(index, index_path)
+        assert not (index_dir / "knn.index").exists()  # not under its name while written
+
+    _fake_af(monkeypatch, flat)
+    infos = build_index(root / "chartqa", kind="autofaiss", recall_queries=20)
+    assert infos["kind"] == "autofaiss" and infos["recall_at_10"] == 1.0
+    assert (index_dir / "knn.index").is_file()
+
+    _fake_af(monkeypatch, lambda embeddings, index_path: None)  # out of memory
+    with pytest.raises(RuntimeError, match="autofaiss built no index"):
+        build_index(root / "chartqa", kind="autofaiss", recall_queries=20)
+    assert (index_dir / "knn.index").is_file()  # the previous one stays
+    assert not [p for p in index_dir.iterdir() if temp_target(p.name)]
 
 
 def test_autofaiss_index_maps_rows_and_reports_recall(tmp_path):

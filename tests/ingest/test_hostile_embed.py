@@ -19,12 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from starkret._io import temp_path
 from starkret.cli import commands as cli
 from starkret.ingest.embed import embed
 from starkret.ingest.pipeline import _remove_unclaimed_temps
 from starkret.store import keyset
 from starkret.store.claims import WorkFolder
 from starkret.store.keyset import KeySet
+from starkret.store.layout import part_file, part_files, part_number
 from starkret.testing import encode, synthetic_photo
 
 EMBED = [sys.executable, "-m", "starkret", "embed"]
@@ -45,14 +47,10 @@ def _tar(path: Path, samples: list[tuple[str, bytes]]) -> None:
 
 
 def _read(out: Path) -> tuple[np.ndarray, dict, dict]:
-    parts = sorted(int(p.stem.rsplit("_", 1)[1]) for p in (out / "metadata").glob("*.parquet"))
-    emb = np.concatenate([np.load(out / "img_emb" / f"img_emb_{i:05d}.npy") for i in parts])
-    meta = pa.concat_tables(
-        [pq.read_table(out / "metadata" / f"metadata_{i:05d}.parquet") for i in parts]
-    )
-    fails = pa.concat_tables(
-        [pq.read_table(out / "failures" / f"failures_{i:05d}.parquet") for i in parts]
-    )
+    parts = [part_number(p) for p in part_files(out, "metadata")]
+    emb = np.concatenate([np.load(part_file(out, "img_emb", i)) for i in parts])
+    meta = pa.concat_tables([pq.read_table(part_file(out, "metadata", i)) for i in parts])
+    fails = pa.concat_tables([pq.read_table(part_file(out, "failures", i)) for i in parts])
     return emb, meta.to_pydict(), fails.to_pydict()
 
 
@@ -365,6 +363,31 @@ def test_start_up_removes_only_temp_files_of_unclaimed_parts(tmp_path):
     assert busy.exists() and not any(p.exists() for p in stale)
     claim.release()
     assert folder.claim(0) is not None
+
+
+def test_start_up_removes_temps_of_every_name_format_and_nothing_else(tmp_path):
+    """Temps of today's writer (``.NAME.tmp-PID-TOKEN``, starkret._io) and of older
+    releases (``.NAME.tmp-PID``) of an unclaimed part go; other files stay."""
+    out = tmp_path / "out"
+    for sub in ("img_emb", "metadata", "failures", "index"):
+        (out / sub).mkdir(parents=True)
+    stale = [
+        temp_path(part_file(out, "img_emb", 3)),
+        temp_path(part_file(out, "failures", 3)),
+        out / "metadata" / ".metadata_00003.parquet.tmp-77",
+        temp_path(out / "starkret.json"),
+    ]
+    kept = [
+        part_file(out, "img_emb", 3),
+        out / "img_emb" / ".img_emb_00003.npy.tmp-77-notes",  # not a temp name
+        out / "metadata" / ".metadata_00004.npy.tmp-5",  # no such part file
+        temp_path(out / "index" / "infos.json"),  # not a part: build-index's business
+    ]
+    for path in [*stale, *kept]:
+        path.write_bytes(b"x")
+    _remove_unclaimed_temps(out, WorkFolder(out))
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
 
 
 def _embed_one_shard_cli(tmp_path) -> int:

@@ -22,6 +22,7 @@ import torch
 import starkret
 from starkret.ingest.embed import embed
 from starkret.ingest.preprocess import OPENAI_MEAN, OPENAI_STD, _finish, reference_crop
+from starkret.store.layout import part_file, part_files, part_number
 from starkret.testing import encode, run_img2dataset, serve_directory, synthetic_photo
 
 #: The console script installed beside this interpreter.
@@ -52,9 +53,9 @@ def _shards(folder: Path, n_shards: int, per_shard: int, *, broken: set[str] = f
 
 
 def _read(out: Path):
-    parts = sorted(int(p.stem.rsplit("_", 1)[1]) for p in (out / "metadata").glob("*.parquet"))
-    emb = [np.load(out / "img_emb" / f"img_emb_{i:05d}.npy") for i in parts]
-    meta = [pq.read_table(out / "metadata" / f"metadata_{i:05d}.parquet") for i in parts]
+    parts = [part_number(p) for p in part_files(out, "metadata")]
+    emb = [np.load(part_file(out, "img_emb", i)) for i in parts]
+    meta = [pq.read_table(part_file(out, "metadata", i)) for i in parts]
     return np.concatenate(emb), pa.concat_tables(meta).to_pydict()
 
 

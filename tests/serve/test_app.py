@@ -22,6 +22,7 @@ from serve_support import Server, build_demo_db  # noqa: E402
 import starkret  # noqa: E402
 from starkret.serve.conversations import Conversations  # noqa: E402
 from starkret.serve.schema import MAX_BODY_BYTES, MAX_K, ServeConfig  # noqa: E402
+from starkret.store.layout import part_file  # noqa: E402
 from starkret.testing import write_source  # noqa: E402
 
 
@@ -284,7 +285,7 @@ def test_a_metadata_key_escaping_the_folder_is_never_read(tmp_path, tiny_embedde
 
     secret = tmp_path / "sources" / "chartqa" / "secret.png"
     secret.write_bytes(b"\x89PNG\r\n\x1a\nsecret")
-    meta = sorted((db_dir / "chartqa" / "metadata").glob("metadata_*.parquet"))[0]
+    meta = part_file(db_dir / "chartqa", "metadata", 0)
     table = pq.read_table(meta)
     keys = table.column("key").to_pylist()
     keys[0] = "chartqa/../secret.png"

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from starkret._io import atomic_write_text
 from starkret.align.aligner import MAX_IMAGES_PER_MOMENT, Aligner, Alignment
 from starkret.align.formats import (
     Episode,
@@ -203,9 +204,7 @@ def _claim_outputs(input_path: Path, output: Path, records: Path) -> None:
             "images": records.name,
             "input": os.path.abspath(input_path),
         }
-        tmp = state_path.with_name(f".{state_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(state, indent=1) + "\n")
-        os.replace(tmp, state_path)
+        atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
 
 
 def _resume_lines(path: Path, field_name: str) -> Iterator[str]:

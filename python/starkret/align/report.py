@@ -15,6 +15,7 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
+from starkret._io import atomic_write_text
 from starkret.align.aligner import Alignment, Candidate
 from starkret.index.db import ImageDB
 
@@ -121,5 +122,4 @@ def write_report(
         f"<p>{len(alignments)} moments: {summary}. Green outline: chosen; the others are "
         f"the best remaining candidates of all sources.</p>{''.join(rows)}</body></html>"
     )
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write_text(path, page)

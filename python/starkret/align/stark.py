@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from starkret._io import atomic_path, atomic_write
 from starkret.store.images import image_extension
 
 __all__ = [
@@ -74,7 +76,8 @@ def export_images(db, records: Iterable[dict], out_dir: str | os.PathLike, per_t
     out.mkdir(parents=True, exist_ok=True)
     written, problems, tar, shard = 0, [], None, 0
     seen: set[str] = set()
-    try:
+    # Each tar appears under its name once complete (closed, then published by the stack).
+    with contextlib.ExitStack() as open_tar:
         for record in records:
             if record["image_source"] in URL_SOURCES or record["index"] in seen:
                 continue
@@ -88,9 +91,9 @@ def export_images(db, records: Iterable[dict], out_dir: str | os.PathLike, per_t
                 continue
             ext = image_extension(data)
             if tar is None or (written % per_tar == 0 and written):
-                if tar is not None:
-                    tar.close()
-                tar = tarfile.open(out / f"{shard:05d}.tar", "w")  # noqa: SIM115 (closed below)
+                open_tar.close()  # the previous tar: closed and published
+                tmp = open_tar.enter_context(atomic_path(out / f"{shard:05d}.tar"))
+                tar = open_tar.enter_context(tarfile.open(tmp, "w"))
                 shard += 1
             meta = json.dumps({"image_source": record["image_source"], "index": record["index"]})
             for name, body in (
@@ -101,9 +104,6 @@ def export_images(db, records: Iterable[dict], out_dir: str | os.PathLike, per_t
                 info.size = len(body)
                 tar.addfile(info, io.BytesIO(body))
             written += 1
-    finally:
-        if tar is not None:
-            tar.close()
     return written, problems
 
 
@@ -137,8 +137,5 @@ def write_parquet(jsonl_path: str | os.PathLike, parquet_path: str | os.PathLike
                 [None if v is None else json.dumps(v, ensure_ascii=False) for v in values],
                 pa.string(),
             )
-    target = Path(parquet_path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, target)
-    return target
+    table = pa.table(columns)
+    return atomic_write(parquet_path, lambda f: pq.write_table(table, f))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret._io import atomic_path, atomic_write_text
 from starkret.errors import IndexBuildError, InvalidInputError, MissingDependencyError
 from starkret.index.exact import (
     Parts,
@@ -148,9 +149,7 @@ def build_index(
     infos["metadata_rows"] = write_metadata_arrow(source_dir, parts.offsets)
     metadata = Metadata(source_dir, parts.offsets, source_dir / "index" / "metadata.arrow")
     infos["key_index_rows"] = write_key_index(source_dir, metadata)
-    tmp = index_dir / ".infos.json.tmp"
-    tmp.write_text(json.dumps(infos, indent=2))
-    os.replace(tmp, index_dir / "infos.json")
+    atomic_write_text(index_dir / "infos.json", json.dumps(infos, indent=2))
     return infos
 
 
@@ -184,25 +183,23 @@ def _build_autofaiss(source_dir, parts, index_dir, memory, query_ms) -> dict:
     files = embedding_parts(source_dir)
     order = sorted(range(len(files)), key=lambda i: str(files[i]))
     started = time.perf_counter()
-    tmp_index = index_dir / ".knn.index.tmp"
-    tmp_index.unlink(missing_ok=True)
-    _, af_infos = autofaiss_build(
-        embeddings=str(source_dir / "img_emb"),
-        index_path=str(tmp_index),
-        index_infos_path=str(index_dir / "autofaiss_infos.json"),
-        metric_type="ip",
-        max_index_memory_usage=memory,
-        max_index_query_time_ms=query_ms,
-        current_memory_available=_available_memory(),
-        verbose=logging.WARNING,
-    )
-    if not tmp_index.exists():
-        raise IndexBuildError(
-            f"autofaiss built no index for {source_dir} (memory budget {memory}, "
-            f"{_available_memory()} available; its log above says why): lower "
-            "max_index_memory_usage, or use kind='exact'"
+    with atomic_path(index_dir / "knn.index") as tmp_index:
+        _, af_infos = autofaiss_build(
+            embeddings=str(source_dir / "img_emb"),
+            index_path=str(tmp_index),
+            index_infos_path=str(index_dir / "autofaiss_infos.json"),
+            metric_type="ip",
+            max_index_memory_usage=memory,
+            max_index_query_time_ms=query_ms,
+            current_memory_available=_available_memory(),
+            verbose=logging.WARNING,
         )
-    os.replace(tmp_index, index_dir / "knn.index")
+        if not tmp_index.exists():
+            raise IndexBuildError(
+                f"autofaiss built no index for {source_dir} (memory budget {memory}, "
+                f"{_available_memory()} available; its log above says why): lower "
+                "max_index_memory_usage, or use kind='exact'"
+            )
     return {
         "faiss_order": order,
         "max_index_memory_usage": memory,

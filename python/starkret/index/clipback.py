@@ -22,15 +22,16 @@ import json
 import os
 from pathlib import Path
 
+from starkret._io import atomic_symlink, atomic_write, atomic_write_text
 from starkret.errors import InvalidInputError, MissingIndexError, OutputExistsError
+from starkret.index.exact import Parts, embedding_parts
+from starkret.index.source import _manifest
+from starkret.store.layout import part_files
 
 __all__ = ["adopt_index", "link_for_clip_back"]
 
 
 def _count_and_dim(source_dir: Path) -> tuple[int, int]:
-    from starkret.index.exact import Parts
-    from starkret.index.source import _manifest
-
     manifest = _manifest(source_dir)
     return Parts.load(source_dir).count, int(manifest["dim"])
 
@@ -41,8 +42,6 @@ def _infos(source_dir: Path) -> dict | None:
 
 
 def _name_order(source_dir: Path) -> list[int]:
-    from starkret.index.exact import embedding_parts
-
     files = embedding_parts(source_dir)  # number order
     return sorted(range(len(files)), key=lambda i: files[i].name)
 
@@ -97,25 +96,19 @@ def link_for_clip_back(source_dir: str | os.PathLike) -> Path:
         if link.is_symlink() and os.readlink(link) == target:
             return link
         raise OutputExistsError(f"{link} exists and is not starkret's link to {target}")
-    tmp = source_dir / ".image.index.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
-    return link
+    return atomic_symlink(target, link)
 
 
 def _add_image_path(source_dir: Path) -> None:
     """Give metadata files written before the ``image_path`` column one (the sample key)."""
     import pyarrow.parquet as pq
 
-    from starkret.ingest.pipeline import _atomic
-
-    for path in sorted((source_dir / "metadata").glob("metadata_*.parquet")):
+    for path in part_files(source_dir, "metadata"):
         if "image_path" in pq.ParquetFile(path).schema_arrow.names:
             continue
         table = pq.read_table(path)
         table = table.append_column("image_path", table.column("sample_key"))
-        _atomic(path, lambda f, t=table: pq.write_table(t, f))
+        atomic_write(path, lambda f, t=table: pq.write_table(t, f))
 
 
 def adopt_index(source_dir: str | os.PathLike) -> dict:
@@ -162,8 +155,6 @@ def adopt_index(source_dir: str | os.PathLike) -> dict:
             "faiss_order": _name_order(source_dir),
             "adopted_from": str(path.relative_to(source_dir)),
         }
-        tmp = index_dir / ".infos.json.tmp"
-        tmp.write_text(json.dumps(infos, indent=2))
-        os.replace(tmp, index_dir / "infos.json")
+        atomic_write_text(index_dir / "infos.json", json.dumps(infos, indent=2))
         return infos
     raise InvalidInputError(f"cannot use the index found in {source_dir}: {'; '.join(reasons)}")

@@ -349,9 +349,6 @@ class ImageDB:
         part = int(np.searchsorted(offsets, row, side="right") - 1)
         return part, int(row - offsets[part])
 
-    def source_dir(self, source: str) -> Path:
-        return self._sources[source].index.source_dir
-
     def source_manifest(self, source: str) -> dict:
         """The ``starkret.json`` manifest of ``source`` (as loaded when the DB was opened)."""
         return self._sources[source].index.manifest

@@ -21,6 +21,7 @@ import numpy as np
 
 from starkret.errors import InvalidInputError, MissingIndexError
 from starkret.index.topk import Exclusions, topk_parts
+from starkret.store.layout import part_files
 
 __all__ = [
     "Exclusions",
@@ -33,16 +34,13 @@ __all__ = [
 ]
 
 
-def _part_number(path: Path) -> int:
-    return int(path.stem.rsplit("_", 1)[1])
-
-
 def embedding_parts(source_dir: str | os.PathLike) -> list[Path]:
     """The ``img_emb_{i}.npy`` files of an embedded source, in part order."""
-    folder = Path(source_dir) / "img_emb"
-    parts = sorted(folder.glob("img_emb_*.npy"), key=_part_number)
+    parts = part_files(source_dir, "img_emb")
     if not parts:
-        raise MissingIndexError(f"no embeddings in {folder}: run embed-shards first")
+        raise MissingIndexError(
+            f"no embeddings in {Path(source_dir) / 'img_emb'}: run embed-shards first"
+        )
     return parts
 
 

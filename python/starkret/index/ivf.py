@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret._io import atomic_path
 from starkret.errors import InvalidInputError, MissingIndexError
 from starkret.index.topk import Exclusions
 
@@ -251,9 +252,8 @@ def build_ivf(
             target_recall,
         )
     _, nprobe, cand, recall = best
-    tmp = index_dir / f".{INDEX_FILE}.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, index_dir / INDEX_FILE)
+    with atomic_path(index_dir / INDEX_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
     return {
         "index_file": INDEX_FILE,
         "factory": factory,

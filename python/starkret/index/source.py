@@ -23,7 +23,6 @@ from starkret.index.exact import (
     register_searcher,
     searcher,
 )
-from starkret.store.metadata import Metadata
 
 _logger = logging.getLogger("starkret")
 
@@ -57,10 +56,6 @@ def _manifest(source_dir: Path) -> dict:
             f"{source_dir} is not completely embedded: re-run embed-shards first"
         )
     return manifest
-
-
-#: The name older code (and other modules) import.
-_Parts = Parts
 
 
 class SourceIndex:
@@ -135,10 +130,6 @@ class SourceIndex:
         kind = "exact" if exact else self.kind
         search = searcher(kind, device)
         return search(self, queries, k, exclusions, threads=threads, device=device)
-
-    def metadata(self) -> Metadata:
-        """The source's metadata, memory-mapped if ``build-index`` wrote it."""
-        return Metadata.open(self.source_dir, self.parts.offsets, self.infos)
 
 
 def _faiss_search(index: SourceIndex, queries, k, exclude: Exclusions | None, **_):

@@ -27,7 +27,6 @@ import collections
 import json
 import os
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,12 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret._io import atomic_write, temp_target
 from starkret.errors import IncompatibleSourcesError, InvalidInputError, OutputBusyError
 from starkret.ingest.sources import Part, PreprocessOptions
 from starkret.ingest.towers import ClipEmbedder
 from starkret.store.claims import WorkFolder
 from starkret.store.keyset import KeySet
-from starkret.store.layout import part_file
+from starkret.store.layout import part_file, part_number
 
 __all__ = ["EmbedReport", "PartRunner"]
 
@@ -100,21 +100,11 @@ def _paths(out: Path, i: int) -> tuple[Path, Path, Path]:
     )
 
 
-#: A temporary file of part N: ``.img_emb_N.npy.tmp-PID`` and the like.
-_PART_TEMP = re.compile(r"^\.(?:img_emb|metadata|failures)_(\d+)\.(?:npy|parquet)\.tmp-\d+$")
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _temp_part(path: Path) -> int | None:
+    """The part a temporary file (``.img_emb_00012.npy.tmp-PID-TOKEN``, see
+    :mod:`starkret._io`) belongs to, None for any other file."""
+    target = temp_target(path.name)
+    return None if target is None else part_number(target)
 
 
 def _manifest_identity(embedder: ClipEmbedder, options: PreprocessOptions, source: str) -> dict:
@@ -185,7 +175,7 @@ def _check_manifest(out: Path, identity: dict, plan: list[str], others_running: 
 
 def _write_manifest(out: Path, identity: dict, plan: list[str], totals: dict) -> None:
     body = {**identity, "parts": plan, **totals}
-    _atomic(out / MANIFEST, lambda f: f.write(json.dumps(body, indent=2).encode()))
+    atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(body, indent=2).encode()))
 
 
 def _clean(out: Path) -> None:
@@ -571,8 +561,7 @@ def _remove_temps(out: Path, index: int) -> None:
     """Remove part ``index``'s temporary files (call only while holding its claim)."""
     for sub in ("img_emb", "metadata", "failures"):
         for stale in (out / sub).glob(f".{sub}_*.tmp-*"):
-            match = _PART_TEMP.match(stale.name)
-            if match is not None and int(match.group(1)) == index:
+            if _temp_part(stale) == index:
                 stale.unlink(missing_ok=True)
 
 
@@ -580,9 +569,9 @@ def _remove_unclaimed_temps(out: Path, folder: WorkFolder) -> None:
     """Remove temporary files of parts nobody is working on (left by a killed run)."""
     parts = set()
     for stale in out.glob("*/.*.tmp-*"):
-        match = _PART_TEMP.match(stale.name)
-        if match is not None:
-            parts.add(int(match.group(1)))
+        part = _temp_part(stale)
+        if part is not None:
+            parts.add(part)
     for index in sorted(parts):
         claim = folder.claim(index)
         if claim is not None:
@@ -706,10 +695,10 @@ def _write_part(work: _PartWork, out: Path, dim: int, source: str, commit) -> tu
                 "reason": pa.array([f[2] for f in failures], pa.string()),
             }
         )
-        _atomic(emb_path, lambda f: np.save(f, emb))
-        _atomic(fail_path, lambda f: pq.write_table(fails, f))
+        atomic_write(emb_path, lambda f: np.save(f, emb))
+        atomic_write(fail_path, lambda f: pq.write_table(fails, f))
         # Written last: its presence marks the part as done.
-        _atomic(meta_path, lambda f: pq.write_table(table, f))
+        atomic_write(meta_path, lambda f: pq.write_table(table, f))
 
     if commit is None:
         write({})

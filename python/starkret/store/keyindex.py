@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from starkret import _core
+from starkret._io import atomic_write
 from starkret.store.metadata import Metadata, warn_unindexed
 
 __all__ = ["HASHES_FILE", "ROWS_FILE", "URL_PREFIX", "KeyIndex", "write_key_index"]
@@ -57,10 +58,6 @@ class KeyIndex:
             if hashes is not None and hashes.shape == rows.shape and hashes.dtype == np.uint64:
                 return cls(metadata, hashes, rows)
         return cls(metadata, None, None)
-
-    @property
-    def on_disk(self) -> bool:
-        return isinstance(self._hashes, np.memmap)
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._hashes is None:
@@ -140,10 +137,7 @@ def write_key_index(source_dir: str | os.PathLike, metadata: Metadata) -> int:
     source_dir = Path(source_dir)
     hashes, rows = build_key_arrays(metadata)
     for name, array in ((HASHES_FILE, hashes), (ROWS_FILE, rows)):
-        path = source_dir / name
-        tmp = path.with_name(f".{path.name}.tmp.npy")
-        np.save(tmp, array)
-        os.replace(tmp, path)
+        atomic_write(source_dir / name, lambda f, a=array: np.save(f, a))
     return metadata.count
 
 

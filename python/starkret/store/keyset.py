@@ -12,11 +12,12 @@ sees parts written by other workers on the same folder.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from starkret.store.layout import part_name, part_number
 
 __all__ = ["MAX_PARTS", "KeySet"]
 
@@ -25,7 +26,6 @@ PART_BITS = 24
 MAX_PARTS = 1 << PART_BITS
 _PART_MASK = np.uint64(MAX_PARTS - 1)
 _HASH_MASK = ~_PART_MASK
-_METADATA = re.compile(r"^metadata_(\d+)\.parquet$")
 #: Runs are not merged beyond this many keys (32 MB), which bounds the extra memory
 #: a merge needs; a folder of 12M keys then holds about eight runs.
 MERGE_CAP = 1 << 22
@@ -56,10 +56,9 @@ class KeySet:
     def refresh(self) -> None:
         """Take in the keys of parts finished since the last call (by any worker)."""
         for path in sorted(self.metadata_dir.glob("metadata_*.parquet")):
-            match = _METADATA.match(path.name)
-            if match is None or int(match.group(1)) in self._loaded:
+            part = part_number(path)
+            if part is None or part in self._loaded:
                 continue
-            part = int(match.group(1))
             self.add(part, self._keys_of(part))
 
     def add(self, part: int, keys: Sequence[str]) -> None:
@@ -93,9 +92,9 @@ class KeySet:
     def _keys_of(self, part: int) -> list[str]:
         import pyarrow.parquet as pq
 
-        path = self.metadata_dir / f"metadata_{part:05d}.parquet"
+        path = self.metadata_dir / part_name("metadata", part)
         if not path.exists():  # a folder from before zero-padded names
-            path = self.metadata_dir / f"metadata_{part}.parquet"
+            path = self.metadata_dir / part_name("metadata", part, padded=False)
         table = pq.read_table(path, columns=["sample_key"])
         return table.column("sample_key").to_pylist()
 

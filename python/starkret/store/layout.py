@@ -20,25 +20,79 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["PART_DIGITS", "SUBFOLDERS", "pad_part_names", "part_file", "part_number"]
+from starkret.errors import InvalidInputError
+
+__all__ = [
+    "PART_DIGITS",
+    "SUBFOLDERS",
+    "pad_part_names",
+    "part_file",
+    "part_files",
+    "part_name",
+    "part_number",
+]
 
 #: Digits of a part number in file names (clip-retrieval pads, img2dataset uses 5 too).
 PART_DIGITS = 5
 #: The per-part sub-folders of an embedded source, and the file suffix in each.
 SUBFOLDERS = {"img_emb": ".npy", "metadata": ".parquet", "failures": ".parquet"}
-_NAME = re.compile(r"^(img_emb|metadata|failures)_(\d+)\.(npy|parquet)$")
+_NAME = re.compile(r"^(img_emb|metadata|failures)_(\d+)(\.npy|\.parquet)$")
 
 _logger = logging.getLogger("starkret")
 
 
+def part_name(sub: str, index: int, *, padded: bool = True) -> str:
+    """The file name of part ``index`` in sub-folder ``sub`` (``img_emb``, ``metadata``,
+    ``failures``); ``padded=False`` gives the name folders had before the padding.
+
+    >>> part_name("img_emb", 12)
+    'img_emb_00012.npy'
+    >>> part_name("metadata", 12, padded=False)
+    'metadata_12.parquet'
+    """
+    return f"{sub}_{index:0{PART_DIGITS if padded else 0}d}{SUBFOLDERS[sub]}"
+
+
 def part_file(out: str | os.PathLike, sub: str, index: int) -> Path:
-    """Part ``index``'s file in sub-folder ``sub`` (``img_emb``, ``metadata``, ``failures``)."""
-    return Path(out) / sub / f"{sub}_{index:0{PART_DIGITS}d}{SUBFOLDERS[sub]}"
+    """Part ``index``'s file in sub-folder ``sub`` of the source folder ``out``."""
+    return Path(out) / sub / part_name(sub, index)
 
 
-def part_number(path: str | os.PathLike) -> int:
-    """The part number in a part file's name (padded or not)."""
-    return int(Path(path).stem.rsplit("_", 1)[1])
+def _parse(name: str) -> tuple[str, str] | None:
+    """``(sub, digits)`` of a part file name, None for any other name."""
+    match = _NAME.match(name)
+    if match is None or SUBFOLDERS[match.group(1)] != match.group(3):
+        return None
+    return match.group(1), match.group(2)
+
+
+def part_number(path: str | os.PathLike) -> int | None:
+    """The part number in a part file's name (padded or not), None if the name is not
+    a part file's.
+
+    >>> part_number("out/img_emb/img_emb_00012.npy"), part_number("metadata_7.parquet")
+    (12, 7)
+    >>> part_number("img_emb_12.parquet") is None
+    True
+    """
+    parsed = _parse(Path(path).name)
+    return None if parsed is None else int(parsed[1])
+
+
+def part_files(out: str | os.PathLike, sub: str) -> list[Path]:
+    """The part files in sub-folder ``sub`` of ``out``, in part order (by number, padded
+    names or not). InvalidInputError for a file that looks like a part but is not named as one
+    (``img_emb_old.npy``): it cannot be placed in the order.
+    """
+    numbered = []
+    for path in (Path(out) / sub).glob(f"{sub}_*{SUBFOLDERS[sub]}"):
+        number = part_number(path)
+        if number is None:
+            raise InvalidInputError(
+                f"{path} is not a part file name ({part_name(sub, 0)}): move it out of {sub}/"
+            )
+        numbered.append((number, path))
+    return [path for _, path in sorted(numbered)]
 
 
 def pad_part_names(out: str | os.PathLike) -> int:
@@ -58,10 +112,10 @@ def pad_part_names(out: str | os.PathLike) -> int:
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            match = _NAME.match(path.name)
-            if match is None or match.group(1) != sub:
+            parsed = _parse(path.name)
+            if parsed is None or parsed[0] != sub:
                 continue
-            number = match.group(2)
+            number = parsed[1]
             if len(number) >= PART_DIGITS:
                 continue
             target = part_file(out, sub, int(number))

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from starkret._io import atomic_path
 from starkret.errors import InvalidInputError, NotFoundError
+from starkret.store.layout import part_files
 
-__all__ = ["COLUMNS", "METADATA_FILE", "Metadata", "metadata_parts", "write_metadata_arrow"]
+__all__ = ["COLUMNS", "METADATA_FILE", "Metadata", "write_metadata_arrow"]
 
 #: The columns a hit carries (``Hit.key``, ``id``, ``url``, ``caption``).
 COLUMNS = ("key", "id", "url", "caption")
@@ -57,12 +59,6 @@ def warn_unindexed(source_dir: Path, count: int, consequence: str) -> None:
     )
 
 
-def metadata_parts(source_dir: str | os.PathLike) -> list[Path]:
-    """The ``metadata_{i}.parquet`` files of a source, in part order."""
-    files = (Path(source_dir) / "metadata").glob("metadata_*.parquet")
-    return sorted(files, key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-
-
 class Metadata:
     """Rows of a source's metadata, materialised only for the rows asked for.
 
@@ -96,11 +92,6 @@ class Metadata:
     @property
     def count(self) -> int:
         return int(self.offsets[-1])
-
-    @property
-    def mapped(self) -> bool:
-        """Whether rows come from the memory-mapped Arrow file (else from parquet parts)."""
-        return self.arrow_path is not None
 
     # ==== Reading rows ====
 
@@ -170,7 +161,7 @@ class Metadata:
         import pyarrow.parquet as pq
 
         if self._parquet_files is None:
-            self._parquet_files = metadata_parts(self.source_dir)
+            self._parquet_files = part_files(self.source_dir, "metadata")
         files = self._parquet_files
         # Part i is the i-th file in part order, whatever its name's padding.
         path = files[part] if part < len(files) else self.source_dir / "metadata" / f"part {part}"
@@ -205,14 +196,17 @@ def write_metadata_arrow(source_dir: str | os.PathLike, offsets: np.ndarray) -> 
     reader = Metadata(source_dir, offsets, None)
     path = source_dir / METADATA_FILE
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     schema = pa.schema(
         [("key", pa.string()), ("id", pa.int64()), ("url", pa.string()), ("caption", pa.string())]
     )
     pending: list = []
     pending_rows = 0
     rows = 0
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    with (
+        atomic_path(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, schema) as writer,
+    ):
 
         def flush(final: bool) -> None:
             # Batches of exactly BATCH_ROWS rows (the last one shorter).
@@ -237,5 +231,4 @@ def write_metadata_arrow(source_dir: str | os.PathLike, offsets: np.ndarray) -> 
             if pending_rows >= BATCH_ROWS:
                 flush(final=False)
         flush(final=True)
-    os.replace(tmp, path)
     return rows
