@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
-from starkret import _core
+import starkret._core as _core
 
 try:
     __version__: str = _dist_version("starkret")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starkret import _core
+import starkret._core as _core
 from starkret.index.db import ImageDB, Results
 
 __all__ = [

@@ -37,7 +37,7 @@ def _starkret() -> str:
 
 
 def _core() -> str:
-    from starkret import _core
+    import starkret._core as _core
 
     return f"{_core.__version__}, SIMD {_core.simd_level()}, {_core.available_threads()} threads"
 

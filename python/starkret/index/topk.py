@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starkret import _core
+import starkret._core as _core
 from starkret.errors import InvalidInputError, InvalidTypeError
 
 __all__ = [

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from starkret import _core
+import starkret._core as _core
 from starkret.errors import InvalidInputError, WorkersFailed
 from starkret.ingest.distributed import build_embedder, embedder_spec
 from starkret.ingest.pipeline import EmbedReport, PartRunner, _paths

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from starkret import _core
+import starkret._core as _core
 from starkret.errors import InvalidInputError, InvalidTypeError
 
 __all__ = [

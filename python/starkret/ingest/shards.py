@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 
-from starkret import _core
+import starkret._core as _core
 from starkret._core import Sample
 from starkret.errors import InvalidInputError, InvalidTypeError
 from starkret.store.images import DEFAULT_MAX_IMAGE_BYTES

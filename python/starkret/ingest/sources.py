@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from starkret import _core
+import starkret._core as _core
 from starkret.errors import InvalidInputError, NotFoundError
 from starkret.ingest.preprocess import ShardBatch, preprocess, preprocess_shards
 from starkret.ingest.shards import DEFAULT_MAX_MEMBER_BYTES, expand_shard_paths

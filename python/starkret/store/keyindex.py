@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starkret import _core
+import starkret._core as _core
 from starkret._io import atomic_write
 from starkret.store.metadata import Metadata, warn_unindexed
 
