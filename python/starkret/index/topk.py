@@ -330,7 +330,7 @@ class Exclusions:
         [items, ...])``; items are row ids, or image keys with ``keys=True``."""
         is_item = _is_key if keys else _is_row
         what = "keys" if keys else "row ids"
-        if isinstance(exclude, (str, bytes)):
+        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
             raise InvalidTypeError(
                 f"exclude must be a collection of {what}, not a single {type(exclude).__name__}"
             )

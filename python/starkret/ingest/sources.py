@@ -314,14 +314,18 @@ def _table_parts(
     root: Path,
     prefix: str,
 ) -> list[Part]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if path.suffix == ".parquet":
-        rows = pq.ParquetFile(path).metadata.num_rows
-        schema = pq.ParquetFile(path).schema_arrow
-    else:
-        table = open_table(path)
-        rows, schema = table.num_rows, table.schema
+    try:
+        if path.suffix == ".parquet":
+            rows = pq.ParquetFile(path).metadata.num_rows
+            schema = pq.ParquetFile(path).schema_arrow
+        else:
+            table = open_table(path)
+            rows, schema = table.num_rows, table.schema
+    except pa.ArrowException as exc:  # ArrowInvalid: not parquet / Arrow, or damaged
+        raise InvalidInputError(f"{path}: not a readable table ({exc})"[:300]) from None
     resolved = resolve_columns(schema, columns, hints, path)
     return [
         Part(
