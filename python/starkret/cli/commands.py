@@ -179,7 +179,17 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default=None, help="tables: column with image bytes")
     parser.add_argument("--caption-column", default=None, help="tables: caption column")
     parser.add_argument("--key-column", default=None, help="tables: key column")
-    parser.add_argument("--overwrite", action="store_true", help="start over, deleting output")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over, deleting the files the output's starkret.json names (only those)",
+    )
+    parser.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="follow symlinks out of the input folders (default: such a file is a failure "
+        "'outside input'); serve then reads the same files",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(parser, json_help="print the run's summary as one JSON object")
     parser.set_defaults(func=_cmd_embed)
@@ -237,6 +247,7 @@ def _embed(args: argparse.Namespace):
         key_column=args.key_column,
         progress=_show(args),
         devices=args.devices,
+        follow_links=args.follow_links,
     )
 
 

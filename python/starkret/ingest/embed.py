@@ -19,9 +19,11 @@ from starkret.ingest.pipeline import (
     _count_done,
     _manifest_identity,
     _paths,
+    _refuse_foreign,
     _remove_unclaimed_temps,
     _write_manifest,
 )
+from starkret.ingest.shards import expand_shard_paths
 from starkret.ingest.sources import Part, PreprocessOptions, input_format, plan_parts
 from starkret.ingest.towers import DEFAULT_MODEL, MODEL_DEFAULT, ClipEmbedder
 from starkret.store.claims import WorkFolder
@@ -56,6 +58,7 @@ def embed(
     precision: str | None = None,
     compile: bool | None = None,
     devices: str | Sequence[str] | None = None,
+    follow_links: bool = False,
 ) -> EmbedReport:
     """Embed every image of ``sources`` into ``output_dir`` (clip-retrieval's layout).
 
@@ -75,6 +78,13 @@ def embed(
     there (``embedder.accepts_uint8``): four times fewer bytes, same embeddings.
     ``devices`` (``"all"``, ``"0,1"``, ``["cpu", "cpu"]``) runs one child process per
     device on this machine (:mod:`starkret.ingest.localworkers`), with the same output.
+
+    Nothing the user owns is destroyed: ``output_dir`` must not lie inside an input nor
+    hold one; a folder without a starkret manifest whose ``img_emb/``, ``metadata/`` or
+    ``failures/`` hold files is refused (with or without ``overwrite``); ``overwrite``
+    deletes only the files the manifest names (OutputExistsError otherwise). A symlink
+    that leads out of an input folder is a failure ``outside input`` unless
+    ``follow_links=True`` (recorded in the manifest, so ``serve`` reads the same files).
 
     >>> report = embed("cc12m/{00000..01242}.tar", "db/cc12m", source_name="cc12m",
     ...                embedder=ClipEmbedder("starkret-tiny"))  # doctest: +SKIP
@@ -96,6 +106,8 @@ def embed(
         raise OutputExistsError(
             f"{out} exists and is not a folder: the output of embed is a folder"
         )
+    _refuse_overlap(sources, out)
+    _refuse_foreign(out, overwrite)
     parts = plan_parts(
         sources,
         chunk_size=chunk_size,
@@ -103,6 +115,7 @@ def embed(
         caption_column=caption_column,
         key_column=key_column,
         source=source_name,
+        follow_links=follow_links,
     )
     plan = [p.describe() for p in parts]
     if len(parts) > MAX_PARTS:
@@ -189,6 +202,26 @@ def embed(
         folder.leave()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _refuse_overlap(sources, out: Path) -> None:
+    """InvalidInputError if the output folder is an input, lies inside one, or holds one
+    (resolved paths, symlinks followed): a run would read its own files as inputs."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    real_out = os.path.realpath(out)
+    for item in sources:
+        text = os.fspath(item)
+        found = [text] if os.path.exists(text) else expand_shard_paths(text)
+        for path in found:
+            real = os.path.realpath(path)
+            common = os.path.commonpath([real, real_out])
+            if common in (real, real_out):
+                where = "inside the input" if common == real else "holding the input"
+                raise InvalidInputError(
+                    f"the output folder {out} is {where} {text} (resolved: {real_out} and "
+                    f"{real}): a run would read its own output; use a folder outside the inputs"
+                )
 
 
 def _run_parts(

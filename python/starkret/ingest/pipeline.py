@@ -36,12 +36,17 @@ from pathlib import Path
 import numpy as np
 
 from starkret._io import atomic_write, temp_target
-from starkret.errors import IncompatibleSourcesError, InvalidInputError, OutputBusyError
+from starkret.errors import (
+    IncompatibleSourcesError,
+    InvalidInputError,
+    OutputBusyError,
+    OutputExistsError,
+)
 from starkret.ingest.sources import Part, PreprocessOptions
 from starkret.ingest.towers import ClipEmbedder
 from starkret.store.claims import WorkFolder
 from starkret.store.keyset import KeySet
-from starkret.store.layout import part_file, part_number
+from starkret.store.layout import SUBFOLDERS, part_file, part_number
 
 __all__ = ["EmbedReport", "PartRunner"]
 
@@ -135,16 +140,58 @@ _MUST_MATCH = (
 )
 
 
-def _check_manifest(out: Path, identity: dict, plan: list[str], others_running: bool) -> dict:
+def _read_manifest(out: Path) -> dict | None:
+    """The manifest of ``out``, None if it has none; unreadable or not a starkret
+    manifest: OutputExistsError (nothing in the folder can then be called ours)."""
     path = out / MANIFEST
-    if not path.exists():
-        return {}
+    if not path.exists() and not path.is_symlink():
+        return None
     try:
-        old = json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise InvalidInputError(
-            f"{path} is unreadable ({exc}); use --overwrite to start over"
-        ) from exc
+        manifest = exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("parts"), list):
+        why = f"unreadable ({manifest})" if isinstance(manifest, Exception) else "not ours"
+        raise OutputExistsError(
+            f"{path} is {why}: starkret cannot tell which files of {out} it wrote; "
+            "move it away (or use another output folder) to start over"
+        )
+    return manifest
+
+
+def _user_files(out: Path) -> list[Path]:
+    """Files in ``out``'s part sub-folders (``img_emb/``, ``metadata/``, ``failures/``)."""
+    found = []
+    for sub in SUBFOLDERS:
+        folder = out / sub
+        if folder.is_dir() and not folder.is_symlink():
+            found += sorted(p for p in folder.iterdir() if not p.is_dir() or p.is_symlink())
+        elif folder.exists() or folder.is_symlink():
+            found.append(folder)
+    return found
+
+
+def _refuse_foreign(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder starkret did not write: one without a manifest whose part
+    sub-folders hold files (a user's, or another tool's clip-retrieval output). Embedding
+    into it would take its files for finished parts, rename or replace them, and
+    ``overwrite`` would delete them. A new or empty folder, or one with only other
+    files beside the sub-folders, is fine: nothing in it is touched."""
+    if not out.is_dir() or _read_manifest(out) is not None:
+        return
+    found = _user_files(out)
+    if found:
+        what = "--overwrite would delete it" if overwrite else "embed would mix it with its parts"
+        raise OutputExistsError(
+            f"{out} was not written by starkret (no {MANIFEST}) and holds {found[0]}: "
+            f"{what}; use another output folder"
+        )
+
+
+def _check_manifest(out: Path, identity: dict, plan: list[str], others_running: bool) -> dict:
+    old = _read_manifest(out)
+    if old is None:
+        return {}
     running = f"another embed is running on {out} with different arguments"
     for key in _MUST_MATCH:
         if old.get(key) != identity[key]:
@@ -170,7 +217,20 @@ def _check_manifest(out: Path, identity: dict, plan: list[str], others_running: 
             "use the same inputs (new ones may only be added after the old ones), "
             "another output folder, or --overwrite"
         )
+    follows = _follows_links(identity.get("part_inputs"))
+    if old_plan and _follows_links(old.get("part_inputs")) != follows:
+        had = "with" if not follows else "without"
+        raise InvalidInputError(
+            f"{out} was embedded {had} follow_links (--follow-links): what serve reads back "
+            "must be what embed read; use the same choice, another output folder, or "
+            "--overwrite"
+        )
     return old
+
+
+def _follows_links(records) -> bool:
+    """A manifest's ``part_inputs`` say its links out of the inputs were followed."""
+    return any(isinstance(r, dict) and r.get("follow_links") is True for r in records or [])
 
 
 def _write_manifest(out: Path, identity: dict, plan: list[str], totals: dict) -> None:
@@ -179,10 +239,34 @@ def _write_manifest(out: Path, identity: dict, plan: list[str], totals: dict) ->
 
 
 def _clean(out: Path) -> None:
-    import shutil
-
-    for sub in ("img_emb", "metadata", "failures"):
-        shutil.rmtree(out / sub, ignore_errors=True)
+    """``overwrite``: delete what the manifest of ``out`` says is ours (its parts' files,
+    their temporaries, the manifest), nothing else. A file in a part sub-folder named as
+    a part the manifest does not list (a user's, or another tool's) would be read as a
+    part of the new output: the run is refused instead (OutputExistsError), before
+    anything is deleted. Other files there stay as they are."""
+    manifest = _read_manifest(out)
+    if manifest is None:
+        _refuse_foreign(out, overwrite=True)
+        return
+    count = len(manifest["parts"])
+    ours = []
+    for path in _user_files(out):
+        if _temp_part(path) is not None:
+            ours.append(path)  # a temporary of ours (``.NAME.tmp-PID-TOKEN``)
+            continue
+        number = part_number(path.name)
+        if number is None:
+            continue  # not a part's name: the user's, left alone
+        if number >= count or path.is_symlink() or not path.is_file():
+            raise OutputExistsError(
+                f"{path} looks like a part file but is not one of the {count} parts "
+                f"{out / MANIFEST} lists: starkret did not write it and will not delete it; "
+                f"move it out of {path.parent.name}/ to start over"
+            )
+        ours.append(path)
+    # metadata (the done marker) first: an interrupted clean leaves no part looking done
+    for path in sorted(ours, key=lambda p: p.parent.name != "metadata"):
+        path.unlink(missing_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
 
 

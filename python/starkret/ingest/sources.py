@@ -6,11 +6,26 @@ resumed run skips or redoes. A shard is one part; folders and tables are cut int
 parts of ``chunk_size`` images, in a stable order, so part ``i`` always means the
 same images.
 
-Table cells are untrusted: a Hugging Face image struct ``{"bytes": null, "path": P}``
-is read only if ``P`` (relative to the table file's folder, or absolute) resolves,
-symlinks included, to a regular file inside the dataset's own folder (the folder given
-as input, or the table file's folder); anything else is a per-row failure
-``unsafe path: ...`` and the file is never opened.
+Inputs are untrusted, and nothing outside an input is read unless the user says so
+(one rule, :func:`starkret.store.images.read_file_inside`, which the readers of image
+bytes behind ``serve`` apply too):
+
+- an image folder's file (and its ``.txt`` / ``.json`` sidecar) that is a symlink
+  resolving outside the folder is a per-sample failure ``outside input: ...`` and is
+  never opened (a sidecar is then simply absent); links that stay inside are followed;
+- a table cell's path (a Hugging Face image struct ``{"bytes": null, "path": P}`` or a
+  path string, relative to the table file's folder, or absolute) is read only if it
+  resolves to a regular file inside the dataset's own folder (the folder given as
+  input, or the table file's folder): ``unsafe path: ...`` when ``P`` itself leaves it,
+  ``outside input: ...`` when a link inside it leads out;
+- a shard found by listing a folder (an img2dataset webdataset folder, or the wildcards
+  of a glob: the folder before the first wildcard) that links out of it is one failure
+  ``outside input: ...`` for the shard; shards named by path or brace range are the
+  user's own choice and read wherever they point.
+
+``follow_links=True`` (``embed --follow-links``) follows every such link instead; each
+part's ``part_inputs`` record in the manifest says so, and ``serve`` then reads the same
+files.
 """
 
 from __future__ import annotations
@@ -27,7 +42,9 @@ from starkret.ingest.shards import DEFAULT_MAX_MEMBER_BYTES, expand_shard_paths
 from starkret.store.images import (
     IMAGE_SUFFIXES,
     cell_image_bytes,
+    is_link_outside,
     open_table,
+    read_file_inside,
     resolve_columns,
 )
 
@@ -97,7 +114,9 @@ class Part:
     members: tuple[str, ...] = ()  # files: relative paths
     start: int = 0  # table: first row
     stop: int = 0  # table: one past the last row
-    root: str = ""  # table: the dataset folder its image paths must stay inside
+    #: table: the dataset folder its image paths must stay inside; shard: the folder it
+    #: was listed from (a webdataset folder, a glob's), "" for a shard named by the user
+    root: str = ""
     # Not part of the identity (``describe``), so folders embedded before them resume:
     #: table: resolved (image, caption, key, url, status) columns; files: unused
     columns: tuple[str | None, ...] = ()
@@ -105,6 +124,8 @@ class Part:
     key_prefix: str = ""
     #: files: "img2dataset" -> key = file stem, url from the KEY.json sidecar
     layout: str = ""
+    #: follow links out of the input (``embed(follow_links=True)``), else they fail
+    follow_links: bool = False
 
     def describe(self) -> str:
         """A stable one-line identity, recorded in the manifest to detect changed inputs."""
@@ -120,6 +141,10 @@ class Part:
         record: dict = {"kind": self.kind, "path": self.path}
         if self.kind == "files" and self.layout:
             record["layout"] = self.layout
+        if self.kind == "shard" and self.root:
+            record["root"] = self.root
+        if self.follow_links:
+            record["follow_links"] = True
         if self.kind == "table":
             record.update(start=self.start, stop=self.stop, root=self.root)
             if self.columns:
@@ -130,6 +155,8 @@ class Part:
     def batches(self, options: PreprocessOptions) -> Iterator[ShardBatch]:
         """Preprocessed batches of this part, prepared ahead of the consumer."""
         if self.kind == "shard":
+            if self.root and not self.follow_links and is_link_outside(self.path, self.root):
+                return iter([_refused_shard(self, options)])
             return iter(
                 preprocess_shards(
                     self.path,
@@ -167,6 +194,7 @@ def plan_parts(
     caption_column: str | None = None,
     key_column: str | None = None,
     source: str | None = None,
+    follow_links: bool = False,
 ) -> list[Part]:
     """Cut ``inputs`` into parts, in a stable order.
 
@@ -181,6 +209,9 @@ def plan_parts(
     (``KNOWN_SOURCES``) where present; then by type (a Hugging Face ``Image`` struct
     or a binary column holds the image, before a string column named ``image``) and
     by name.
+
+    ``follow_links`` follows symlinks that lead out of an input (see the module's
+    docstring); by default such a file is a failure ``outside input``.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -200,7 +231,9 @@ def plan_parts(
         layout = img2dataset_format(path) if path.is_dir() else None
         if layout == "webdataset":
             for shard in sorted(path.glob("*.tar")):
-                parts.append(Part("shard", os.path.abspath(shard), shard.name))
+                parts.append(
+                    Part("shard", os.path.abspath(shard), shard.name, root=os.path.abspath(path))
+                )
         elif layout == "files":
             parts.extend(_folder_parts(path, chunk_size, layout="img2dataset"))
         elif layout == "parquet":
@@ -221,15 +254,54 @@ def plan_parts(
         elif path.suffix in _TABLE_SUFFIXES and path.is_file():
             parts.extend(_table_parts(path, chunk_size, columns, hints, path.parent, path.stem))
         else:
+            listed = _glob_root(text)
             for shard in expand_shard_paths(text):
-                parts.append(Part("shard", os.path.abspath(shard), Path(shard).name))
+                root = os.path.abspath(listed) if listed is not None else ""
+                parts.append(Part("shard", os.path.abspath(shard), Path(shard).name, root=root))
     seen: set[str] = set()
     unique = []
     for part in parts:
         if part.describe() not in seen:
             seen.add(part.describe())
-            unique.append(part)
+            unique.append(replace(part, follow_links=True) if follow_links else part)
     return unique
+
+
+def _glob_root(pattern: str) -> str | None:
+    """The folder a shard glob lists (its path before the first component with a
+    wildcard or brace), or None for a pattern without wildcards (paths and brace ranges
+    name their files)."""
+    if not any(c in pattern for c in "*?["):
+        return None
+    fixed = []
+    for component in pattern.split("/"):
+        if any(c in component for c in "*?[{"):
+            break
+        fixed.append(component)
+    return "/".join(fixed) or ("/" if pattern.startswith("/") else ".")
+
+
+def _refused_shard(part: Part, options: PreprocessOptions) -> ShardBatch:
+    """The one batch of a shard that links out of the folder it was listed from."""
+    import numpy as np
+
+    size = options.size
+    shape = (0, size, size, 3) if options.layout == "hwc" else (0, 3, size, size)
+    reason = (
+        f"outside input: {part.name!r} is a link to a file outside {part.root} "
+        "(follow_links / --follow-links follows it)"
+    )
+    return ShardBatch(
+        pixels=np.zeros(shape, options.dtype),
+        keys=[],
+        shards=[],
+        captions=[],
+        urls=[],
+        jsons=[],
+        widths=[],
+        heights=[],
+        failures=[(part.name, None, reason)],
+    )
 
 
 # ==== Image folders ====
@@ -266,38 +338,49 @@ def _folder_parts(root: Path, chunk_size: int, layout: str = "") -> list[Part]:
 
 
 def _file_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
-    root = Path(part.path)
     for start in range(0, len(part.members), batch_size):
         batch = _RawBatch([], [], [], part.name, [])
         for rel in part.members[start : start + batch_size]:
-            try:
-                data = (root / rel).read_bytes()
-            except OSError as exc:
-                batch.failures.append((part.name, rel, f"unreadable: {exc.strerror or exc}"))
+            data = _read_inside(part, rel, DEFAULT_MAX_MEMBER_BYTES)
+            if isinstance(data, str):
+                batch.failures.append((part.name, rel, data))
                 continue
-            sidecar = (root / rel).with_suffix(".txt")
-            try:
-                caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
-            except OSError:
-                caption = None
+            stem = os.path.splitext(rel)[0]
+            caption = _read_inside(part, f"{stem}.txt", DEFAULT_MAX_MEMBER_BYTES)
             url = None
             if part.layout == "img2dataset":  # key without folder and extension, as in its tars
-                url = _sidecar_url((root / rel).with_suffix(".json"))
+                url = _sidecar_url(_read_inside(part, f"{stem}.json", _MAX_SIDECAR_BYTES))
             batch.images.append(data)
             batch.keys.append(Path(rel).stem if part.layout == "img2dataset" else rel)
-            batch.captions.append(caption)
+            batch.captions.append(_text(caption) if isinstance(caption, bytes) else None)
             batch.urls.append(url)
         yield batch
 
 
-def _sidecar_url(path: Path) -> str | None:
+#: Largest img2dataset ``KEY.json`` sidecar read.
+_MAX_SIDECAR_BYTES = 1 << 20
+
+
+def _read_inside(part: Part, rel: str, max_bytes: int) -> bytes | str:
+    """A file of a folder part (by the one rule: :func:`read_file_inside`), or the reason."""
+    return read_file_inside(rel, part.path, max_bytes=max_bytes, follow_links=part.follow_links)
+
+
+def _text(data: bytes) -> str:
+    """A caption sidecar as text, as ``Path.read_text`` reads it (newlines universal)."""
+    text = data.decode("utf-8", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def _sidecar_url(data: bytes | str) -> str | None:
     """The ``url`` of an img2dataset ``KEY.json`` sidecar (None if absent or unreadable)."""
     import json
 
+    if isinstance(data, str):
+        return None
     try:
-        with open(path, "rb") as f:
-            meta = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
+        meta = json.loads(data)
+    except ValueError:
         return None
     url = meta.get("url") if isinstance(meta, dict) else None
     return url if isinstance(url, str) else None
@@ -375,7 +458,9 @@ def _table_batches(part: Part, batch_size: int) -> Iterator[_RawBatch]:
         ):
             if state != "success":  # never downloaded: not in the webdataset form either
                 continue
-            data = cell_image_bytes(value, table_dir, root, DEFAULT_MAX_MEMBER_BYTES)
+            data = cell_image_bytes(
+                value, table_dir, root, DEFAULT_MAX_MEMBER_BYTES, follow_links=part.follow_links
+            )
             if isinstance(data, str):
                 batch.failures.append((part.name, key, data))
                 continue

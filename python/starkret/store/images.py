@@ -11,9 +11,13 @@ Hugging Face ``{bytes, path}`` struct, a path string). The serve ``/image`` rout
 :meth:`starkret.index.db.ImageDB.image_bytes`).
 
 Inputs are untrusted, and nothing outside them is ever read: a key or a table cell
-naming a path is read only if it resolves, symlinks included, to a regular file inside
-its folder (:func:`read_file_inside`, which ingest uses too), opened without following
-a last symlink and without blocking on a FIFO, and never above a size limit.
+naming a path is read only if it names a file inside its folder and resolves, symlinks
+included, to a regular file inside that folder (:func:`read_file_inside`, which ingest
+uses too: one rule for ``embed`` and for every reader here), opened without following a
+last symlink and without blocking on a FIFO, and never above a size limit. An input
+embedded with ``follow_links=True`` (recorded in its ``part_inputs`` record) has its
+links followed wherever they point, here as in ``embed``; a path that is outside the
+folder by its name (``../x``, ``/etc/passwd``) is refused either way.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "ImageReader",
     "cell_image_bytes",
     "image_extension",
+    "is_link_outside",
     "media_type",
     "member_key",
     "open_table",
@@ -85,23 +90,39 @@ _INPUT_CHANGED = (
 
 
 def read_file_inside(
-    path: object, root: str, *, base: str | None = None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    path: object,
+    root: str,
+    *,
+    base: str | None = None,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    follow_links: bool = False,
 ) -> bytes | str:
     """The bytes of the file ``path`` names (relative to ``base``, default ``root``) if it
     is a regular file inside ``root``, else the reason why not.
 
-    Symlinks are resolved before the check, so one pointing out of ``root`` is refused;
-    the file is then opened with ``O_NOFOLLOW`` and ``O_NONBLOCK`` (a FIFO never hangs).
+    The rule ``embed`` and every reader of image bytes share: a path that resolves
+    outside ``root`` is ``unsafe path`` when its name already leaves ``root`` (``..``,
+    an absolute path elsewhere), else ``outside input`` (a symlink inside ``root``
+    pointing out of it), which ``follow_links`` (the user's opt-in, ``embed
+    --follow-links``) follows instead. Links that stay inside ``root`` are followed.
+    The resolved file is opened with ``O_NOFOLLOW`` and ``O_NONBLOCK`` (a FIFO never
+    hangs).
 
     >>> read_file_inside("../../etc/passwd", "/data/charts")  # doctest: +SKIP
     "unsafe path: '../../etc/passwd' is outside the dataset folder /data/charts"
     """
     if not isinstance(path, str) or not path or "\0" in path:
         return f"unsafe path: {str(path)[:200]!r} is not a file path"
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root if base is None else base, path))
-    if os.path.commonpath([real, real_root]) != real_root:
-        return f"unsafe path: {path[:200]!r} is outside the dataset folder {root}"
+    joined = os.path.join(root if base is None else base, path)
+    real = os.path.realpath(joined)
+    if not _is_inside(real, os.path.realpath(root)):
+        if not _is_inside(os.path.abspath(joined), os.path.abspath(root)):
+            return f"unsafe path: {path[:200]!r} is outside the dataset folder {root}"
+        if not follow_links:
+            return (
+                f"outside input: {path[:200]!r} is a link to a file outside {root} "
+                "(follow_links / --follow-links follows it)"
+            )
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -117,6 +138,17 @@ def read_file_inside(
     if len(data) > max_bytes:  # grew since fstat
         return f"too large: {path[:200]} has over {max_bytes:,} bytes (limit {max_bytes:,})"
     return data
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it (both absolute and normalised alike)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def is_link_outside(path: str, root: str) -> bool:
+    """``path`` (inside ``root`` by its name) resolves, symlinks followed, outside ``root``:
+    the shard form of :func:`read_file_inside`'s ``outside input`` rule."""
+    return not _is_inside(os.path.realpath(path), os.path.realpath(root))
 
 
 # ==== Tables: columns and cells ====
@@ -208,22 +240,30 @@ def _pick(
 
 
 def cell_image_bytes(
-    value, table_dir: str, root: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    value,
+    table_dir: str,
+    root: str,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    *,
+    follow_links: bool = False,
 ) -> bytes | str:
     """A cell of an image column (raw bytes, Hugging Face's {"bytes", "path"} struct, or a
     path string) as its image bytes, or the failure reason. Paths are relative to
     ``table_dir`` and must stay inside ``root`` (:func:`read_file_inside`)."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
+    path = None
     if isinstance(value, dict):
         data = value.get("bytes")
         if data:
             return bytes(data)
-        path = value.get("path")
-        if path:
-            return read_file_inside(path, root, base=table_dir, max_bytes=max_bytes)
-    if isinstance(value, str) and value:  # a column of image file paths
-        return read_file_inside(value, root, base=table_dir, max_bytes=max_bytes)
+        path = value.get("path") or None
+    elif isinstance(value, str) and value:  # a column of image file paths
+        path = value
+    if path is not None:
+        return read_file_inside(
+            path, root, base=table_dir, max_bytes=max_bytes, follow_links=follow_links
+        )
     return "empty: no image bytes in the row"
 
 
@@ -370,6 +410,8 @@ class ImageReader:
             if kind == "files":
                 return self._file(record, path, sample_key)
             if kind == "shard":
+                if _refused_shard(record, path):
+                    return None  # what embed refused (a link out of a listed folder)
                 return self._shard(path, sample_key)
             if kind == "table":
                 return self._table(record, path, sample_key)
@@ -382,17 +424,19 @@ class ImageReader:
     def _file(self, record: Mapping, root: str, sample_key: str) -> bytes | None:
         if record.get("layout") == "img2dataset":
             # img2dataset's files layout: key = file stem, the file in a shard folder
-            return self._img2dataset_file(root, sample_key)
-        data = read_file_inside(sample_key, root, max_bytes=self.max_bytes)
+            return self._img2dataset_file(root, sample_key, _follows(record))
+        data = read_file_inside(
+            sample_key, root, max_bytes=self.max_bytes, follow_links=_follows(record)
+        )
         if isinstance(data, bytes):
             return data
         if "layout" not in record and "." not in sample_key:
             # A manifest from before layouts were recorded: a key without suffix can only
             # be an img2dataset stem.
-            return self._img2dataset_file(root, sample_key)
+            return self._img2dataset_file(root, sample_key, _follows(record))
         return None
 
-    def _img2dataset_file(self, root: str, stem: str) -> bytes | None:
+    def _img2dataset_file(self, root: str, stem: str, follow_links: bool) -> bytes | None:
         if not stem or "/" in stem or stem.startswith("."):
             return None
         # Its keys start with their shard folder's name (``00001`` holds ``000010042``).
@@ -404,7 +448,12 @@ class ImageReader:
             )
         for folder in folders:
             for suffix in IMAGE_SUFFIXES:
-                data = read_file_inside(f"{folder}/{stem}{suffix}", root, max_bytes=self.max_bytes)
+                data = read_file_inside(
+                    f"{folder}/{stem}{suffix}",
+                    root,
+                    max_bytes=self.max_bytes,
+                    follow_links=follow_links,
+                )
                 if isinstance(data, bytes):
                     return data
         return None
@@ -449,7 +498,13 @@ class ImageReader:
             return None
         table_dir = str(table.path.parent)
         root = record.get("root") if isinstance(record.get("root"), str) else table_dir
-        data = cell_image_bytes(table.cell(image_col, row), table_dir, root, self.max_bytes)
+        data = cell_image_bytes(
+            table.cell(image_col, row),
+            table_dir,
+            root,
+            self.max_bytes,
+            follow_links=_follows(record),
+        )
         if isinstance(data, str) or len(data) > self.max_bytes:
             return None
         return data
@@ -469,6 +524,18 @@ class ImageReader:
         keys = self._key_ranges.get((str(table.path), key_col, start, stop), load)
         at = pc.index(keys, pa.scalar(sample_key, pa.string())).as_py()
         return None if at is None or at < 0 else start + at
+
+
+def _follows(record: Mapping) -> bool:
+    """The input was embedded with ``follow_links=True``: its links are followed here too."""
+    return record.get("follow_links") is True
+
+
+def _refused_shard(record: Mapping, path: str) -> bool:
+    """A shard found by listing a folder (``root``: the folder or a glob's) that links out
+    of it, without ``follow_links``: embed refused it, so nothing of it is read."""
+    root = record.get("root")
+    return isinstance(root, str) and not _follows(record) and is_link_outside(path, root)
 
 
 class _Cache:
