@@ -379,11 +379,11 @@ def test_cli_build_index_and_search(db_dir, capsys):
 
 
 def test_autofaiss_that_cannot_fit_the_budget_is_a_clear_error(tmp_path, monkeypatch):
-    import starkret.index.source
+    import starkret.index.build
 
     write_source(tmp_path / "src", "x", _unit(np.random.default_rng(9), 400, 16))
     # autofaiss refuses a memory budget larger than the memory it may use
-    monkeypatch.setattr(starkret.index, "_available_memory", lambda: "1G")
+    monkeypatch.setattr(starkret.index.build, "_available_memory", lambda: "1G")
     with pytest.raises(RuntimeError, match="autofaiss built no index"):
         build_index(tmp_path / "src", kind="autofaiss", max_index_memory_usage="16GB")
 
