@@ -191,8 +191,14 @@ def test_report_never_overwrites_a_file_it_did_not_write(tmp_path, run_align):
     report = tmp_path / "report.html"
     assert run_align(source, "-o", tmp_path / "out.jsonl", "--report", report)[0] == 0
     first = report.read_text()
-    assert run_align(source, "-o", tmp_path / "o2.jsonl", "--report", report)[0] == 0
-    assert report.read_text() != "" and first.startswith("<!doctype html>")
+    assert first.startswith("<!doctype html>")
+    # a rerun on the same output replaces the report its state file records ...
+    assert run_align(source, "-o", tmp_path / "out.jsonl", "--report", report)[0] == 0
+    assert report.read_text().startswith("<!doctype html>")
+    # ... another output's run did not write it, so refuses it (issue 24 item 1)
+    code, _, err = run_align(source, "-o", tmp_path / "o2.jsonl", "--report", report)
+    _one_line_error(code, err)
+    assert str(report) in err and "o2.jsonl.starkret" in err
 
 
 # ==== Item 5: malformed dialogue files ====

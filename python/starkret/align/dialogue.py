@@ -9,12 +9,20 @@ episodes already in the output (a half-written last line is dropped first). Imag
 records ``{image_source, image_url, index}`` of every chosen image go to
 ``OUTPUT.images.jsonl``.
 
-Outputs are guarded, because ``-o`` names a file the job appends to and may cut:
+Every path a run writes is new or recorded as its own (:mod:`starkret.store.outputs`):
 
 - ``OUTPUT.starkret`` (a small JSON state file) is written before the first line and
-  marks ``OUTPUT`` and ``OUTPUT.images.jsonl`` as this command's. An existing non-empty
-  output without it is somebody else's file and is refused, never truncated. An output
-  that is the input file (also through a symlink or hard link) is refused.
+  records every path runs on ``OUTPUT`` wrote: ``OUTPUT``, ``OUTPUT.images.jsonl`` and,
+  from the CLI, ``--report``, ``--parquet`` and the ``--export-images`` folder and its
+  tars. A path that exists and is not recorded there (a non-empty ``OUTPUT`` without a
+  state file beside it: somebody else's file) is refused, never truncated or replaced.
+  An output that is an input (the dialogue file, anything under the DB folder; also
+  through a symlink or hard link) or another output of the same run is refused.
+- ``OUTPUT.starkret.lock`` is locked while a run works: a second run on the same output
+  refuses at once (:class:`~starkret.errors.OutputBusyError`) or, with ``wait=True``
+  (``--wait``), waits and then resumes. A killed run's lock goes with its process.
+- A run that fails before writing a result leaves nothing behind; one that fails later
+  keeps what it wrote and says so: the same command resumes.
 - On resume only a damaged *last* line (no newline at the end, or not a line this
   command writes) is dropped. A damaged line anywhere else is refused with its file and
   line: nothing is truncated.
@@ -27,13 +35,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
-from starkret._io import atomic_write_text
 from starkret.align.aligner import MAX_IMAGES_PER_MOMENT, Aligner, Alignment
 from starkret.align.formats import (
     Episode,
@@ -43,13 +50,23 @@ from starkret.align.formats import (
     read_episodes,
     stark_fields,
 )
-from starkret.errors import InvalidInputError, NotFoundError, OutputExistsError
+from starkret.errors import InvalidInputError, NotFoundError
 from starkret.index.db import ImageDB
+from starkret.store.outputs import OutputGuard
 
-__all__ = ["STATE_SUFFIX", "AlignReport", "align_file", "check_writable_output"]
+__all__ = [
+    "RECORDS_SUFFIX",
+    "STATE_SUFFIX",
+    "AlignReport",
+    "align_file",
+    "align_outputs",
+    "records_path",
+]
 
-#: ``OUTPUT + STATE_SUFFIX`` marks OUTPUT (and OUTPUT.images.jsonl) as written by align.
+#: ``OUTPUT + STATE_SUFFIX``: the state file recording every path a run on OUTPUT wrote.
 STATE_SUFFIX = ".starkret"
+#: ``OUTPUT + RECORDS_SUFFIX``: the image records of the chosen images.
+RECORDS_SUFFIX = ".images.jsonl"
 _STATE_MARK = "starkret align"
 
 
@@ -135,76 +152,67 @@ def _moments_of(episode: Episode, fill: tuple[str, ...] | None = None) -> list[d
 # ==== Guarded outputs ====
 
 
-def check_writable_output(
-    path: Path, inputs: list[Path], is_ours, mark: str = "written by starkret"
-) -> None:
-    """Refuse to write ``path`` if it is one of ``inputs`` or an existing file not ours.
-
-    ``is_ours(path)`` tells whether an existing non-empty regular file was written by
-    this command; ``mark`` says how that is told, for the error message. Identity is
-    checked on the file (``st_dev``/``st_ino``), so a symlink or hard link to an input
-    is caught too.
-    """
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        if not path.parent.is_dir():
-            raise NotFoundError(f"{path}: folder {path.parent} does not exist") from None
-        return
-    for other in inputs:
-        try:
-            other_info = os.stat(other)
-        except FileNotFoundError:
-            continue
-        if (info.st_dev, info.st_ino) == (other_info.st_dev, other_info.st_ino):
-            raise InvalidInputError(
-                f"{path} is the same file as {other}: refusing to write over it"
-            )
-    if not stat.S_ISREG(info.st_mode):
-        raise OutputExistsError(f"{path} exists and is not a regular file: refusing to write it")
-    if info.st_size > 0 and not is_ours(path):
-        raise OutputExistsError(
-            f"{path} exists and is not {mark}: refusing to overwrite it "
-            "(choose another output or remove the file)"
-        )
-
-
 def _state_path(output: Path) -> Path:
     return output.with_name(output.name + STATE_SUFFIX)
 
 
-def _read_state(path: Path) -> dict | None:
-    """The state file's content if it is a starkret align state file, else None."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 16)
-        state = json.loads(data)
-    except (OSError, ValueError, RecursionError):
-        return None
-    return state if isinstance(state, dict) and state.get("written_by") == _STATE_MARK else None
+def records_path(output: str | os.PathLike) -> Path:
+    """``OUTPUT.images.jsonl``: the image records of an aligned output."""
+    output = Path(output)
+    return output.with_name(output.name + RECORDS_SUFFIX)
 
 
-def _claim_outputs(input_path: Path, output: Path, records: Path) -> None:
-    """Check the three files ``align`` writes, then write the state file (see the module doc)."""
-    state_path = _state_path(output)
-    ours = _read_state(state_path) is not None
-    written = [state_path, output, records]
-    for n, path in enumerate(written):
-        check_writable_output(
-            path,
-            [input_path, *written[:n]],
-            lambda _p: ours,
-            f"a starkret align output (no {state_path.name} beside it)",
-        )
-    if not ours:
-        state = {
-            "written_by": _STATE_MARK,
-            "format": 1,
+def _check_input(input_path: Path) -> None:
+    if not input_path.exists():
+        raise NotFoundError(f"dialogue file not found: {input_path}")
+    if not input_path.is_file():
+        raise InvalidInputError(f"{input_path} is not a file")
+
+
+def align_outputs(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    db_folder: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    parquet: str | os.PathLike | None = None,
+    export_images: str | os.PathLike | None = None,
+) -> OutputGuard:
+    """The guard of every path one ``starkret align`` run writes (see the module doc).
+
+    Inputs are the dialogue file and everything under ``db_folder`` (and its source
+    folders, also when they are links to elsewhere). Acquire it (``with
+    align_outputs(...).acquire(wait=...) as guard:``) and pass it to :func:`align_file`.
+    """
+    input_path, output = Path(input_path), Path(output_path)
+    _check_input(input_path)
+    folders: list[Path] = []
+    if db_folder is not None:
+        db_folder = Path(db_folder)
+        folders.append(db_folder)
+        if db_folder.is_dir():
+            folders.extend(p for p in db_folder.iterdir() if p.is_dir())
+    guard = OutputGuard(
+        _state_path(output),
+        written_by=_STATE_MARK,
+        inputs=[input_path],
+        input_folders=folders,
+        info={
             "output": output.name,
-            "images": records.name,
+            "images": records_path(output).name,
             "input": os.path.abspath(input_path),
-        }
-        atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
+        },
+        busy_hint=" (starkret align --wait waits for it instead)",
+    )
+    guard.file(output, "-o", may_be_empty=True)
+    guard.file(records_path(output), "image records", may_be_empty=True)
+    if report is not None:
+        guard.file(report, "--report")
+    if parquet is not None:
+        guard.file(parquet, "--parquet")
+    if export_images is not None:
+        guard.folder(export_images, "--export-images")
+    return guard
 
 
 def _resume_lines(path: Path, field_name: str) -> Iterator[str]:
@@ -253,6 +261,8 @@ def align_file(
     keep: bool = False,
     keys: str = "stark",
     fill: tuple[str, ...] | None = None,
+    outputs: OutputGuard | None = None,
+    wait: bool = False,
 ) -> AlignReport:
     """Align every moment of ``input_path`` into ``output_path`` (see the module doc).
 
@@ -260,24 +270,58 @@ def align_file(
     image records; ``keys="db"`` the DB keys. ``fill``: the ``images_module_name`` values
     whose turns are aligned (default :data:`starkret.align.stark.DEFAULT_FILL`: ``retrieval``
     and turns with none); other turns (``p-t2i``, ``t2i``, ``web``) are left as they are.
+    ``outputs``: the acquired :func:`align_outputs` guard of a run that writes more files
+    (the CLI); without it the output is guarded here, and ``wait`` says whether to wait
+    for another run on the same output instead of refusing
+    (:class:`~starkret.errors.OutputBusyError`).
     """
     from starkret.align.stark import DEFAULT_FILL
 
     if keys not in ("stark", "db"):
         raise InvalidInputError(f"keys must be 'stark' or 'db', got {keys!r}")
     fill = DEFAULT_FILL if fill is None else tuple(fill)
-    started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
-    if not input_path.exists():
-        raise NotFoundError(f"dialogue file not found: {input_path}")
-    if not input_path.is_file():
-        raise InvalidInputError(f"{input_path} is not a file")
+    _check_input(input_path)
+    if outputs is None:
+        guard = align_outputs(input_path, output_path, db_folder=getattr(db, "root", None))
+        with guard.acquire(wait=wait):
+            return _align_guarded(
+                db,
+                input_path,
+                output_path,
+                guard,
+                aligner,
+                batch_episodes,
+                progress,
+                keep,
+                keys,
+                fill,
+            )
+    if not outputs.held:
+        raise InvalidInputError("outputs must be acquired first: outputs.acquire()")
+    return _align_guarded(
+        db,
+        input_path,
+        output_path,
+        outputs,
+        aligner,
+        batch_episodes,
+        progress,
+        keep,
+        keys,
+        fill,
+    )
+
+
+def _align_guarded(
+    db, input_path, output_path, guard, aligner, batch_episodes, progress, keep, keys, fill
+) -> AlignReport:
+    started = time.perf_counter()
     aligner = aligner or Aligner(db)
-    records_path = output_path.with_name(output_path.name + ".images.jsonl")
-    _claim_outputs(input_path, output_path, records_path)
+    records = records_path(output_path)
     episodes = _plain_episodes(input_path) or read_episodes(input_path)
     done = set(_resume_lines(output_path, "episode_id"))
-    seen_images = set(_resume_lines(records_path, "key"))
+    seen_images = set(_resume_lines(records, "key"))
     report = AlignReport()
     bar = None
     if progress:
@@ -288,18 +332,26 @@ def align_file(
     try:
         with (
             open(output_path, "a", encoding="utf-8") as out,
-            open(records_path, "a", encoding="utf-8") as records,
+            open(records, "a", encoding="utf-8") as images,
         ):
+            sink = _Sink(out, images, guard, seen_images, report, bar, keep, keys, fill)
             for episode in episodes:
                 if episode.episode_id in done:
                     report.skipped_episodes += 1
                     continue
                 batch.append(episode)
                 if len(batch) >= batch_episodes:
-                    _flush(batch, aligner, out, records, seen_images, report, bar, keep, keys, fill)
+                    _flush(batch, aligner, sink)
                     batch = []
             if batch:
-                _flush(batch, aligner, out, records, seen_images, report, bar, keep, keys, fill)
+                _flush(batch, aligner, sink)
+    except Exception as exc:
+        if guard.kept:
+            exc.add_note(
+                f"({output_path} keeps the {report.episodes + len(done):,} episodes "
+                "finished before this error: run the same command again to resume)"
+            )
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -307,14 +359,61 @@ def align_file(
     return report
 
 
-def _flush(batch, aligner, out, records, seen_images, report, bar, keep, keys, fill) -> None:
+@dataclass
+class _Sink:
+    """Where :func:`_flush` writes, and what it counts."""
+
+    out: TextIO
+    records: TextIO
+    guard: OutputGuard
+    seen_images: set[str]
+    report: AlignReport
+    bar: object
+    keep: bool
+    keys: str
+    fill: tuple[str, ...]
+
+
+def _flush(batch: list[Episode], aligner: Aligner, sink: _Sink) -> None:
+    """Align a batch of episodes and append their lines (all built before any is written)."""
     from starkret.align.stark import stark_image_key, stark_record
 
-    moments = [m for episode in batch for m in _moments_of(episode, fill)]
+    report = sink.report
+    moments = [m for episode in batch for m in _moments_of(episode, sink.fill)]
     alignments = aligner.align(moments) if moments else []
     by_episode: dict[str, list[Alignment]] = {}
+    new_records: list[str] = []
     for a in alignments:
         by_episode.setdefault(a.episode_id, []).append(a)
+        for position, image in enumerate(a.images):
+            if sink.keys == "stark":
+                key = stark_image_key(a.moment_id, position, image.source)
+                record = stark_record(key, image)
+            else:
+                key = image.stark_key
+                record = {"key": key, **image.image_record()}
+            if key not in sink.seen_images:
+                sink.seen_images.add(key)
+                new_records.append(json.dumps(record) + "\n")
+    lines: list[str] = []
+    for episode in batch:
+        mine = by_episode.get(episode.episode_id, [])
+        if "moments" in episode.raw and not episode.sessions:
+            line = {"episode_id": episode.episode_id}
+        else:
+            fields = stark_fields(episode, mine, keys=sink.keys, fill=sink.fill)
+            line = {**episode.raw, "episode_id": episode.episode_id, **fields}
+        line["alignments"] = [a.to_dict() for a in mine]
+        try:
+            lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+        except RecursionError:
+            raise FormatError(f"{episode.where}: JSON nested too deeply") from None
+    sink.guard.keep()  # results from here on: a later failure leaves them to resume
+    sink.records.writelines(new_records)
+    sink.out.writelines(lines)
+    sink.out.flush()
+    sink.records.flush()
+    for a in alignments:
         report.moments += 1
         if a.status == "ok":
             report.chosen += 1
@@ -322,33 +421,8 @@ def _flush(batch, aligner, out, records, seen_images, report, bar, keep, keys, f
             report.below_threshold += 1
         else:
             report.exhausted += 1
-        for position, image in enumerate(a.images):
-            if keys == "stark":
-                key = stark_image_key(a.moment_id, position, image.source)
-                record = stark_record(key, image)
-            else:
-                key = image.stark_key
-                record = {"key": key, **image.image_record()}
-            if key not in seen_images:
-                seen_images.add(key)
-                records.write(json.dumps(record) + "\n")
-    if keep:
+    report.episodes += len(lines)
+    if sink.keep:
         report.alignments.extend(alignments)
-    for episode in batch:
-        mine = by_episode.get(episode.episode_id, [])
-        if "moments" in episode.raw and not episode.sessions:
-            line = {"episode_id": episode.episode_id}
-        else:
-            fields = stark_fields(episode, mine, keys=keys, fill=fill)
-            line = {**episode.raw, "episode_id": episode.episode_id, **fields}
-        line["alignments"] = [a.to_dict() for a in mine]
-        try:
-            text = json.dumps(line, ensure_ascii=False)
-        except RecursionError:
-            raise FormatError(f"{episode.where}: JSON nested too deeply") from None
-        out.write(text + "\n")
-        report.episodes += 1
-    out.flush()
-    records.flush()
-    if bar is not None:
-        bar.update(len(moments))
+    if sink.bar is not None:
+        sink.bar.update(len(moments))

@@ -14,6 +14,7 @@ import html
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starkret._io import atomic_write_text
 from starkret.align.aligner import Alignment, Candidate
@@ -22,6 +23,8 @@ from starkret.index.db import ImageDB
 __all__ = ["write_report"]
 
 THUMB = 128
+#: The only URL schemes the report turns into links; any other url is shown as text.
+WEB_SCHEMES = ("http", "https")
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -65,14 +68,26 @@ def _thumbnails(images: dict[str, bytes]) -> dict[str, str]:
     return out
 
 
+def _is_web_link(url: str) -> bool:
+    """Whether ``url`` may become a link: http(s) only. A url column is untrusted data
+    (``javascript:`` in an ``href`` runs when clicked), and browsers drop control
+    characters and outer spaces before reading the scheme, so those are refused too."""
+    if url != url.strip() or any(ch < " " or ch == "\x7f" for ch in url):
+        return False
+    return urlsplit(url).scheme.lower() in WEB_SCHEMES
+
+
 def _figure(c: Candidate, thumbs: dict[str, str], chosen: bool) -> str:
     label = html.escape(f"{c.source} {c.score:+.3f}")
     if c.key in thumbs:
         picture = f'<img src="{thumbs[c.key]}" title="{html.escape(c.key)}">'
-    elif c.url:
-        picture = f'<a href="{html.escape(c.url)}"><div class="ph">open ↗</div></a>'
+    elif c.url and _is_web_link(c.url):
+        link = html.escape(c.url)
+        picture = f'<a href="{link}" rel="noopener noreferrer"><div class="ph">open ↗</div></a>'
     else:
         picture = '<div class="ph">no preview</div>'
+        if c.url:  # javascript:, data:, file: ...: shown as text, never a link
+            label += f"<br>{html.escape(c.url)}"
     cls = ' class="chosen"' if chosen else ""
     return (
         f"<figure{cls}>{picture}<figcaption>{label}<br>{html.escape(c.key)}</figcaption></figure>"

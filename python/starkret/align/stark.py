@@ -20,7 +20,7 @@ import json
 import os
 import tarfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from starkret._io import atomic_path, atomic_write
@@ -65,10 +65,19 @@ def stark_record(image_key: str, candidate) -> dict:
 # ==== stark-image-style tars of the chosen local images ====
 
 
-def export_images(db, records: Iterable[dict], out_dir: str | os.PathLike, per_tar: int = 10_000):
+def export_images(
+    db,
+    records: Iterable[dict],
+    out_dir: str | os.PathLike,
+    per_tar: int = 10_000,
+    *,
+    before_write: Callable[[Path], object] | None = None,
+):
     """Write the chosen images of local sources (not CC12M/RedCaps12M) as stark-image-style
     webdataset tars: ``{uuid}.{ext}`` + ``{uuid}.json`` (``{image_source, index}``).
 
+    ``before_write(path)`` is called with each tar's path before it is written (the CLI
+    records it in the output's state file, which refuses a tar it did not write).
     Returns (written, problems): problems are one-line reasons for images whose bytes
     could not be found (the inputs moved since they were embedded).
     """
@@ -92,7 +101,10 @@ def export_images(db, records: Iterable[dict], out_dir: str | os.PathLike, per_t
             ext = image_extension(data)
             if tar is None or (written % per_tar == 0 and written):
                 open_tar.close()  # the previous tar: closed and published
-                tmp = open_tar.enter_context(atomic_path(out / f"{shard:05d}.tar"))
+                target = out / f"{shard:05d}.tar"
+                if before_write is not None:
+                    before_write(target)
+                tmp = open_tar.enter_context(atomic_path(target))
                 tar = open_tar.enter_context(tarfile.open(tmp, "w"))
                 shard += 1
             meta = json.dumps({"image_source": record["image_source"], "index": record["index"]})

@@ -355,31 +355,30 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_starkret_report(path: Path) -> bool:
-    from starkret.align.report import _STYLE
-
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    return head.startswith(b"<!doctype html>") and _STYLE.encode() in head
-
-
 def _cmd_align(args: argparse.Namespace) -> int:
+    from starkret.align.dialogue import align_outputs
+
+    # Every path the run writes is checked and locked before any work; a run that fails
+    # before its first result leaves nothing behind (starkret.store.outputs).
+    guard = align_outputs(
+        args.dialogues,
+        args.output,
+        db_folder=args.db,
+        report=args.report,
+        parquet=args.parquet,
+        export_images=args.export_images,
+    )
+    with guard.acquire(wait=args.wait):
+        return _align_locked(args, guard)
+
+
+def _align_locked(args: argparse.Namespace, guard) -> int:
     import json
 
     from starkret.align.aligner import Aligner
-    from starkret.align.dialogue import STATE_SUFFIX, align_file, check_writable_output
+    from starkret.align.dialogue import align_file, records_path
     from starkret.index.db import ImageDB
 
-    if args.report:
-        output = Path(args.output)
-        written = [output, output.with_name(output.name + ".images.jsonl")]
-        written.append(output.with_name(output.name + STATE_SUFFIX))
-        check_writable_output(
-            Path(args.report),
-            [Path(args.dialogues), *written],
-            _is_starkret_report,
-            "a starkret report",
-        )
     db = ImageDB.open(args.db)
     aligner = Aligner(
         db,
@@ -398,6 +397,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         keep=args.report is not None,
         keys=args.keys,
         fill=tuple("" if m == "none" else m for m in args.fill_modules.split(",")),
+        outputs=guard,
     )
     if args.parquet:
         from starkret.align.stark import write_parquet
@@ -406,10 +406,12 @@ def _cmd_align(args: argparse.Namespace) -> int:
     if args.export_images:
         from starkret.align.stark import export_images
 
-        records = Path(args.output + ".images.jsonl")
-        with open(records, encoding="utf-8") as f:
-            written, problems = export_images(
-                db, (json.loads(line) for line in f if line.strip()), args.export_images
+        with open(records_path(args.output), encoding="utf-8") as f:
+            _exported, problems = export_images(
+                db,
+                (json.loads(line) for line in f if line.strip()),
+                args.export_images,
+                before_write=guard.record,
             )
         for problem in problems[:5]:
             print(f"starkret align: not exported: {problem}", file=sys.stderr)
@@ -607,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu, or cuda / cuda:N for exact search on a GPU (default: %(default)s)",
     )
     align.add_argument("--report", default=None, help="also write this HTML report")
+    align.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is writing the same output, wait for it to finish and then "
+        "resume (default: refuse at once, exit 2)",
+    )
     align.add_argument("--no-progress", action="store_true")
     align.add_argument(
         "--keys",

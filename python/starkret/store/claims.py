@@ -27,7 +27,7 @@ from pathlib import Path
 
 from starkret.errors import FolderLockError
 
-__all__ = ["STATE_DIR", "Claim", "FolderLockError", "WorkFolder"]
+__all__ = ["STATE_DIR", "Claim", "FolderLockError", "WorkFolder", "lock_file"]
 
 #: Sub-folder of an output folder holding the lock and claim files.
 STATE_DIR = ".starkret"
@@ -78,9 +78,10 @@ def _lock(path: Path, *, wait: bool, shared: bool = False) -> int | None:
 
 
 class Claim:
-    """Part ``index`` reserved for this worker until :meth:`release`."""
+    """Part ``index`` (None: the whole lock file) reserved for this worker until
+    :meth:`release`."""
 
-    def __init__(self, index: int, path: Path, fd: int) -> None:
+    def __init__(self, index: int | None, path: Path, fd: int) -> None:
         self.index, self._path, self._fd = index, path, fd
 
     def release(self) -> None:
@@ -98,6 +99,18 @@ class Claim:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_file(path: str | os.PathLike, *, wait: bool = False) -> Claim | None:
+    """Hold the lock file ``path`` exclusively (created if missing, removed on release);
+    None if another process holds it (``wait``: block until it is free instead).
+
+    One run per output: a second run on the same output gets None and refuses, and a
+    killed holder's lock goes with its process.
+    """
+    path = Path(path)
+    fd = _lock(path, wait=wait)
+    return None if fd is None else Claim(None, path, fd)
 
 
 class WorkFolder:
