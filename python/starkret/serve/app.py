@@ -277,7 +277,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             "header_timeout_s": config.header_timeout_s,
             "body_timeout_s": config.body_timeout_s,
             "keep_alive_s": config.keep_alive_s,
-            "max_connections": connection_limit(config.max_connections),
+            "max_connections": connections.limit or connection_limit(config.max_connections),
             "max_conversation_bytes": config.max_conversation_bytes,
             "max_shown_per_conversation": config.max_shown_per_conversation,
         }
@@ -591,7 +591,8 @@ def serve(
         )
     db.encode(["warm up"])  # load the text tower before the first request
     app = create_app(db, config)
-    limit = connection_limit(config.max_connections)
+    options = uvicorn_options(app, config)
+    limit = app.state.connections.limit
     print(f"starkret serve: {db!r} on http://{host}:{port}/ (public URL {config.public_url})")
     if limit < config.max_connections:
         print(
@@ -604,7 +605,7 @@ def serve(
         + " (--api-key-file or STARKRET_API_KEY)",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, **uvicorn_options(app, config))
+    uvicorn.run(app, host=host, port=port, **options)
 
 
 #: The environment variable ``starkret serve`` takes its API key from.

@@ -19,6 +19,7 @@ a protocol class that adds, around uvicorn's own HTTP protocol:
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import threading
 from collections import OrderedDict
@@ -28,8 +29,14 @@ from starkret.serve.schema import ServeConfig
 
 __all__ = ["ConnectionCounts", "connection_limit", "guarded_protocol", "uvicorn_options"]
 
-#: File descriptors kept free of connections (the DB's files, logs, threads' pipes).
-FD_RESERVE = 64
+#: File descriptors kept free besides those the process holds when it starts serving.
+FD_RESERVE = 32
+#: Most connections the event loop accepts in one go, which is also the listen queue
+#: (uvicorn's ``backlog``, 2048 by default): an evicted connection's descriptor is freed
+#: only after the burst that evicted it, so two bursts' worth of descriptors are kept
+#: free; under a low open-file limit the burst is smaller (a quarter of the room).
+MAX_ACCEPT_BURST = 2048
+MIN_ACCEPT_BURST = 64
 #: Connections being shed (answered 503, closing) at once; more are closed at once.
 MAX_SHEDDING = 64
 #: Seconds a shed connection may take to close its side after our 503.
@@ -75,11 +82,26 @@ class ConnectionCounts:
 
 def connection_limit(wanted: int) -> int:
     """``wanted`` lowered to fit the process's open-file limit (each connection holds a
-    file descriptor; past the limit ``accept`` fails and nobody is served)."""
+    file descriptor; past the limit ``accept`` fails and nobody is served), counting the
+    descriptors the process holds now."""
+    return _descriptor_budget(wanted)[0]
+
+
+def _descriptor_budget(wanted: int) -> tuple[int, int]:
+    """(connections, accept burst) that fit the open-file limit."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return wanted
-    return max(1, min(wanted, soft - FD_RESERVE - MAX_SHEDDING))
+        return wanted, MAX_ACCEPT_BURST
+    room = soft - _open_descriptors() - FD_RESERVE - MAX_SHEDDING
+    burst = min(MAX_ACCEPT_BURST, max(MIN_ACCEPT_BURST, room // 4))
+    return max(1, min(wanted, room - 2 * burst)), burst
+
+
+def _open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux: assume a modest number
+        return 64
 
 
 def _response(status: bytes, detail: str, extra: bytes = b"") -> bytes:
@@ -104,8 +126,7 @@ def guarded_protocol(
     """A subclass of uvicorn's HTTP protocol ``base`` (h11 or httptools: both keep the
     request in progress as ``self.cycle`` with ``more_body`` and ``response_complete``)
     with the deadlines and the connection cap of ``config``."""
-    limit = connection_limit(config.max_connections)
-    counts.limit = limit
+    limit = counts.limit = connection_limit(config.max_connections)
     header_s, body_s = config.header_timeout_s, config.body_timeout_s
     timeout_header = _response(
         b"408 Request Timeout",
@@ -266,6 +287,7 @@ def uvicorn_options(app, config: ServeConfig) -> dict:
     return {
         "http": guarded_protocol(AutoHTTPProtocol, config, counts),
         "timeout_keep_alive": config.keep_alive_s,
+        "backlog": _descriptor_budget(config.max_connections)[1],
         "log_level": "warning",
         "access_log": False,
     }
