@@ -5,5 +5,6 @@
 :mod:`~starkret.serve.batcher` (micro-batching), :mod:`~starkret.serve.conversations`
 (what each conversation was shown, bounded in bytes), :mod:`~starkret.serve.middleware`
 (API key, body limit, statistics) and :mod:`~starkret.serve.connections` (request
-deadlines and the connection cap, as a uvicorn protocol subclass). ``GET /image`` reads through :meth:`~starkret.index.db.ImageDB.image_bytes`.
+deadlines and the connection cap, as a uvicorn protocol subclass). ``GET /image`` reads
+through :meth:`~starkret.index.db.ImageDB.image_bytes`.
 """
