@@ -51,6 +51,24 @@ class Defaults:
     batch_wait_ms: float = 3.0
     #: Most queries searched together (1: one query per request, like clip back).
     max_batch: int = 256
+    #: Seconds a client may take to send a request line and headers, counted from
+    #: connecting or from the end of the previous response; then the connection closes.
+    header_timeout_s: float = 10.0
+    #: Seconds a client may take to send a request body once its headers arrived.
+    body_timeout_s: float = 30.0
+    #: Seconds a kept-alive connection may stay idle after a response.
+    keep_alive_s: float = 5.0
+    #: Most connections open at once (lowered to fit the process's open-file limit);
+    #: at the limit a new connection closes the one waiting longest for a request.
+    max_connections: int = 1024
+    #: Conversations remembered at once, and idle seconds before one is forgotten.
+    max_conversations: int = 10_000
+    conversation_ttl_s: float = 3600.0
+    #: Images one conversation remembers having shown (its oldest go first).
+    max_shown_per_conversation: int = 1000
+    #: Bytes all conversations' shown images may hold together (least recently used
+    #: conversations go first).
+    max_conversation_bytes: int = 256 << 20
 
 
 #: The one defaults object.

@@ -75,12 +75,15 @@ def build_demo_db(root: Path, embedder) -> Path:
 
 
 class Server:
-    """``create_app(db)`` served by uvicorn on 127.0.0.1, a free port, in a thread."""
+    """``create_app(db)`` served by uvicorn on 127.0.0.1, a free port, in a thread, with
+    the options ``starkret serve`` gives uvicorn (timeouts, connection cap)."""
 
     def __init__(self, db, config=None) -> None:
         import uvicorn
 
         from starkret.serve.app import create_app
+        from starkret.serve.connections import uvicorn_options
+        from starkret.serve.schema import ServeConfig
 
         self.app = create_app(db, config)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -89,7 +92,9 @@ class Server:
         self.port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on")
+            uvicorn.Config(
+                self.app, lifespan="on", **uvicorn_options(self.app, config or ServeConfig())
+            )
         )
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True

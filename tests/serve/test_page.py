@@ -31,11 +31,15 @@ def hang_guard():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_embedder):
+def page_db(tmp_path_factory, tiny_embedder):
     root = tmp_path_factory.mktemp("serve-page")
-    db = starkret.ImageDB.open(build_demo_db(root, tiny_embedder), embedder=tiny_embedder)
+    return starkret.ImageDB.open(build_demo_db(root, tiny_embedder), embedder=tiny_embedder)
+
+
+@pytest.fixture(scope="module")
+def server(page_db):
     # starkret-tiny's random weights score everything near 0: no threshold for the page.
-    with Server(db, ServeConfig(min_score=-1.0)) as s:
+    with Server(page_db, ServeConfig(min_score=-1.0)) as s:
         yield s
 
 
@@ -97,3 +101,27 @@ def test_page_aligns_a_pasted_dialogue_and_shows_the_conversations_images(server
     shown = re.search(r'<div class="gallery" id="shown">(.*?)</div>\s*<script', dom, re.S)
     assert shown is not None, dom[-2000:]
     assert len(re.findall(r'<figure class="chosen">', shown.group(1))) == 2
+
+
+@pytest.fixture(scope="module")
+def keyed_server(page_db):
+    """The same DB behind an API key."""
+    with Server(page_db, ServeConfig(min_score=-1.0, api_key="page-key")) as s:
+        yield s
+
+
+def test_page_sends_the_api_key_and_shows_the_images(keyed_server, tmp_path):
+    url = f"{keyed_server.url}/?q={quote('a dog on a beach')}#key=page-key"
+    done = _chromium("--dump-dom", url, profile=tmp_path / "with")
+    dom = done.stdout
+    assert done.returncode == 0, done.stderr[-2000:]
+    gallery = re.search(r'<div class="gallery" id="gallery"[^>]*>(.*?)</div>', dom, re.S)
+    assert gallery is not None, dom[-2000:]
+    figures = re.findall(r"<figure.*?</figure>", gallery.group(1), re.S)
+    assert len(figures) == 14
+    # Local images are fetched with the key; remote ones go to their (offline) URL.
+    assert len([f for f in figures if 'data-loaded="1"' in f]) == 9
+    without = _chromium(
+        "--dump-dom", f"{keyed_server.url}/?q={quote('a dog')}", profile=tmp_path / "without"
+    ).stdout
+    assert "this server needs its API key" in without

@@ -14,11 +14,17 @@ SCRIPT = PAGE[PAGE.index("<script>") : PAGE.index("</script>")]
 
 def test_the_page_script_sets_no_href_and_only_a_checked_image_src():
     assert not re.search(r"href|innerHTML|outerHTML|insertAdjacentHTML|document\.write", SCRIPT)
-    sources = re.findall(r"^.*\.src\s*=.*$", SCRIPT, flags=re.MULTILINE)
-    assert sources == [
-        '  if (typeof hit.image === "string" && hit.image.startsWith("/image/")) '
-        "img.src = hit.image;"
+    sources = re.findall(r"\.src\s*=\s*(.*);$", SCRIPT, flags=re.MULTILINE)
+    # the checked server path, the checked http(s) redirect, or the bytes fetched from it
+    assert sorted(set(sources)) == [
+        "URL.createObjectURL(await response.blob())",
+        "path",
+        "redirect",
     ]
+    assert 'hit.image.startsWith("/image/") ? hit.image : null' in SCRIPT
+    assert "/^https?:\\/\\//i.test(url) ? url : null" in SCRIPT
+    assert "const path = serverImage(hit);" in SCRIPT
+    assert 'const redirect = response.type === "opaqueredirect" ? webUrl(hit.url) : null;' in SCRIPT
 
 
 def test_the_image_path_of_a_hostile_key_stays_a_server_path():

@@ -442,7 +442,7 @@ def _align_locked(args: argparse.Namespace, guard) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from starkret.serve.app import serve
+        from starkret.serve.app import read_api_key, serve
         from starkret.serve.schema import ServeConfig
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] == "starkret":
@@ -462,6 +462,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         min_score=args.min_score,
         near_duplicate_threshold=args.near_duplicate_threshold,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keep_alive_s=args.keep_alive,
+        max_connections=args.max_connections,
+        max_conversation_bytes=int(args.max_conversation_mb * (1 << 20)),
+        api_key=None if args.api_key_file is None else read_api_key(args.api_key_file),
+        public_url=args.public_url,
     )
     serve(args.db, host=args.host, port=args.port, config=config)
     return 0
@@ -680,6 +687,47 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULTS.near_duplicate_threshold,
         help="align: cosine at which two images are near duplicates (default: %(default)s)",
+    )
+    limits = srv.add_argument_group("limits and access (docs/serve.md)")
+    limits.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULTS.header_timeout_s,
+        help="seconds to send a request line and headers (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULTS.body_timeout_s,
+        help="seconds to send a request body (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--keep-alive",
+        type=float,
+        default=DEFAULTS.keep_alive_s,
+        help="seconds an idle connection stays open after a response (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULTS.max_connections,
+        help="most open connections (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-conversation-mb",
+        type=float,
+        default=DEFAULTS.max_conversation_bytes / (1 << 20),
+        help="MiB all conversations' shown images may hold (default: %(default)g)",
+    )
+    limits.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="clients must send 'Authorization: Bearer KEY', KEY the file's first line "
+        "(default: the STARKRET_API_KEY environment variable, else no key)",
+    )
+    limits.add_argument(
+        "--public-url",
+        help="base of the URLs in answers (default: http://HOST:PORT)",
     )
     srv.set_defaults(func=_cmd_serve)
 

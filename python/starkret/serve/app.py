@@ -10,15 +10,18 @@ Endpoints (OpenAPI description at ``/openapi.json``, interactive docs at ``/docs
   dialogue with ``[Sharing Image]`` turns) -> one image per moment, never an image the
   conversation has already been shown nor a near duplicate of one, ``below_threshold``
   when the best candidate scores under ``min_score`` (so the caller can fall back to
-  generation). Conversations are kept in memory, least recently used first out, expire
-  after ``conversation_ttl_s`` and are reset with ``DELETE /conversation/{id}``.
+  generation). Conversations are kept in memory, bounded in number and in bytes (least
+  recently used first out), expire after ``conversation_ttl_s`` and are reset with
+  ``DELETE /conversation/{id}``; a forgotten conversation starts fresh.
 - ``GET /image/{source}/{key}``: the image bytes, read only from the DB's own inputs
   (shards, folders, tables recorded in its manifests), or a redirect to its URL.
 - ``GET /health``, ``GET /stats``; clip back's ``POST /knn-service`` and
   ``GET /indices-list``; ``GET /`` the page.
 
 Bad requests get a 4xx answer with a one-line ``detail``; the server never reads a file
-that is not one of the DB's inputs.
+that is not one of the DB's inputs. With an API key every endpoint but ``/health``, the
+page and the API description needs ``Authorization: Bearer KEY``. Ids and keys go in
+paths percent-encoded (``/`` as ``%2F``) and come back exactly.
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from starkret.align.choice import Choice, Rule, choose
 from starkret.defaults import DEFAULTS
+from starkret.errors import InvalidInputError
 from starkret.index.db import Hit, ImageDB, Results
 from starkret.serve.batcher import Batcher, _Job
+from starkret.serve.connections import ConnectionCounts, connection_limit, uvicorn_options
 from starkret.serve.conversations import Conversations
 from starkret.serve.middleware import _Guard, _Stats
 from starkret.serve.schema import (
@@ -57,7 +63,30 @@ from starkret.serve.schema import (
     SearchResponse,
     ServeConfig,
 )
-from starkret.store.images import media_type
+from starkret.store.images import media_type, part_input
+
+#: What the API says about conversations it forgets (OpenAPI descriptions, docs).
+FORGOTTEN = (
+    "A conversation is forgotten when it is reset, idle for the TTL, or evicted (least "
+    "recently used first) to keep all conversations within their count and byte limits; "
+    "a forgotten conversation starts fresh: images shown before may be shown again."
+)
+
+
+class _AnyText(Convertor):
+    """A path parameter that is any non-empty text, ``/`` and newlines included (sent
+    percent-encoded; the server decodes the path once)."""
+
+    regex = "(?s:.+)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("any_text", _AnyText())
 
 # ==== The application ====
 
@@ -71,10 +100,16 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
     """The FastAPI application serving ``db`` (the batcher starts with the app)."""
 
     config = config or ServeConfig()
+    check_service_options(config)
     stats = _Stats()
     conversations = Conversations(
-        config.max_conversations, config.conversation_ttl_s, config.max_shown_per_conversation
+        config.max_conversations,
+        config.conversation_ttl_s,
+        config.max_shown_per_conversation,
+        max_bytes=config.max_conversation_bytes,
     )
+    connections = ConnectionCounts()
+    public_url = (config.public_url or f"http://{DEFAULTS.host}:{DEFAULTS.port}").rstrip("/")
     state: dict[str, Any] = {}
 
     def fail(status: int, reason: str):
@@ -177,8 +212,9 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         "per-conversation alignment without reuse, image bytes, and a page.",
         lifespan=lifespan,
     )
+    app.state.connections = connections  # counted by the connection guard (serve)
 
-    app.add_middleware(_Guard, limit=MAX_BODY_BYTES, stats=stats)
+    app.add_middleware(_Guard, limit=MAX_BODY_BYTES, stats=stats, api_key=config.api_key)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
@@ -227,7 +263,10 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             "expired": conversations.expired,
             "max": config.max_conversations,
             "ttl_s": config.conversation_ttl_s,
+            "bytes": conversations.bytes,
+            "max_bytes": config.max_conversation_bytes,
         }
+        out["connections"] = connections.as_dict()
         out["limits"] = {
             "max_k": MAX_K,
             "max_queries": MAX_QUERIES,
@@ -235,6 +274,12 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             "batch_wait_ms": config.batch_wait_ms,
             "max_batch": config.max_batch,
             "workers": config.workers,
+            "header_timeout_s": config.header_timeout_s,
+            "body_timeout_s": config.body_timeout_s,
+            "keep_alive_s": config.keep_alive_s,
+            "max_connections": connections.limit or connection_limit(config.max_connections),
+            "max_conversation_bytes": config.max_conversation_bytes,
+            "max_shown_per_conversation": config.max_shown_per_conversation,
         }
         return out
 
@@ -256,7 +301,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
     def image_out(record: dict) -> dict:
         return {k: record[k] for k in ("key", "source", "score", "url", "caption", "image")}
 
-    @app.post("/align", response_model=AlignResponse)
+    @app.post("/align", response_model=AlignResponse, description=FORGOTTEN)
     async def align(body: AlignRequest) -> dict:
         """One image per sharing moment, never one this conversation was shown before."""
         from starkret.align.formats import find_sharing_moments, parse_ultron_output
@@ -359,20 +404,33 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
                     "shown": len(conv.shown),
                 }
 
-    @app.get("/conversation/{conversation_id}", response_model=ConversationOut)
+    @app.get(
+        "/conversation/{conversation_id:any_text}",
+        response_model=ConversationOut,
+        description="The id goes percent-encoded (`/` as `%2F`). " + FORGOTTEN,
+    )
     async def get_conversation(conversation_id: str) -> dict:
         """The images a conversation has been shown, oldest first."""
         with conversations.lock:
             conv = conversations.get(conversation_id, create=False)
             if conv is None:
-                fail(404, f"not found: no conversation {conversation_id!r} (expired or reset?)")
+                fail(
+                    404,
+                    _one_line(
+                        f"not found: no conversation {conversation_id!r} "
+                        "(reset, expired or evicted?)"
+                    ),
+                )
             return {
                 "conversation_id": conversation_id,
                 "moments": conv.moments,
                 "shown": [image_out(r) for r in conv.shown.values()],
             }
 
-    @app.delete("/conversation/{conversation_id}")
+    @app.delete(
+        "/conversation/{conversation_id:any_text}",
+        description="The id goes percent-encoded (`/` as `%2F`). " + FORGOTTEN,
+    )
     async def reset_conversation(conversation_id: str) -> dict:
         """Forget a conversation's shown images."""
         with conversations.lock:
@@ -380,15 +438,18 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         return {"conversation_id": conversation_id, "reset": existed}
 
     @app.get(
-        "/image/{source}/{key:path}",
+        "/image/{source}/{key:any_text}",
         responses={200: {"content": {"image/*": {}}}, 307: {}, 404: {}},
     )
     async def image(source: str, key: str):
-        """The image's bytes from the DB's own inputs, or a redirect to its URL."""
+        """The image's bytes from the DB's own inputs, or a redirect to its URL (when its
+        source records no local input); 404 when its input changed or vanished since
+        the DB was built. The key goes percent-encoded (`/` as `%2F`)."""
         if source not in db.sources:
             fail(404, _one_line(f"unknown source {source!r}; this DB has {db.sources}"))
-        if db.locate(key, [source]) is None:
-            fail(404, f"not found: no image {key!r} in source {source!r}")
+        located = db.locate(key, [source])
+        if located is None:
+            fail(404, _one_line(f"not found: no image {key!r} in source {source!r}"))
         data = await asyncio.to_thread(db.image_bytes, source, key)
         if data is not None:
             return Response(
@@ -396,10 +457,21 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
                 media_type=media_type(data),
                 headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"},
             )
+        part = db.part_of(source, located[1])[0]
+        if part_input(db.source_manifest(source), part) is not None:
+            # Its bytes were read from a local input once: never someone else's bytes, nor
+            # a redirect, when that input no longer holds them.
+            fail(
+                404,
+                _one_line(
+                    f"not found: {key!r} has no local bytes any more (its input changed or "
+                    "vanished since the DB was built, or the key is unsafe to read)"
+                ),
+            )
         url = db.image_url(source, key)
         if isinstance(url, str) and url.startswith(("http://", "https://")):
             return RedirectResponse(url, 307)
-        fail(404, f"not found: {key!r} has no local bytes and no http(s) URL")
+        fail(404, _one_line(f"not found: {key!r} has no local bytes and no http(s) URL"))
 
     @app.get("/indices-list")
     async def indices_list() -> list[str]:
@@ -409,7 +481,8 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
     @app.post("/knn-service")
     async def knn_service(request: Request) -> list[dict]:
         """clip back's query shape: ``text`` or ``embedding_input``, ``num_images``,
-        ``indice_name``; answers ``[{id, url, caption, similarity}]`` best first."""
+        ``indice_name``; answers ``[{id, url, caption, similarity}]`` best first (an
+        image without URL gets its ``/image`` URL under the server's public URL)."""
         import json
 
         raw = await request.body()
@@ -436,11 +509,10 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         query = body.text if body.text is not None else body.embedding_input
         found = await run_search([query], body.num_images, sources)
         hits = sorted(found[0], key=lambda h: -h.score)[: body.num_images]
-        base = str(request.base_url).rstrip("/")
         return [
             {
                 "id": h.id,
-                "url": h.url or base + image_path(h.source, h.key),
+                "url": h.url or public_url + image_path(h.source, h.key),
                 "caption": h.caption,
                 "similarity": h.score,
                 "key": h.key,
@@ -453,10 +525,22 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
 
 
 def image_path(source: str, key: str) -> str:
-    """The ``GET /image`` path of an image (the key percent-encoded, slashes kept)."""
+    """The ``GET /image`` path of an image: source and key percent-encoded whole (``/``
+    too, so no client merges or resolves a segment of a key).
+
+    >>> image_path("chartqa", "png/a b.png")
+    '/image/chartqa/png%2Fa%20b.png'
+    """
+    return f"/image/{path_segment(source)}/{path_segment(key)}"
+
+
+def path_segment(text: str) -> str:
+    """``text`` as one percent-encoded path segment that no client rewrites (a lone
+    ``.`` or ``..`` is a dot segment, so its dots are encoded too)."""
     from urllib.parse import quote
 
-    return f"/image/{quote(source, safe='')}/{quote(key, safe='/')}"
+    segment = quote(text, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
 
 
 def _hits_of(db: ImageDB, choice: Choice, shown: np.ndarray) -> dict[int, Hit]:
@@ -480,10 +564,21 @@ def serve(
     config: ServeConfig | None = None,
     embedder=None,
 ) -> None:
-    """Open the DB and serve it until interrupted (``starkret serve``)."""
+    """Open the DB and serve it until interrupted (``starkret serve``).
+
+    Without ``config.api_key`` the key is taken from the ``STARKRET_API_KEY``
+    environment variable when set; without ``config.public_url`` answers' URLs start
+    with ``http://{host}:{port}``."""
+    import dataclasses
+
     import uvicorn
 
     config = config or ServeConfig()
+    if config.api_key is None and os.environ.get(API_KEY_VARIABLE):
+        config = dataclasses.replace(config, api_key=os.environ[API_KEY_VARIABLE].strip())
+    if config.public_url is None:
+        config = dataclasses.replace(config, public_url=default_public_url(host, port))
+    check_service_options(config)
     db = ImageDB.open(db_path, embedder=embedder)
     if embedder is None:
         from starkret.ingest.towers import ClipEmbedder
@@ -496,5 +591,61 @@ def serve(
         )
     db.encode(["warm up"])  # load the text tower before the first request
     app = create_app(db, config)
-    print(f"starkret serve: {db!r} on http://{host}:{port}/", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    options = uvicorn_options(app, config)
+    limit = app.state.connections.limit
+    print(f"starkret serve: {db!r} on http://{host}:{port}/ (public URL {config.public_url})")
+    if limit < config.max_connections:
+        print(
+            f"starkret serve: at most {limit} connections (the open-file limit, ulimit -n, "
+            f"is too low for --max-connections {config.max_connections})"
+        )
+    print(
+        "starkret serve: "
+        + ("API key required" if config.api_key else "no API key: anyone reaching the port")
+        + " (--api-key-file or STARKRET_API_KEY)",
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, **options)
+
+
+#: The environment variable ``starkret serve`` takes its API key from.
+API_KEY_VARIABLE = "STARKRET_API_KEY"
+
+
+def default_public_url(host: str, port: int) -> str:
+    """``http://host:port``, the base of answers' URLs unless ``--public-url`` says; a
+    wildcard address (``0.0.0.0``, ``::``) is replaced by this machine's name."""
+    import socket
+
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    return f"http://{host}:{port}"
+
+
+def read_api_key(path: str | os.PathLike) -> str:
+    """The API key in the file ``path`` (its first line, without surrounding blanks)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"cannot read the API key file {path}: {exc}") from exc
+    if not key:
+        raise InvalidInputError(f"the API key file {path} is empty")
+    return key
+
+
+def check_service_options(config: ServeConfig) -> None:
+    """Raises :class:`~starkret.errors.InvalidInputError` for service options that cannot
+    work (a timeout or limit below its minimum, a public URL that is not http(s))."""
+    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+        if not getattr(config, name) > 0:
+            raise InvalidInputError(f"{name} must be above 0, not {getattr(config, name)}")
+    if config.max_connections < 1 or config.max_conversation_bytes < 1:
+        raise InvalidInputError("max_connections and max_conversation_bytes must be at least 1")
+    if config.api_key is not None and not config.api_key.strip():
+        raise InvalidInputError("the API key is empty")
+    url = config.public_url
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise InvalidInputError(f"the public URL must start with http:// or https://: {url!r}")

@@ -1,8 +1,11 @@
-"""Request statistics and the ASGI guard every request passes (body limit, latency)."""
+"""Request statistics and the ASGI guard every request passes (API key, body limit,
+latency)."""
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import threading
 import time
 
@@ -61,12 +64,26 @@ class _Stats:
             }
 
 
-class _Guard:
-    """ASGI middleware: bodies over ``limit`` bytes get 413 before the app sees them;
-    every request's latency and status go to the statistics."""
+#: Paths served without the API key: liveness, the page (which asks for the key) and
+#: the API's description. None of them holds data.
+OPEN_PATHS = frozenset(
+    ("/health", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+)
 
-    def __init__(self, app, limit: int, stats: _Stats) -> None:
+
+class _Disconnected(Exception):
+    """The client went away (or was closed) before its request body was complete."""
+
+
+class _Guard:
+    """ASGI middleware: without the API key (when the server has one) a request gets
+    401, bodies over ``limit`` bytes get 413, both before the app sees them; every
+    request's latency and status go to the statistics."""
+
+    def __init__(self, app, limit: int, stats: _Stats, api_key: str | None = None) -> None:
         self.app, self.limit, self.stats = app, limit, stats
+        # Compared as digests: equal lengths, so the comparison's time tells nothing.
+        self._key_digest = None if api_key is None else _digest(api_key.encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -81,7 +98,18 @@ class _Guard:
             await send(message)
 
         try:
-            body = await self._read(scope, receive)
+            if not self._authorized(scope):
+                await _send_json(
+                    send_status,
+                    401,
+                    "unauthorized: this server needs its API key as 'Authorization: Bearer KEY'",
+                    [(b"www-authenticate", b"Bearer")],
+                )
+                return
+            try:
+                body = await self._read(scope, receive)
+            except _Disconnected:
+                return  # nobody to answer; the app never sees half a body
             if body is None:
                 await _send_json(
                     send_status, 413, f"too large: request body over {self.limit:,} bytes"
@@ -102,6 +130,16 @@ class _Guard:
             endpoint = getattr(route, "path", None) or "other"
             self.stats.request(endpoint, time.perf_counter() - started, status)
 
+    def _authorized(self, scope) -> bool:
+        if self._key_digest is None or scope.get("path") in OPEN_PATHS:
+            return True
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return hmac.compare_digest(_digest(token.strip()), self._key_digest)
+        return False
+
     async def _read(self, scope, receive) -> bytes | None:
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
@@ -110,7 +148,7 @@ class _Guard:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                break
+                raise _Disconnected
             body += message.get("body", b"")
             if len(body) > self.limit:
                 return None
@@ -119,7 +157,11 @@ class _Guard:
         return bytes(body)
 
 
-async def _send_json(send, status: int, detail: str) -> None:
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+async def _send_json(send, status: int, detail: str, headers: list | None = None) -> None:
     import json
 
     body = json.dumps({"detail": detail}).encode()
@@ -130,6 +172,7 @@ async def _send_json(send, status: int, detail: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *(headers or ()),
             ],
         }
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -35,10 +35,22 @@ class ServeConfig:
     near_duplicate_threshold: float = DEFAULTS.near_duplicate_threshold
     k_per_source: int = DEFAULTS.k_per_source
     overfetch: int = DEFAULTS.overfetch
-    max_conversations: int = 10_000
-    conversation_ttl_s: float = 3600.0
-    max_shown_per_conversation: int = 1000
+    max_conversations: int = DEFAULTS.max_conversations
+    conversation_ttl_s: float = DEFAULTS.conversation_ttl_s
+    max_shown_per_conversation: int = DEFAULTS.max_shown_per_conversation
+    #: Bytes all conversations' shown images may hold together (see ``GET /stats``).
+    max_conversation_bytes: int = DEFAULTS.max_conversation_bytes
     threads: int | None = None
+    header_timeout_s: float = DEFAULTS.header_timeout_s
+    body_timeout_s: float = DEFAULTS.body_timeout_s
+    keep_alive_s: float = DEFAULTS.keep_alive_s
+    max_connections: int = DEFAULTS.max_connections
+    #: Clients must send ``Authorization: Bearer <api_key>`` (None: no key needed).
+    api_key: str | None = field(default=None, repr=False)
+    #: The base of the absolute URLs in answers (``/knn-service``'s ``url``); None:
+    #: ``http://{DEFAULTS.host}:{DEFAULTS.port}`` (``serve`` derives it from its host and
+    #: port). Never taken from a request's Host header.
+    public_url: str | None = None
 
 
 # ==== Request and response bodies (the OpenAPI schema) ====

@@ -291,14 +291,16 @@ def member_key(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1 :].lower()
 
 
-def _shard_members(path: str) -> dict[str, tuple[int, int]]:
-    """``sample key -> (offset, size)`` of each sample's image member, as the Rust reader
-    picks it: the first image member of the key's first run of members (a key that comes
-    back later in the shard is a duplicate the reader skips)."""
+def _shard_members(shard) -> dict[str, tuple[int, int]]:
+    """``sample key -> (offset, size)`` of each sample's image member in the open shard
+    file ``shard``, as the Rust reader picks it: the first image member of the key's first
+    run of members (a key that comes back later in the shard is a duplicate the reader
+    skips)."""
     out: dict[str, tuple[int, int]] = {}
     seen: set[str] = set()
     current = None
-    with tarfile.open(path, "r:*") as tar:
+    shard.seek(0)
+    with tarfile.open(fileobj=shard, mode="r:*") as tar:
         for member in tar:
             split = member_key(member.name)
             if split is None:
@@ -319,9 +321,15 @@ def _shard_members(path: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _is_gzip(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+def _is_gzip(shard) -> bool:
+    shard.seek(0)
+    return shard.read(2) == b"\x1f\x8b"
+
+
+def _stamp(info: os.stat_result) -> tuple[int, ...]:
+    """What tells a file apart from the one a cache entry was made of: a file rewritten
+    in place changes size, mtime or ctime; one replaced by another is another inode."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 # ==== Formats ====
@@ -386,7 +394,9 @@ class ImageReader:
 
     Safe to share between threads. It keeps bounded caches: the image members of the
     last shards read, the last tables opened, and the keys of the last table row ranges
-    searched.
+    searched; each entry is checked against its file (device, inode, size, mtime, ctime) at
+    every read and made again when the file changed, so a rewritten shard never serves
+    another member's bytes.
 
     >>> reader = ImageReader()
     >>> reader.read({"kind": "files", "path": "/data/charts"}, "png/c1.png")  # doctest: +SKIP
@@ -461,24 +471,39 @@ class ImageReader:
     # ==== Shards ====
 
     def _shard(self, path: str, sample_key: str) -> bytes | None:
-        members = self._shards.get(path, lambda: _shard_members(path))
-        found = members.get(sample_key)
-        if found is None:
-            return None
-        offset, size = found
-        if size > self.max_bytes:
-            return None
-        opener = gzip.open if _is_gzip(path) else open
-        with opener(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+        # The member table and the bytes come from one open file, checked against the
+        # file the table was made of: a shard rewritten or replaced meanwhile is read anew.
+        with open(path, "rb") as shard:
+            stamp = _stamp(os.fstat(shard.fileno()))
+            _, members = self._shards.get(
+                path,
+                lambda: (stamp, _shard_members(shard)),
+                fresh=lambda entry: entry[0] == stamp,
+            )
+            found = members.get(sample_key)
+            if found is None:
+                return None
+            offset, size = found
+            if size > self.max_bytes:
+                return None
+            if _is_gzip(shard):
+                shard.seek(0)
+                with gzip.GzipFile(fileobj=shard) as f:
+                    f.seek(offset)
+                    data = f.read(size)
+            else:
+                shard.seek(offset)
+                data = shard.read(size)
         return data if len(data) == size else None
 
     # ==== Tables ====
 
     def _table(self, record: Mapping, spec: str, sample_key: str) -> bytes | None:
         file, image_col, _caption, key_col = spec.rsplit("#", 3)
-        table = self._tables.get(file, lambda: _Table(Path(file)))
+        stamp = _stamp(os.stat(file))
+        table = self._tables.get(
+            file, lambda: _Table(Path(file), stamp), fresh=lambda t: t.stamp == stamp
+        )
         columns = record.get("columns")
         if isinstance(columns, Mapping):  # what embed resolved (known-source hints included)
             image_col, key_col = columns.get("image"), columns.get("key")
@@ -521,7 +546,7 @@ class ImageReader:
                 keys = keys.cast(pa.string())  # embed keys rows by ``str(value)``
             return pc.fill_null(keys, "None") if keys.null_count else keys
 
-        keys = self._key_ranges.get((str(table.path), key_col, start, stop), load)
+        keys = self._key_ranges.get((str(table.path), table.stamp, key_col, start, stop), load)
         at = pc.index(keys, pa.scalar(sample_key, pa.string())).as_py()
         return None if at is None or at < 0 else start + at
 
@@ -547,14 +572,19 @@ class _Cache:
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key, load):
+    def get(self, key, load, fresh=None):
+        """The value of ``key``, loaded with ``load()`` when missing or when ``fresh``
+        (given the cached value) says it is stale."""
         with self._lock:
-            if key in self._items:
+            if key in self._items and (fresh is None or fresh(self._items[key])):
                 self._items.move_to_end(key)
                 return self._items[key]
         value = load()
         with self._lock:
-            value = self._items.setdefault(key, value)
+            cached = self._items.get(key)
+            if cached is None or (fresh is not None and not fresh(cached)):
+                self._items[key] = cached = value
+            value = cached
             self._items.move_to_end(key)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
@@ -583,10 +613,11 @@ class _Table:
     """One parquet or Arrow table, read a column range or a cell at a time (parquet by
     row group, Arrow memory-mapped)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, stamp: tuple[int, ...] = ()) -> None:
         import pyarrow.parquet as pq
 
         self.path = path
+        self.stamp = stamp  # the file's (device, inode, size, mtime, ctime) when opened
         if path.suffix == ".parquet":
             self._parquet = pq.ParquetFile(path)
             self._arrow = None
