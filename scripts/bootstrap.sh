@@ -53,12 +53,19 @@ if [ ! -x "$venv/bin/python" ]; then
     say "creating virtual environment $venv"
     "$python" -m venv "$venv"
 fi
+# Test-only packages installed without their dependencies (with `dev`): clip-retrieval
+# for its ClipClient module (tests/serve/test_clip_client.py), which needs only requests;
+# its own requirements (torch<3, numpy<2, flask, ...) would fight ours.
+no_deps=(clip-retrieval==2.45.0)
 stamp="$venv/.starkret-deps"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras ${no_deps[*]}"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing Python dependencies (first run downloads torch: a few minutes)"
     "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q -e ".[$extras]"
+    if [[ ",$extras," == *",dev,"* ]]; then
+        "$venv/bin/python" -m pip install -q --no-deps "${no_deps[@]}"
+    fi
     echo "$want" >"$stamp"
 fi
 

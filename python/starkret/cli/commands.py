@@ -469,6 +469,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_conversation_bytes=int(args.max_conversation_mb * (1 << 20)),
         api_key=None if args.api_key_file is None else read_api_key(args.api_key_file),
         public_url=args.public_url,
+        allow_image_urls=args.allow_image_urls,
     )
     serve(args.db, host=args.host, port=args.port, config=config)
     return 0
@@ -728,6 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--public-url",
         help="base of the URLs in answers (default: http://HOST:PORT)",
+    )
+    limits.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="let /knn-service fetch image_url queries: the server then requests any "
+        "http(s) URL a client names (off by default)",
     )
     srv.set_defaults(func=_cmd_serve)
 

@@ -45,6 +45,7 @@ from starkret.defaults import DEFAULTS
 from starkret.errors import InvalidInputError
 from starkret.index.db import Hit, ImageDB, Results
 from starkret.serve.batcher import Batcher, _Job
+from starkret.serve.clipback import KnnService
 from starkret.serve.connections import ConnectionCounts, connection_limit, uvicorn_options
 from starkret.serve.conversations import Conversations
 from starkret.serve.middleware import _Guard, _Stats
@@ -478,48 +479,24 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         """clip back's list of indices: the DB's sources."""
         return db.sources
 
-    @app.post("/knn-service")
-    async def knn_service(request: Request) -> list[dict]:
-        """clip back's query shape: ``text`` or ``embedding_input``, ``num_images``,
-        ``indice_name``; answers ``[{id, url, caption, similarity}]`` best first (an
-        image without URL gets its ``/image`` URL under the server's public URL)."""
-        import json
+    knn = KnnService(db, config, run_search)
 
-        raw = await request.body()
-        try:
-            payload = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            fail(400, f"malformed JSON: {exc}")
-        if not isinstance(payload, dict):
-            fail(422, "invalid body: expected a JSON object")
-        try:
-            body = KnnRequest.model_validate(payload)
-        except Exception as exc:
-            errors = getattr(exc, "errors", lambda: [])()
-            first = errors[0] if errors else {"loc": (), "msg": str(exc)}
-            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-            fail(422, f"invalid {where}: {first.get('msg')}")
-        if body.image is not None or body.image_url is not None:
-            fail(422, "unsupported: image queries (this server encodes texts and vectors)")
-        if body.text is None and body.embedding_input is None:
-            fail(422, "empty: give text or embedding_input")
-        sources = None
-        if body.indice_name is not None and body.indice_name not in ("all", ""):
-            sources = check_sources([body.indice_name])
-        query = body.text if body.text is not None else body.embedding_input
-        found = await run_search([query], body.num_images, sources)
-        hits = sorted(found[0], key=lambda h: -h.score)[: body.num_images]
-        return [
-            {
-                "id": h.id,
-                "url": h.url or public_url + image_path(h.source, h.key),
-                "caption": h.caption,
-                "similarity": h.score,
-                "key": h.key,
-                "source": h.source,
-            }
-            for h in hits
-        ]
+    def result_url(h: Hit) -> str:
+        """The URL a clip back answer gives for a hit: its own, else its GET /image
+        under the server's public URL."""
+        return h.url or public_url + image_path(h.source, h.key)
+
+    # The body is read raw (clip back's clients send JSON without a content type);
+    # its schema is declared for the OpenAPI description.
+    knn_body = {"content": {"application/json": {"schema": KnnRequest.model_json_schema()}}}
+
+    @app.post("/knn-service", response_model=None, openapi_extra={"requestBody": knn_body})
+    async def knn_service(request: Request) -> JSONResponse:
+        """clip back's query: ``text``, ``image`` (base64), ``image_url`` (with
+        ``--allow-image-urls``) or ``embedding_input``; ``num_images``, ``indice_name``,
+        ``deduplicate``, ``modality="image"``; answers ``[{id, url, caption,
+        similarity}]`` best first, errors as ``{"message"}`` (clip back's shape)."""
+        return await knn.answer(await request.body(), result_url)
 
     return app
 

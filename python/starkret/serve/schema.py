@@ -40,6 +40,8 @@ class ServeConfig:
     max_shown_per_conversation: int = DEFAULTS.max_shown_per_conversation
     #: Bytes all conversations' shown images may hold together (see ``GET /stats``).
     max_conversation_bytes: int = DEFAULTS.max_conversation_bytes
+    #: /knn-service may fetch ``image_url`` queries (any http(s) URL the server can reach).
+    allow_image_urls: bool = False
     threads: int | None = None
     header_timeout_s: float = DEFAULTS.header_timeout_s
     body_timeout_s: float = DEFAULTS.body_timeout_s
@@ -152,13 +154,18 @@ class ConversationOut(BaseModel):
 
 
 class KnnRequest(BaseModel):
-    """clip back's /knn-service request (the fields this server uses)."""
+    """clip back's /knn-service request: the fields this server uses. The others clip
+    back's clients send (use_safety_model, use_violence_detector, aesthetic_score,
+    aesthetic_weight, use_mclip) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
     text: Text | None = None
-    image: str | None = None
-    image_url: str | None = None
+    image: str | None = None  # the image file's bytes, base64
+    image_url: Annotated[str, StringConstraints(max_length=MAX_TEXT)] | None = None
     embedding_input: Vector | None = None
     modality: str | None = "image"
     num_images: int = Field(40, ge=1, le=MAX_K)
+    #: Results fetched before ``deduplicate`` filters them (clamped to [num_images, MAX_K]).
+    num_result_ids: int | None = Field(None, ge=1)
     indice_name: SourceName | None = None
+    deduplicate: bool = False
