@@ -362,3 +362,34 @@ def test_fields_that_mean_nothing_here_are_accepted_and_ignored(
         timeout=30,
     )
     assert r.status_code == 200 and len(r.json()) == 2
+
+
+def test_starkret_serve_flag_allows_image_urls_and_the_tower_is_not_compiled(demo_db, monkeypatch):
+    """`starkret serve --allow-image-urls` reaches the app's settings; the embedder serve
+    builds is eager (a compiled tower would pad each one-image query to a full batch and
+    compile on the first one)."""
+    import uvicorn
+
+    import starkret.ingest.towers as towers
+    import starkret.serve.app as serve_app
+    from starkret.cli import commands as cli
+
+    built: list[dict] = []
+    configs: list[ServeConfig] = []
+    real_embedder, real_create_app = towers.ClipEmbedder, serve_app.create_app
+
+    def embedder(model, pretrained, **options):
+        built.append(options)
+        return real_embedder("starkret-tiny", device="cpu", compile=options.get("compile"))
+
+    def create_app(db, config=None):
+        configs.append(config)
+        return real_create_app(db, config)
+
+    monkeypatch.setattr(towers, "ClipEmbedder", embedder)
+    monkeypatch.setattr(serve_app, "create_app", create_app)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+    for argv, allowed in (([], False), (["--allow-image-urls"], True)):
+        assert cli.main(["serve", str(demo_db.root), *argv]) == 0
+        assert configs[-1].allow_image_urls is allowed
+        assert built[-1].get("compile") is False

@@ -562,8 +562,10 @@ def serve(
 
         db = ImageDB.open(
             db_path,
+            # not compiled: a compiled image tower pads every call to a full batch and
+            # compiles on the first /knn-service image query; queries come one by one
             embedder=ClipEmbedder(
-                db.manifest["model"], db.manifest["pretrained"], device=config.device
+                db.manifest["model"], db.manifest["pretrained"], device=config.device, compile=False
             ),
         )
     db.encode(["warm up"])  # load the text tower before the first request
