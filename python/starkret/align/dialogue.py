@@ -307,6 +307,21 @@ def align_file(
     return report
 
 
+def _alignment_record(a: Alignment, keys: str) -> dict:
+    """An alignment as the output stores it. With ``keys="stark"`` its chosen images are
+    the records of ``OUTPUT.images.jsonl`` (key and index = the images_key written into
+    the episode, ``db_key`` = the DB key) with their score, so one key joins all three."""
+    from starkret.align.stark import stark_image_key, stark_record
+
+    record = a.to_dict()
+    if keys == "stark":
+        record["images"] = [
+            {**stark_record(stark_image_key(a.moment_id, i, c.source), c), "score": c.score}
+            for i, c in enumerate(a.images)
+        ]
+    return record
+
+
 def _flush(batch, aligner, out, records, seen_images, report, bar, keep, keys, fill) -> None:
     from starkret.align.stark import stark_image_key, stark_record
 
@@ -341,7 +356,7 @@ def _flush(batch, aligner, out, records, seen_images, report, bar, keep, keys, f
         else:
             fields = stark_fields(episode, mine, keys=keys, fill=fill)
             line = {**episode.raw, "episode_id": episode.episode_id, **fields}
-        line["alignments"] = [a.to_dict() for a in mine]
+        line["alignments"] = [_alignment_record(a, keys) for a in mine]
         try:
             text = json.dumps(line, ensure_ascii=False)
         except RecursionError:
