@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything starkret needs into ./.venv (or $STARKRET_VENV) and builds
 # the Rust core in release mode. Safe to re-run: dependencies are reinstalled
-# only when pyproject.toml changes, and the Rust build is incremental.
+# only when pyproject.toml changes, and the Rust build is incremental. (Chromium, for
+# one browser test, is scripts/browser.sh's: `make test` runs it, `make demo` does not.)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,19 +28,6 @@ if ((${#missing[@]})); then
     say "installing system packages: ${missing[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-
-# Headless Chromium for the browser test of `starkret serve`'s page: best effort, so
-# that a system without the package still builds (the test then skips, except in CI).
-if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
-    if command -v apt-get >/dev/null; then
-        sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        say "installing chromium (browser test of the serve page)"
-        { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null; } \
-            || say "warning: could not install chromium; the serve page's browser test will skip"
-    else
-        say "warning: chromium not found; the serve page's browser test will skip"
-    fi
 fi
 
 # ---- toolchains ----------------------------------------------------------------

@@ -188,11 +188,15 @@ def main() -> None:
     )
     print(f"\nalign    {report.summary()}")
     write_report(db, report.alignments, OUT / "report.html")
-    for a in report.alignments:
-        print(
-            f"  {a.moment_id:24} {a.status:6} {a.images[0].stark_key if a.images else '-':45} "
-            f"{a.description}"
-        )
+    # The keys as aligned.jsonl stores them (images_key: Stark's url:UUID / UUID), and where
+    # each image is in the DB.
+    for line in (OUT / "aligned.jsonl").read_text(encoding="utf-8").splitlines():
+        for a in json.loads(line)["alignments"]:
+            image = a["images"][0] if a["images"] else {"key": "-", "db_key": ""}
+            print(
+                f"  {a['moment_id']:24} {a['status']:6} {image['key']:40} "
+                f"{image['db_key']:22} {a['description']}"
+            )
     again = align_file(
         db,
         EXAMPLES / "stark_dialogues.jsonl",

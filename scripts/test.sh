@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check starkret has: lint, Rust unit tests, Python tests.
-# Expects scripts/bootstrap.sh to have run (`make test` does both).
+# Runs every check starkret has but the fuzzing: lint, stub check, Rust unit tests, Python
+# tests. Expects scripts/bootstrap.sh to have run (`make test` does both). The fuzz targets
+# run in `make fuzz` (scripts/fuzz.sh), which CI runs after this.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,16 +35,3 @@ cargo test -q
 
 step "pytest"
 "$py" -m pytest -q "$@"
-
-# Every fuzz target briefly: a fixed number of inputs with a fixed seed, so a failure
-# reproduces on the same commit on any machine (scripts/fuzz.sh; FUZZ_SECONDS=0 skips,
-# FUZZ_SECONDS=N runs each target N seconds instead; longer runs: docs/development.md, "Fuzzing").
-if [[ "${FUZZ_SECONDS:-}" != 0 ]]; then
-    if [[ -n "${FUZZ_SECONDS:-}" ]]; then
-        step "fuzz (${FUZZ_SECONDS}s per target)"
-        FUZZ_SEED="${FUZZ_SEED:-1}" STARKRET_VENV="$venv" bash scripts/fuzz.sh
-    else
-        step "fuzz (a fixed number of inputs per target)"
-        FUZZ_RUNS=brief FUZZ_SEED="${FUZZ_SEED:-1}" STARKRET_VENV="$venv" bash scripts/fuzz.sh
-    fi
-fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import subprocess
 import sys
@@ -109,3 +110,14 @@ def test_readme_demo_runs_offline(tmp_path):
     eval_line = next(line for line in lines if line.startswith("eval "))
     assert float(eval_line.split()[2]) >= 50  # R@1 in %, chance is 0.6
     assert (tmp_path / "demo-output" / "db" / "chartqa" / "starkret.json").exists()
+    # The keys the demo prints are the ones aligned.jsonl stores (images_key: url:UUID for
+    # cc12m, a UUID for chartqa); it used to print url:URL keys the file does not hold.
+    stored = set()
+    for line in (tmp_path / "demo-output" / "aligned.jsonl").read_text().splitlines():
+        episode = json.loads(line)
+        for name, keys in episode.items():
+            if name.endswith(":images_key"):
+                stored.update(k for k in keys if isinstance(k, str) and k)
+    printed = [line.split()[2] for line in lines if line.startswith("  stark-demo-")]
+    printed = [key for key in printed if key != "-"]
+    assert len(printed) == 9 and set(printed) <= stored, (printed, stored)

@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 import uuid
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -129,3 +130,40 @@ def test_export_publishes_only_complete_tars(tmp_path):
         assert sorted(tar.getnames()) == ["u0.json", "u0.png", "u1.json", "u1.png"]
     assert export_images(_Images(), [], tmp_path / "none") == (0, [])
     assert os.listdir(tmp_path / "none") == []
+
+
+def test_a_chosen_image_has_one_key_in_images_key_its_alignment_and_its_record(
+    tmp_path, tiny_embedder
+):
+    """Stark keys (the default): the alignment stored beside the episode used to show the
+    `url:URL` key where images_key and OUTPUT.images.jsonl hold `url:UUID`."""
+    texts = ["a golden retriever on a beach", "a red bicycle"]
+    write_source(
+        tmp_path / "db" / "cc12m", "cc12m", tiny_embedder.encode_texts(texts, dtype="float32")
+    )
+    db = starkret.ImageDB.open(tmp_path / "db", embedder=tiny_embedder)
+    episodes = tmp_path / "in.jsonl"
+    episodes.write_text(json.dumps(_stark_row("ep-1", texts[0])) + "\n")
+    out = tmp_path / "out.jsonl"
+    align_file(db, episodes, out, aligner=starkret.Aligner(db, min_score=-1.0), progress=False)
+    line = json.loads(out.read_text())
+    key = line["session1:images_key"][1]
+    assert key.startswith("url:") and uuid.UUID(key[4:])
+    (alignment,) = line["alignments"]
+    (image,) = alignment["images"]
+    (record,) = [
+        json.loads(x) for x in (tmp_path / "out.jsonl.images.jsonl").read_text().splitlines()
+    ]
+    assert image["key"] == record["key"] == key
+    assert image["index"] == record["index"] == key[4:]
+    assert image["db_key"] == record["db_key"] == "cc12m/000000000"
+    assert image["image_url"] == record["image_url"] == "https://img.example/cc12m/000000000.jpg"
+    # the candidates of every source keep their DB keys (they have no UUID)
+    assert alignment["db_searched_results"]["cc12m"][0]["key"] == f"url:{image['image_url']}"
+
+
+def test_the_docs_name_exported_images_by_the_format_of_their_bytes():
+    """docs/align.md said `UUID.png` while a JPEG source exports `UUID.jpg`."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "align.md").read_text()
+    assert "`UUID.png`" not in page
+    assert "`UUID.EXT` + `UUID.json`, EXT the image's format read from its bytes" in page

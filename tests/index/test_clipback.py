@@ -245,3 +245,27 @@ def test_approximate_kind_without_the_extra_asks_for_it_by_name(tmp_path, monkey
     assert cli.main(["build-index", str(tmp_path / "db"), "--kind", "autofaiss", "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "starkret[autofaiss]" in err
+
+
+def test_clip_back_asks_for_the_ivf_index_the_default_install_builds(thirteen_parts, tmp_path):
+    """An exact source has no faiss index: clip-back names `build-index --kind ivf` (no
+    extra needed; it used to name `--kind autofaiss`, which needs one), and after it the
+    source is loadable."""
+    import shutil
+
+    folder = tmp_path / "chartqa"
+    shutil.copytree(thirteen_parts, folder)
+
+    def starkret(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "starkret", *args], capture_output=True, text=True, timeout=300
+        )
+
+    assert starkret("build-index", str(folder), "--kind", "exact", "-q").returncode == 0
+    refused = starkret("clip-back", str(folder))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert f"starkret build-index {folder} --kind ivf" in refused.stderr
+    assert starkret("build-index", str(folder), "--kind", "ivf", "-q").returncode == 0
+    linked = starkret("clip-back", str(folder))
+    assert linked.returncode == 0, linked.stderr
+    assert os.readlink(folder / "image.index") == os.path.join("index", "image.index")

@@ -372,7 +372,7 @@ def test_cli_build_index_and_search(db_dir, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "a dog on a beach" and len(table) == 3 and "cc12m/" in table[1]
     assert cli.main(["search", str(root.parent / "tinydb"), "a cat", "--json"]) == 0
-    parsed = json.loads(capsys.readouterr().out)
+    parsed = json.loads(capsys.readouterr().out)["results"]
     assert parsed[0]["query"] == "a cat" and len(parsed[0]["hits"]) == 5
     assert cli.main(["search", str(root.parent / "nothing"), "x"]) == 2
     assert "no embedded sources" in capsys.readouterr().err

@@ -221,18 +221,56 @@ def test_kill_9_of_the_parent_stops_its_workers_and_a_rerun_completes(tmp_path, 
     _assert_same(out, reference)
 
 
-def test_ctrl_c_in_the_parent_stops_its_workers(tmp_path, shards, monkeypatch):
+@pytest.fixture
+def python_handles_sigint():
+    """SIGINT raises KeyboardInterrupt here, whatever the shell left it as. Under nohup
+    (and some CI runners) SIGINT is ignored, so Python installs no handler for it and
+    ``_thread.interrupt_main()`` does nothing: the test below waited forever."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_the_parent_stops_its_workers(
+    tmp_path, shards, monkeypatch, python_handles_sigint
+):
     out = tmp_path / "out"
     monkeypatch.setenv(DEBUG_ENV, f"pause:{tmp_path / 'never'}")
 
     def press_ctrl_c() -> None:
         _wait_for(lambda: _claimed(out), "a claimed part")
-        _thread.interrupt_main()  # SIGINT's KeyboardInterrupt, in the thread running embed
+        # SIGINT's KeyboardInterrupt, in the thread running embed
+        _thread.interrupt_main(signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         embed(str(shards / "*.tar"), out, devices="cpu", threads=1, **ARGS)
     assert _nobody_works_on(out)  # the worker was stopped before embed returned
+
+
+def test_the_ctrl_c_test_passes_where_the_shell_ignores_sigint():
+    """The test above run as under `nohup make test` (SIGINT ignored by the parent and so
+    inherited as ignored); it used to hang there."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command.append(f"{__file__}::test_ctrl_c_in_the_parent_stops_its_workers")
+    ignoring = "import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    ignoring += "sys.exit(subprocess.call(sys.argv[1:]))"
+    run = subprocess.Popen(
+        [sys.executable, "-c", ignoring, *command],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: killed whole on a timeout
+    )
+    try:
+        output, _ = run.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        output, _ = run.communicate()
+        pytest.fail(f"the Ctrl-C test hung with SIGINT ignored:\n{output[-3000:]}")
+    assert run.returncode == 0, output[-3000:]
+    assert "1 passed" in output
 
 
 def test_a_second_invocation_helps_the_first_and_both_end_with_the_same_output(

@@ -45,7 +45,7 @@ def server(page_db):
 
 def _chromium(*args: str, profile) -> subprocess.CompletedProcess:
     if CHROMIUM is None:
-        reason = "chromium is not installed (scripts/bootstrap.sh installs it with apt-get)"
+        reason = "chromium is not installed (`make test` installs it: scripts/browser.sh)"
         if os.environ.get("CI"):
             pytest.fail(f"{reason}: CI must run the browser test")
         pytest.skip(reason)

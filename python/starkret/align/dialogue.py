@@ -359,6 +359,21 @@ def _align_guarded(
     return report
 
 
+def _alignment_record(a: Alignment, keys: str) -> dict:
+    """An alignment as the output stores it. With ``keys="stark"`` its chosen images are
+    the records of ``OUTPUT.images.jsonl`` (key and index = the images_key written into
+    the episode, ``db_key`` = the DB key) with their score, so one key joins all three."""
+    from starkret.align.stark import stark_image_key, stark_record
+
+    record = a.to_dict()
+    if keys == "stark":
+        record["images"] = [
+            {**stark_record(stark_image_key(a.moment_id, i, c.source), c), "score": c.score}
+            for i, c in enumerate(a.images)
+        ]
+    return record
+
+
 @dataclass
 class _Sink:
     """Where :func:`_flush` writes, and what it counts."""
@@ -403,7 +418,7 @@ def _flush(batch: list[Episode], aligner: Aligner, sink: _Sink) -> None:
         else:
             fields = stark_fields(episode, mine, keys=sink.keys, fill=sink.fill)
             line = {**episode.raw, "episode_id": episode.episode_id, **fields}
-        line["alignments"] = [a.to_dict() for a in mine]
+        line["alignments"] = [_alignment_record(a, sink.keys) for a in mine]
         try:
             lines.append(json.dumps(line, ensure_ascii=False) + "\n")
         except RecursionError:

@@ -1,4 +1,9 @@
-"""Command-line interface: ``starkret <command>`` (and, later, ``embed-shards``)."""
+"""Command-line interface: ``starkret <command>``, ``python -m starkret`` and ``embed-shards``.
+
+Every option's help shows its default, every command's ``--help`` ends with an example,
+and with ``--json`` stdout holds exactly one JSON object (progress, logs and notes go to
+stderr).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,37 @@ from starkret.errors import (
 _USER_ERRORS = (StarkretError, FileNotFoundError, FileExistsError, PermissionError)
 
 
+#: The example each command's ``--help`` ends with (run inside ``demo-output/`` after
+#: ``make demo``).
+EXAMPLES = {
+    "doctor": "starkret doctor",
+    "bench": "starkret bench -- --quick --only topk",
+    "embed": "starkret embed 'sources/cc12m/{00000..00002}.tar' -o mydb/cc12m --source cc12m "
+    "--model starkret-mini",
+    "embed-shards": "embed-shards 'sources/cc12m/{00000..00002}.tar' -o mydb/cc12m "
+    "--source cc12m --model starkret-mini",
+    "build-index": "starkret build-index db --json",
+    "clip-back": "starkret build-index db --kind ivf && starkret clip-back db",
+    "search": 'starkret search db "a purple pie chart with five slices" -k 2',
+    "align": "starkret align db ../examples/stark_dialogues.jsonl -o aligned.jsonl "
+    "--report report.html",
+    "serve": "starkret serve db --port 8080",
+    "eval": "starkret eval db ../examples/eval_pairs.jsonl --json",
+}
+
+
+def _command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` ends with its example."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=kwargs.pop("description", help[:1].upper() + help[1:] + "."),
+        epilog=f"example:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser, *, json_help: str | None = None) -> None:
     """``--threads`` and ``--quiet`` (every command that computes), ``--json`` where asked."""
     parser.add_argument(
@@ -36,7 +72,11 @@ def _add_common(parser: argparse.ArgumentParser, *, json_help: str | None = None
         "-q", "--quiet", action="store_true", help="no progress bars and no log lines"
     )
     if json_help is not None:
-        parser.add_argument("--json", action="store_true", help=json_help)
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help=json_help + " (stdout holds only that object; everything else goes to stderr)",
+        )
 
 
 def _apply_common(args: argparse.Namespace) -> None:
@@ -104,7 +144,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
-    from starkret.ingest.towers import DEFAULT_MODEL
+    from starkret.ingest.towers import DEFAULT_MODEL, MINI_MODEL, TINY_MODEL
 
     parser.add_argument(
         "inputs",
@@ -123,8 +163,10 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"open_clip model name (default {DEFAULT_MODEL}; starkret-tiny needs no "
-        "download); clip-retrieval's spellings work too (open_clip:NAME/TAG, ViT-L/14@336px)",
+        help="open_clip model name (default: %(default)s, Stark's model; open_clip downloads "
+        f"its weights once). No download, works offline: {MINI_MODEL} (a toy CLIP whose "
+        f"weights ship with starkret) and {TINY_MODEL} (random weights, for tests). "
+        "clip-retrieval's spellings work too (open_clip:NAME/TAG, ViT-L/14@336px)",
     )
     parser.add_argument(
         "--pretrained",
@@ -138,7 +180,9 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="images per batch, decoded and embedded together (default: 256 on a GPU, 64 on CPU)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
+    )
     parser.add_argument(
         "--precision",
         choices=["auto", "fp16", "bf16", "fp32"],
@@ -155,19 +199,19 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=["exact", "fast"],
         default="exact",
-        help="preprocessing: bit-exact with open_clip (default) or fast",
+        help="preprocessing: bit-exact with open_clip or fast (default: %(default)s)",
     )
     parser.add_argument(
         "--chunk-size",
         type=int,
         default=10_000,
-        help="images per output part for folders and tables",
+        help="images per output part for folders and tables (default: %(default)s)",
     )
     parser.add_argument(
         "--workers",
         type=int,
         default=1,
-        help="Ray actors (one per GPU); >1 starts a local Ray instance",
+        help="Ray actors (one per GPU); >1 starts a local Ray instance (default: %(default)s)",
     )
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster")
     parser.add_argument(
@@ -337,15 +381,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         args.queries, k=args.k, sources=args.sources, device=args.device, threads=args.threads
     )
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {"query": q, "hits": [h.__dict__ for h in per_query]}
-                    for q, per_query in zip(args.queries, hits, strict=True)
-                ],
-                indent=2,
-            )
-        )
+        results = [
+            {"query": q, "hits": [h.__dict__ for h in per_query]}
+            for q, per_query in zip(args.queries, hits, strict=True)
+        ]
+        print(json.dumps({"results": results}))
         return 0
     for query, per_query in zip(args.queries, hits, strict=True):
         print(f"{query}")
@@ -399,10 +439,13 @@ def _align_locked(args: argparse.Namespace, guard) -> int:
         fill=tuple("" if m == "none" else m for m in args.fill_modules.split(",")),
         outputs=guard,
     )
+    # Every file written is named in the JSON object (--json) or on stdout.
+    paths = {"output": str(args.output), "images": str(args.output) + ".images.jsonl"}
     if args.parquet:
         from starkret.align.stark import write_parquet
 
-        write_parquet(args.output, args.parquet)
+        paths["parquet"] = str(write_parquet(args.output, args.parquet))
+    exported = None
     if args.export_images:
         from starkret.align.stark import export_images
 
@@ -415,6 +458,12 @@ def _align_locked(args: argparse.Namespace, guard) -> int:
             )
         for problem in problems[:5]:
             print(f"starkret align: not exported: {problem}", file=sys.stderr)
+        paths["export_images"] = str(args.export_images)
+        exported = {"exported_images": written, "not_exported": len(problems)}
+    if args.report:
+        from starkret.align.report import write_report
+
+        paths["report"] = str(write_report(db, report.alignments, args.report))
     if args.json:
         body = {
             name: getattr(report, name)
@@ -428,15 +477,12 @@ def _align_locked(args: argparse.Namespace, guard) -> int:
             )
         }
         body["seconds"] = round(report.seconds, 3)
-        body["output"] = str(args.output)
-        print(json.dumps(body))
-    elif not args.quiet:
+        print(json.dumps({**body, **(exported or {}), **paths}))
+        return 0
+    if not args.quiet:
         print(report.summary())
     if args.report:
-        from starkret.align.report import write_report
-
-        path = write_report(db, report.alignments, args.report)
-        print(f"report: {path}")
+        print(f"report: {paths['report']}")
     return 0
 
 
@@ -494,15 +540,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def embed_shards_main(argv: Sequence[str] | None = None) -> int:
-    """The ``embed-shards`` command: ``starkret embed`` under its own name."""
+def embed_shards_parser() -> argparse.ArgumentParser:
+    """The parser of the ``embed-shards`` command (``starkret embed`` under its own name)."""
     parser = argparse.ArgumentParser(
         prog="embed-shards",
         description="Embed image collections with CLIP into clip-retrieval's layout, "
-        "resumably (same as `starkret embed`).",
+        "resumably. The same command as `starkret embed` and `starkret embed-shards`.",
+        epilog=f"example:\n  {EXAMPLES['embed-shards']}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_embed_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def embed_shards_main(argv: Sequence[str] | None = None) -> int:
+    """The ``embed-shards`` command: ``starkret embed`` under its own name."""
+    args = embed_shards_parser().parse_args(argv)
     args.command = "embed-shards"
     return _run(args)
 
@@ -512,24 +565,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="starkret",
-        description="Image retrieval core for multimodal-dialogue pipelines.",
+        description="Image retrieval core for multimodal-dialogue pipelines (also `python -m "
+        "starkret`).\n`starkret COMMAND --help` lists a command's options and an example.",
+        epilog=f"example:\n  {EXAMPLES['doctor']}\n  {EXAMPLES['embed']}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"starkret {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    doctor = sub.add_parser("doctor", help="report what this install can do")
+    doctor = _command(sub, "doctor", "report what this install can do")
     doctor.set_defaults(func=_cmd_doctor)
 
-    bench = sub.add_parser(
+    bench = _command(
+        sub,
         "bench",
-        help="run the throughput benchmarks (same-run ratios)",
+        "run the throughput benchmarks (same-run ratios)",
         description="Runs benches/run.py; arguments after `bench` are passed to it "
         "(see `starkret bench -- --help`).",
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benches/run.py")
     bench.set_defaults(func=_cmd_bench)
 
-    embed = sub.add_parser("embed", help="embed shards, folders or tables (= embed-shards)")
+    embed = _command(
+        sub,
+        "embed",
+        "embed shards, folders or tables (= `starkret embed-shards` = `embed-shards`)",
+        aliases=["embed-shards"],
+    )
     _add_embed_arguments(embed)
 
     from starkret.index.build import (
@@ -538,23 +600,43 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_QUERY_TIME_MS,
     )
 
-    build = sub.add_parser("build-index", help="index embedded sources (exact, ivf or AutoFaiss)")
+    build = _command(sub, "build-index", "index embedded sources (exact, ivf or AutoFaiss)")
     build.add_argument("path", help="an embed-shards output, or a DB folder of them")
-    build.add_argument("--kind", choices=["auto", "exact", "ivf", "autofaiss"], default="auto")
-    build.add_argument("--max-index-memory-usage", default=DEFAULT_MAX_INDEX_MEMORY)
-    build.add_argument("--max-index-query-time-ms", type=float, default=DEFAULT_MAX_QUERY_TIME_MS)
+    build.add_argument(
+        "--kind",
+        choices=["auto", "exact", "ivf", "autofaiss"],
+        default="auto",
+        help="exact search, a faiss ivf index re-ranked exactly, or AutoFaiss (the "
+        "starkret[autofaiss] extra); auto: exact up to --auto-exact-max-rows, ivf above "
+        "(default: %(default)s)",
+    )
+    build.add_argument(
+        "--max-index-memory-usage",
+        default=DEFAULT_MAX_INDEX_MEMORY,
+        help="ivf and autofaiss: memory budget of the index (default: %(default)s)",
+    )
+    build.add_argument(
+        "--max-index-query-time-ms",
+        type=float,
+        default=DEFAULT_MAX_QUERY_TIME_MS,
+        help="autofaiss: target query time (default: %(default)s)",
+    )
     build.add_argument(
         "--auto-exact-max-rows",
         type=int,
         default=AUTO_EXACT_MAX_ROWS,
-        help="kind=auto: exact search up to this many images, ivf above",
+        help="kind=auto: exact search up to this many images, ivf above (default: %(default)s)",
     )
     _add_common(build, json_help="print one JSON object: kind, count, recall per source")
     build.set_defaults(func=_cmd_build_index)
 
-    clip_back = sub.add_parser(
+    clip_back = _command(
+        sub,
         "clip-back",
-        help="make indexed sources loadable by clip-retrieval's clip back (image.index)",
+        "make indexed sources loadable by clip-retrieval's clip back (image.index)",
+        description="Make sources with a faiss index (`build-index --kind ivf`, or "
+        "`--kind autofaiss`) loadable by clip-retrieval's clip back: image.index at each "
+        "source's root.",
     )
     clip_back.add_argument("path", help="an indexed source folder, or a DB folder of them")
     clip_back.add_argument(
@@ -565,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clip_back.set_defaults(func=_cmd_clip_back)
 
-    search = sub.add_parser("search", help="top images of every source for descriptions")
+    search = _command(sub, "search", "top images of every source for descriptions")
     search.add_argument("db", help="DB folder (one sub-folder per source)")
     search.add_argument("queries", nargs="+", help="image descriptions")
     search.add_argument(
@@ -574,16 +656,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.k_per_source,
         help="results per source (default: %(default)s)",
     )
-    search.add_argument("--sources", nargs="+", default=None, help="only these sources")
+    search.add_argument(
+        "--sources", nargs="+", default=None, help="only these sources (default: every source)"
+    )
     search.add_argument(
         "--device",
         default=DEFAULTS.device,
         help="cpu, or cuda / cuda:N for exact search on a GPU (default: %(default)s)",
     )
-    _add_common(search, json_help="JSON output")
+    _add_common(search, json_help='print {"results": [{"query", "hits"}, ...]}')
     search.set_defaults(func=_cmd_search)
 
-    align = sub.add_parser("align", help="choose an image for every sharing moment of a file")
+    align = _command(sub, "align", "choose an image for every sharing moment of a file")
     align.add_argument("db", help="DB folder (one sub-folder per source)")
     align.add_argument("dialogues", help="Stark-style episodes (JSON/JSONL) or moment JSONL")
     align.add_argument("-o", "--output", required=True, help="aligned JSONL (appended, resumable)")
@@ -616,38 +700,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.device,
         help="cpu, or cuda / cuda:N for exact search on a GPU (default: %(default)s)",
     )
-    align.add_argument("--report", default=None, help="also write this HTML report")
+    align.add_argument("--report", default=None, help="also write this HTML report (default: none)")
     align.add_argument(
         "--wait",
         action="store_true",
         help="if another run is writing the same output, wait for it to finish and then "
         "resume (default: refuse at once, exit 2)",
     )
-    align.add_argument("--no-progress", action="store_true")
+    align.add_argument("--no-progress", action="store_true", help="no progress bar")
     align.add_argument(
         "--keys",
         choices=["stark", "db"],
         default="stark",
-        help="images_key: Stark's image UUIDs (url:UUID for CC12M/RedCaps12M; default) "
-        "or the DB keys",
+        help="images_key: Stark's image UUIDs (url:UUID for CC12M/RedCaps12M) or the DB "
+        "keys (url:URL for CC12M/RedCaps12M) (default: %(default)s)",
     )
     align.add_argument(
         "--fill-modules",
         default="retrieval,none",
         help="align only turns whose images_module_name is one of these, comma-separated "
-        "('none': turns without one); p-t2i, t2i and web turns are left as they are",
+        "('none': turns without one); p-t2i, t2i and web turns are left as they are "
+        "(default: %(default)s)",
     )
-    align.add_argument("--parquet", default=None, help="also write the output as this parquet")
+    align.add_argument(
+        "--parquet", default=None, help="also write the output as this parquet (default: none)"
+    )
     align.add_argument(
         "--export-images",
         default=None,
         metavar="DIR",
-        help="write the chosen local images (not CC12M/RedCaps12M) as stark-image-style tars",
+        help="write the chosen local images (not CC12M/RedCaps12M) as stark-image-style tars "
+        "(default: none)",
     )
-    _add_common(align, json_help="print the run's summary as one JSON object")
+    _add_common(align, json_help="print the run's summary and the paths written as one JSON object")
     align.set_defaults(func=_cmd_align)
 
-    srv = sub.add_parser("serve", help="serve a DB over HTTP: batched search, align, a page")
+    srv = _command(sub, "serve", "serve a DB over HTTP: batched search, align, a page")
     srv.add_argument("db", help="DB folder (one sub-folder per source)")
     srv.add_argument(
         "--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)"
@@ -738,10 +826,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(func=_cmd_serve)
 
-    ev = sub.add_parser("eval", help="Recall@1/5/10 and MRR of descriptions against a gallery")
+    ev = _command(sub, "eval", "Recall@1/5/10 and MRR of descriptions against a gallery")
     ev.add_argument("db", help="DB folder (the gallery)")
     ev.add_argument("pairs", help='JSONL: {"description"|"ultron_output", "image_key"}')
-    ev.add_argument("--sources", nargs="+", default=None, help="only these sources")
+    ev.add_argument(
+        "--sources", nargs="+", default=None, help="only these sources (default: every source)"
+    )
     _add_common(ev, json_help="JSON output")
     ev.set_defaults(func=_cmd_eval)
     return parser

@@ -69,7 +69,8 @@ def link_for_clip_back(source_dir: str | os.PathLike) -> Path:
     index, and an ``image_path`` column in every metadata file; returns the link.
 
     Refused (ValueError, one line) when the source has no faiss index (``build-index
-    --kind autofaiss`` makes one), or when its index numbers rows in another order than
+    --kind ivf`` makes one with the default install, ``--kind autofaiss`` with the
+    ``starkret[autofaiss]`` extra), or when its index numbers rows in another order than
     the metadata file names (built before part names were zero-padded: rebuild it).
     """
     source_dir = Path(source_dir)
@@ -77,7 +78,8 @@ def link_for_clip_back(source_dir: str | os.PathLike) -> Path:
     if infos is None or infos.get("kind") == "exact":
         raise MissingIndexError(
             f"{source_dir} has no faiss index (clip back needs one): run "
-            "`starkret build-index --kind autofaiss` on it first"
+            f"`starkret build-index {source_dir} --kind ivf` first (or `--kind autofaiss`, "
+            "which needs the starkret[autofaiss] extra)"
         )
     index_file = source_dir / "index" / infos.get("index_file", "knn.index")
     if not index_file.is_file():

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from starkret.errors import InvalidInputError, InvalidTypeError, ModelLoadError, NotFoundError
+from starkret.ingest.weights import check_weights, hub_offline
 
 __all__ = ["DEFAULT_MODEL", "MINI_MODEL", "TINY_MODEL", "ClipEmbedder", "PendingEmbeddings"]
 
@@ -40,6 +41,12 @@ class _Default:
 
 #: Sentinel for "the model's own default weights" (``"openai"`` for OpenAI CLIP models).
 MODEL_DEFAULT: Any = _Default()
+
+#: How to go on without network access, for every message about missing weights.
+_OFFLINE_HINT = (
+    f"offline, use the bundled model (--model {MINI_MODEL}, model={MINI_MODEL!r}) or a local "
+    "checkpoint file (--pretrained /path/to/checkpoint, pretrained=...)"
+)
 
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _OUTPUT_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -325,9 +332,13 @@ class ClipEmbedder:
         # copy of it so the same seed always gives the same weights, and the
         # caller's random state is left untouched.
         packaged = self.pretrained == PACKAGED and model in _PACKAGED_WEIGHTS
+        weights = None
+        if self.pretrained is not None and not packaged and not os.path.isfile(self.pretrained):
+            weights = check_weights(open_clip, model, self.pretrained, hint=_OFFLINE_HINT)
         with (
             torch.random.fork_rng(devices=[]),
             _quiet_random_init(self.pretrained is None or packaged),
+            hub_offline(weights is not None and weights.cached and weights.hub),
         ):
             torch.manual_seed(seed)
             try:
@@ -341,8 +352,8 @@ class ClipEmbedder:
             except RuntimeError as exc:
                 if self.pretrained is not None and not os.path.isfile(self.pretrained):
                     raise ModelLoadError(
-                        f"could not load weights {self.pretrained!r} for {model!r} ({exc}). "
-                        "Without network access, pass a local checkpoint file as pretrained=..."
+                        f"could not load weights {self.pretrained!r} for {model!r} ({exc}); "
+                        + _OFFLINE_HINT
                     ) from exc
                 raise
         if packaged:
