@@ -450,7 +450,7 @@ def _align_locked(args: argparse.Namespace, guard) -> int:
         from starkret.align.stark import export_images
 
         with open(records_path(args.output), encoding="utf-8") as f:
-            _exported, problems = export_images(
+            written, problems = export_images(
                 db,
                 (json.loads(line) for line in f if line.strip()),
                 args.export_images,
