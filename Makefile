@@ -1,5 +1,5 @@
 # The README's commands: `make demo`, `make test` and `make fuzz` (CI runs the last two,
-# .ci/run). What each installs and how long it takes: README.md, "Three commands".
+# .ci/run). What each installs and how long it takes: README.md, "Two commands".
 VENV ?= .venv
 export STARKRET_VENV := $(abspath $(VENV))
 # Brief fuzzing (the default of `make fuzz`): a fixed number of inputs per target with

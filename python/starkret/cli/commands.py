@@ -806,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-conversation-mb",
         type=float,
         default=DEFAULTS.max_conversation_bytes / (1 << 20),
-        help="MiB all conversations' shown images may hold (default: %(default)g)",
+        help="MiB all conversations' shown images may hold (default: %(default)s)",
     )
     limits.add_argument(
         "--api-key-file",
