@@ -33,6 +33,7 @@ Every path a run writes is new or recorded as its own (:mod:`starkret.store.outp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -282,35 +283,14 @@ def align_file(
     fill = DEFAULT_FILL if fill is None else tuple(fill)
     input_path, output_path = Path(input_path), Path(output_path)
     _check_input(input_path)
-    if outputs is None:
-        guard = align_outputs(input_path, output_path, db_folder=getattr(db, "root", None))
-        with guard.acquire(wait=wait):
-            return _align_guarded(
-                db,
-                input_path,
-                output_path,
-                guard,
-                aligner,
-                batch_episodes,
-                progress,
-                keep,
-                keys,
-                fill,
-            )
-    if not outputs.held:
+    if outputs is not None and not outputs.held:
         raise InvalidInputError("outputs must be acquired first: outputs.acquire()")
-    return _align_guarded(
-        db,
-        input_path,
-        output_path,
-        outputs,
-        aligner,
-        batch_episodes,
-        progress,
-        keep,
-        keys,
-        fill,
-    )
+    guard = outputs or align_outputs(input_path, output_path, db_folder=getattr(db, "root", None))
+    # the caller's guard is held already; our own is held for this run only
+    with contextlib.nullcontext() if outputs is not None else guard.acquire(wait=wait):
+        return _align_guarded(
+            db, input_path, output_path, guard, aligner, batch_episodes, progress, keep, keys, fill
+        )
 
 
 def _align_guarded(
