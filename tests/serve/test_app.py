@@ -3,7 +3,6 @@ stopped by the tests), on a demo-like DB embedded with starkret-tiny."""
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import tarfile
 import threading
@@ -24,26 +23,6 @@ from starkret.serve.conversations import Conversations  # noqa: E402
 from starkret.serve.schema import MAX_BODY_BYTES, MAX_K, ServeConfig  # noqa: E402
 from starkret.store.layout import part_file  # noqa: E402
 from starkret.testing import write_source  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def hang_guard():
-    """Ends the run with a traceback if a test here hangs (no pytest-timeout needed)."""
-    faulthandler.dump_traceback_later(180, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
-@pytest.fixture(scope="module")
-def demo_db(tmp_path_factory, tiny_embedder):
-    root = tmp_path_factory.mktemp("serve-demo")
-    return starkret.ImageDB.open(build_demo_db(root, tiny_embedder), embedder=tiny_embedder)
-
-
-@pytest.fixture(scope="module")
-def server(demo_db):
-    with Server(demo_db) as s:
-        yield s
 
 
 @pytest.fixture()
@@ -278,7 +257,6 @@ def test_image_paths_outside_the_db_are_404(client, path):
 
 
 def test_a_metadata_key_escaping_the_folder_is_never_read(tmp_path, tiny_embedder):
-    from serve_support import build_demo_db
 
     db_dir = build_demo_db(tmp_path, tiny_embedder)
     import pyarrow.parquet as pq

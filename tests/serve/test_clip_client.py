@@ -11,7 +11,6 @@ Without it these tests skip, except under ``CI`` where they fail.
 from __future__ import annotations
 
 import base64
-import faulthandler
 import importlib.util
 import os
 import socket
@@ -26,7 +25,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from serve_support import Server, build_demo_db  # noqa: E402
+from serve_support import Server  # noqa: E402
 
 import starkret  # noqa: E402
 from starkret.defaults import DEFAULTS  # noqa: E402
@@ -65,29 +64,9 @@ def _clip_client_module():
     return module
 
 
-@pytest.fixture(autouse=True)
-def hang_guard():
-    """Ends the run with a traceback if a test here hangs (ClipClient waits up to 1 h)."""
-    faulthandler.dump_traceback_later(180, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
 @pytest.fixture(scope="module")
 def clip_client():
     return _clip_client_module()
-
-
-@pytest.fixture(scope="module")
-def demo_db(tmp_path_factory, tiny_embedder):
-    root = tmp_path_factory.mktemp("clip-client-demo")
-    return starkret.ImageDB.open(build_demo_db(root, tiny_embedder), embedder=tiny_embedder)
-
-
-@pytest.fixture(scope="module")
-def server(demo_db):
-    with Server(demo_db) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

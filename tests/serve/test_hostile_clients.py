@@ -8,7 +8,6 @@ and key the API hands out round-trips. Every socket has a timeout, every loop a 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import io
 import json
 import resource
@@ -41,13 +40,6 @@ QUICK = ServeConfig(header_timeout_s=TIMEOUT_S, body_timeout_s=TIMEOUT_S, keep_a
 SLACK_S = 2.0
 #: Hostile connections of the crowd test: the issue's 3,000 where file descriptors allow.
 HOSTILE = 3000
-
-
-@pytest.fixture(autouse=True)
-def hang_guard():
-    faulthandler.dump_traceback_later(240, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")

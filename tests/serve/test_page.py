@@ -3,7 +3,6 @@ load it, run a search through its form, and check that the gallery shows images.
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import re
 import shutil
@@ -15,31 +14,17 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_support import Server, build_demo_db
+from serve_support import Server
 
-import starkret
 from starkret.serve.schema import ServeConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(autouse=True)
-def hang_guard():
-    faulthandler.dump_traceback_later(180, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
 @pytest.fixture(scope="module")
-def page_db(tmp_path_factory, tiny_embedder):
-    root = tmp_path_factory.mktemp("serve-page")
-    return starkret.ImageDB.open(build_demo_db(root, tiny_embedder), embedder=tiny_embedder)
-
-
-@pytest.fixture(scope="module")
-def server(page_db):
+def server(demo_db):
     # starkret-tiny's random weights score everything near 0: no threshold for the page.
-    with Server(page_db, ServeConfig(min_score=-1.0)) as s:
+    with Server(demo_db, ServeConfig(min_score=-1.0)) as s:
         yield s
 
 
@@ -104,9 +89,9 @@ def test_page_aligns_a_pasted_dialogue_and_shows_the_conversations_images(server
 
 
 @pytest.fixture(scope="module")
-def keyed_server(page_db):
+def keyed_server(demo_db):
     """The same DB behind an API key."""
-    with Server(page_db, ServeConfig(min_score=-1.0, api_key="page-key")) as s:
+    with Server(demo_db, ServeConfig(min_score=-1.0, api_key="page-key")) as s:
         yield s
 
 
