@@ -4,7 +4,7 @@
 
 use crate::preprocess::{self, Options};
 
-pub use crate::dedup::{select, Choice, FlatMoments, Moment, Outcome, Params, Reuse};
+pub use crate::dedup::{select, Choice, FlatMoments, Moment, Outcome, Params, Reuse, Shown};
 pub use crate::preprocess::Mode;
 pub use crate::shards::expand_braces;
 

@@ -1,12 +1,12 @@
 //! The aligner's choice from arbitrary flattened candidate lists.
 //! Invariants: malformed arrays are errors, never panics; on well-formed ones every
 //! choice is valid (indices in order and in range, at most k, no image twice where
-//! the reuse policy forbids it).
+//! the reuse policy forbids it, nor an image the episode has already shown).
 #![no_main]
 
 use std::collections::HashSet;
 
-use _core::fuzzing::{select, FlatMoments, Moment, Outcome, Params, Reuse};
+use _core::fuzzing::{select, FlatMoments, Moment, Outcome, Params, Reuse, Shown};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 
@@ -23,15 +23,19 @@ struct Input {
     threshold: f32,
     min_score: f32,
     used: Vec<u8>,
+    shown_episodes: Vec<u64>,
+    shown_ids: Vec<u8>,
+    shown_vectors: Vec<f32>,
 }
 
-fn params(input: &Input, dim: usize) -> Params {
+fn params<'a>(input: &Input, dim: usize, shown: Shown<'a>) -> Params<'a> {
     Params {
         dim,
         reuse: [Reuse::Episode, Reuse::Global, Reuse::None][usize::from(input.reuse % 3)],
         threshold: input.threshold,
         min_score: input.min_score,
         used: input.used.iter().map(|&u| u64::from(u)).collect(),
+        shown,
     }
 }
 
@@ -49,11 +53,17 @@ fn cycle<T: Copy>(values: &[T], n: usize, default: T) -> Vec<T> {
 fn check(moments: &[Moment<'_>], params: &Params) {
     let choices = select(moments, params);
     assert_eq!(choices.len(), moments.len());
+    let shown = params.shown;
     let mut global: HashSet<u64> = params.used.iter().copied().collect();
+    if params.reuse == Reuse::Global {
+        global.extend(shown.ids.iter().copied());
+    }
     let mut episode: (Option<u64>, HashSet<u64>) = (None, HashSet::new());
     for (m, c) in moments.iter().zip(&choices) {
         if episode.0 != Some(m.episode) {
-            episode = (Some(m.episode), HashSet::new());
+            let earlier = shown.episodes.iter().zip(shown.ids);
+            let here = earlier.filter(|(e, _)| **e == m.episode).map(|(_, id)| *id);
+            episode = (Some(m.episode), here.collect());
         }
         assert!(c.picked.len() <= m.k);
         assert!(c.picked.windows(2).all(|w| w[0] < w[1]));
@@ -76,6 +86,18 @@ fuzz_target!(|input: Input| {
     // The arrays as given: mostly inconsistent, which must be an error.
     let dim = usize::from(input.dim);
     let raw_ids: Vec<u64> = input.ids.iter().map(|&i| u64::from(i)).collect();
+    let raw_shown_ids: Vec<u64> = input.shown_ids.iter().map(|&i| u64::from(i)).collect();
+    let raw_shown = Shown {
+        episodes: &input.shown_episodes,
+        ids: &raw_shown_ids,
+        vectors: &input.shown_vectors,
+    };
+    // Shown arrays the binding would refuse (`Shown::check`) never reach `select`.
+    let raw_shown = if raw_shown.check(dim).is_ok() {
+        raw_shown
+    } else {
+        Shown::default()
+    };
     let raw = FlatMoments {
         episodes: &input.episodes,
         ks: &input.ks,
@@ -86,7 +108,7 @@ fuzz_target!(|input: Input| {
         dim,
     };
     if let Ok(moments) = raw.moments() {
-        check(&moments, &params(&input, dim));
+        check(&moments, &params(&input, dim, raw_shown));
     }
 
     // The same values made consistent, so the choice itself runs on every input.
@@ -124,5 +146,21 @@ fuzz_target!(|input: Input| {
     let moments = flat
         .moments()
         .unwrap_or_else(|e| panic!("consistent arrays refused: {e}"));
-    check(&moments, &params(&input, dim));
+    let n_shown = input.shown_ids.len().min(16);
+    let shown_episodes: Vec<u64> = cycle(&input.shown_episodes, n_shown, 0)
+        .iter()
+        .map(|e| e % 4)
+        .collect();
+    let shown_ids: Vec<u64> = cycle(&input.shown_ids, n_shown, 0)
+        .iter()
+        .map(|&i| u64::from(i % 16))
+        .collect();
+    let shown_vectors = cycle(&input.shown_vectors, n_shown * dim, 1.0);
+    let shown = Shown {
+        episodes: &shown_episodes,
+        ids: &shown_ids,
+        vectors: &shown_vectors,
+    };
+    assert!(shown.check(dim).is_ok());
+    check(&moments, &params(&input, dim, shown));
 });
