@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from starkret.align.choice import OUTCOMES, Candidates, Choice, Rule, choose
+from starkret.align.stark import URL_SOURCES
 from starkret.defaults import DEFAULTS
 from starkret.errors import InvalidInputError, InvalidTypeError
 from starkret.index.db import ImageDB
@@ -29,9 +30,6 @@ __all__ = ["MAX_IMAGES_PER_MOMENT", "Aligner", "Alignment", "Candidate", "Moment
 #: search behind a moment fetches ``k * overfetch`` candidates per source, so ``k`` is
 #: bounded to keep one moment's memory small (``k = 10**9`` once asked for 32 GB).
 MAX_IMAGES_PER_MOMENT = 32
-
-#: Sources whose images Stark refers to by URL (`url:` keys).
-URL_SOURCES = frozenset({"cc12m", "redcaps12m"})
 
 
 @dataclass
