@@ -29,12 +29,25 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "is_inside",
     "temp_path",
     "temp_target",
 ]
 
 #: ``.NAME.tmp-PID`` (older releases) or ``.NAME.tmp-PID-TOKEN`` -> NAME.
 _TEMP = re.compile(r"^\.(?P<target>.+)\.tmp-\d+(?:-[0-9a-f]+)?$")
+
+
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike, *, resolve: bool = True) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it: with symlinks resolved (default),
+    or by name alone (``resolve=False``: absolute and normalised, links not followed).
+
+    >>> is_inside("/data/charts/a/../b.png", "/data/charts", resolve=False)
+    True
+    """
+    norm = os.path.realpath if resolve else os.path.abspath
+    top = norm(folder)
+    return os.path.commonpath([norm(path), top]) == top
 
 
 def temp_path(path: str | os.PathLike) -> Path:

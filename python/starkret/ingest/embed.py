@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from starkret._io import is_inside
 from starkret.errors import InvalidInputError, OutputBusyError, OutputExistsError
 from starkret.ingest.pipeline import (
     EmbedReport,
@@ -209,19 +210,21 @@ def _refuse_overlap(sources, out: Path) -> None:
     (resolved paths, symlinks followed): a run would read its own files as inputs."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    real_out = os.path.realpath(out)
     for item in sources:
         text = os.fspath(item)
         found = [text] if os.path.exists(text) else expand_shard_paths(text)
         for path in found:
-            real = os.path.realpath(path)
-            common = os.path.commonpath([real, real_out])
-            if common in (real, real_out):
-                where = "inside the input" if common == real else "holding the input"
-                raise InvalidInputError(
-                    f"the output folder {out} is {where} {text} (resolved: {real_out} and "
-                    f"{real}): a run would read its own output; use a folder outside the inputs"
-                )
+            if is_inside(out, path):
+                where = "inside the input"
+            elif is_inside(path, out):
+                where = "holding the input"
+            else:
+                continue
+            raise InvalidInputError(
+                f"the output folder {out} is {where} {text} (resolved: "
+                f"{os.path.realpath(out)} and {os.path.realpath(path)}): a run would read "
+                "its own output; use a folder outside the inputs"
+            )
 
 
 def _run_parts(

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
+from starkret._io import is_inside
 from starkret.errors import InvalidInputError
 
 __all__ = [
@@ -115,8 +116,8 @@ def read_file_inside(
         return f"unsafe path: {str(path)[:200]!r} is not a file path"
     joined = os.path.join(root if base is None else base, path)
     real = os.path.realpath(joined)
-    if not _is_inside(real, os.path.realpath(root)):
-        if not _is_inside(os.path.abspath(joined), os.path.abspath(root)):
+    if not is_inside(real, root):
+        if not is_inside(joined, root, resolve=False):
             return f"unsafe path: {path[:200]!r} is outside the dataset folder {root}"
         if not follow_links:
             return (
@@ -140,15 +141,10 @@ def read_file_inside(
     return data
 
 
-def _is_inside(path: str, folder: str) -> bool:
-    """``path`` is ``folder`` or below it (both absolute and normalised alike)."""
-    return os.path.commonpath([path, folder]) == folder
-
-
 def is_link_outside(path: str, root: str) -> bool:
     """``path`` (inside ``root`` by its name) resolves, symlinks followed, outside ``root``:
     the shard form of :func:`read_file_inside`'s ``outside input`` rule."""
-    return not _is_inside(os.path.realpath(path), os.path.realpath(root))
+    return not is_inside(path, root)
 
 
 # ==== Tables: columns and cells ====

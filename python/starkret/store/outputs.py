@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from starkret._io import atomic_write_text
+from starkret._io import atomic_write_text, is_inside
 from starkret.errors import NotFoundError, OutputBusyError, OutputExistsError
 from starkret.store.claims import Claim, lock_file
 
@@ -84,8 +84,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def _inside(path: Path, folder: Path) -> bool:
     """Whether ``path`` resolves to ``folder`` or anything under it."""
-    real, top = _real(path), _real(folder)
-    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+    return is_inside(path, folder)
 
 
 class OutputGuard:
