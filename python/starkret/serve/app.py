@@ -63,6 +63,7 @@ from starkret.serve.schema import (
     SearchRequest,
     SearchResponse,
     ServeConfig,
+    one_line,
 )
 from starkret.store.images import media_type, part_input
 
@@ -92,11 +93,6 @@ register_url_convertor("any_text", _AnyText())
 # ==== The application ====
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def create_app(db: ImageDB, config: ServeConfig | None = None):
     """The FastAPI application serving ``db`` (the batcher starts with the app)."""
 
@@ -121,7 +117,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             return None
         for s in sources:
             if s not in db.sources:
-                fail(422, _one_line(f"unknown source {s!r}; this DB has {db.sources}"))
+                fail(422, one_line(f"unknown source {s!r}; this DB has {db.sources}"))
         return tuple(dict.fromkeys(sources))
 
     def check_vector(v: list[float], what: str) -> np.ndarray:
@@ -219,7 +215,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        return JSONResponse({"detail": _one_line(str(exc))}, exc.status)
+        return JSONResponse({"detail": one_line(str(exc))}, exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -228,21 +224,21 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         if first.get("type") == "json_invalid":
             ctx = first.get("ctx") or {}
             return JSONResponse(
-                {"detail": _one_line(f"malformed JSON: {ctx.get('error', 'cannot parse')}")},
+                {"detail": one_line(f"malformed JSON: {ctx.get('error', 'cannot parse')}")},
                 400,
             )
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         msg = first.get("msg", "invalid")
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        return JSONResponse({"detail": _one_line(f"invalid {where}: {msg}{more}")}, 422)
+        return JSONResponse({"detail": one_line(f"invalid {where}: {msg}{more}")}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse({"detail": _one_line(str(exc.detail))}, exc.status_code)
+        return JSONResponse({"detail": one_line(str(exc.detail))}, exc.status_code)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        return JSONResponse({"detail": _one_line(f"internal error: {exc}")}, 500)
+        return JSONResponse({"detail": one_line(f"internal error: {exc}")}, 500)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -417,7 +413,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             if conv is None:
                 fail(
                     404,
-                    _one_line(
+                    one_line(
                         f"not found: no conversation {conversation_id!r} "
                         "(reset, expired or evicted?)"
                     ),
@@ -447,10 +443,10 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         source records no local input); 404 when its input changed or vanished since
         the DB was built. The key goes percent-encoded (`/` as `%2F`)."""
         if source not in db.sources:
-            fail(404, _one_line(f"unknown source {source!r}; this DB has {db.sources}"))
+            fail(404, one_line(f"unknown source {source!r}; this DB has {db.sources}"))
         located = db.locate(key, [source])
         if located is None:
-            fail(404, _one_line(f"not found: no image {key!r} in source {source!r}"))
+            fail(404, one_line(f"not found: no image {key!r} in source {source!r}"))
         data = await asyncio.to_thread(db.image_bytes, source, key)
         if data is not None:
             return Response(
@@ -464,7 +460,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
             # a redirect, when that input no longer holds them.
             fail(
                 404,
-                _one_line(
+                one_line(
                     f"not found: {key!r} has no local bytes any more (its input changed or "
                     "vanished since the DB was built, or the key is unsafe to read)"
                 ),
@@ -472,7 +468,7 @@ def create_app(db: ImageDB, config: ServeConfig | None = None):
         url = db.image_url(source, key)
         if isinstance(url, str) and url.startswith(("http://", "https://")):
             return RedirectResponse(url, 307)
-        fail(404, _one_line(f"not found: {key!r} has no local bytes and no http(s) URL"))
+        fail(404, one_line(f"not found: {key!r} has no local bytes and no http(s) URL"))
 
     @app.get("/indices-list")
     async def indices_list() -> list[str]:

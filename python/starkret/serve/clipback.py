@@ -35,7 +35,7 @@ from starkret.errors import RequestError
 from starkret.index.db import Hit, ImageDB
 from starkret.ingest.preprocess import OPENAI_MEAN, OPENAI_STD, preprocess
 from starkret.ingest.sources import input_format
-from starkret.serve.schema import MAX_BODY_BYTES, MAX_K, KnnRequest, ServeConfig
+from starkret.serve.schema import MAX_BODY_BYTES, MAX_K, KnnRequest, ServeConfig, one_line
 
 __all__ = [
     "IGNORED_FIELDS",
@@ -70,14 +70,9 @@ IGNORED_FIELDS = (
 _FETCH_CHUNK = 64 * 1024
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def knn_error(exc: RequestError) -> JSONResponse:
     """``exc`` as clip back answers an error: its status, ``{"message": one line}``."""
-    return JSONResponse({"message": _one_line(str(exc))}, exc.status)
+    return JSONResponse({"message": one_line(str(exc))}, exc.status)
 
 
 # ==== Image queries ====

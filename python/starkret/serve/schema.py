@@ -55,6 +55,13 @@ class ServeConfig:
     public_url: str | None = None
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one line of at most ``limit`` characters: every error the service
+    answers with (the ``detail`` or ``message`` of a 4xx) goes through it."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 # ==== Request and response bodies (the OpenAPI schema) ====
 
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
