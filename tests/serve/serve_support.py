@@ -113,3 +113,22 @@ class Server:
         self._server.should_exit = True
         self._thread.join(timeout=15)
         self._socket.close()
+
+
+class GatedDB:
+    """An ImageDB whose first search (the batcher's ``search_arrays``) waits until the
+    test opens the gate."""
+
+    def __init__(self, db) -> None:
+        self._db, self.gate, self.calls = db, threading.Event(), []
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+    def __len__(self) -> int:
+        return len(self._db)
+
+    def search_arrays(self, vectors, k, **kwargs):
+        self.calls.append(len(vectors))
+        self.gate.wait(30)
+        return self._db.search_arrays(vectors, k, **kwargs)

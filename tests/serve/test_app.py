@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from serve_support import Server, build_demo_db  # noqa: E402
+from serve_support import GatedDB, Server, build_demo_db  # noqa: E402
 
 import starkret  # noqa: E402
 from starkret.serve.conversations import Conversations  # noqa: E402
@@ -71,27 +71,8 @@ def test_search_takes_vectors_sources_and_exclusions(client, demo_db):
     assert best not in _keys(again.json()["results"])[0]
 
 
-class _GatedDB:
-    """An ImageDB whose first search (the batcher's ``search_arrays``) waits until the
-    test opens the gate."""
-
-    def __init__(self, db) -> None:
-        self._db, self.gate, self.calls = db, threading.Event(), []
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
-    def __len__(self) -> int:
-        return len(self._db)
-
-    def search_arrays(self, vectors, k, **kwargs):
-        self.calls.append(len(vectors))
-        self.gate.wait(30)
-        return self._db.search_arrays(vectors, k, **kwargs)
-
-
 def test_concurrent_requests_are_searched_in_one_batch(demo_db):
-    gated = _GatedDB(demo_db)
+    gated = GatedDB(demo_db)
     texts = [f"query number {i}" for i in range(9)]
     with Server(gated, ServeConfig(batch_wait_ms=1)) as s:
         answers: dict[int, dict] = {}

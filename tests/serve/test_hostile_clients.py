@@ -26,7 +26,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from serve_support import Server, build_demo_db  # noqa: E402
+from serve_support import GatedDB, Server, build_demo_db  # noqa: E402
 
 import starkret  # noqa: E402
 from starkret.serve.app import path_segment  # noqa: E402
@@ -202,26 +202,8 @@ def test_a_normal_client_is_served_while_thousands_of_hostile_connections_crowd_
     assert served_s < 10
 
 
-class _GatedDB:
-    """An ImageDB whose searches wait until the test opens the gate."""
-
-    def __init__(self, db) -> None:
-        self._db, self.gate, self.calls = db, threading.Event(), []
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
-    def __len__(self) -> int:
-        return len(self._db)
-
-    def search_arrays(self, vectors, k, **kwargs):
-        self.calls.append(len(vectors))
-        self.gate.wait(30)
-        return self._db.search_arrays(vectors, k, **kwargs)
-
-
 def test_at_the_cap_with_every_request_in_progress_a_new_connection_gets_503(demo_db):
-    gated = _GatedDB(demo_db)
+    gated = GatedDB(demo_db)
     config = ServeConfig(max_connections=2, batch_wait_ms=1, workers=1)
     with Server(gated, config) as s:
         answers: list[int] = []
