@@ -192,7 +192,8 @@ def test_a_knn_index_appears_under_its_name_only_when_complete(db_dir, monkeypat
 
     _fake_af(monkeypatch, lambda embeddings, index_path: None)  # out of memory
     with pytest.raises(RuntimeError, match="autofaiss built no index"):
-        build_index(root / "chartqa", kind="autofaiss", recall_queries=20)
+        # rebuild: the source has not changed, so a plain build-index has nothing to do
+        build_index(root / "chartqa", kind="autofaiss", recall_queries=20, rebuild=True)
     assert (index_dir / "knn.index").is_file()  # the previous one stays
     assert not [p for p in index_dir.iterdir() if temp_target(p.name)]
 

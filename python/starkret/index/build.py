@@ -3,7 +3,8 @@
 ``build_index(dir)`` writes ``dir/index/infos.json`` (and ``dir/index/knn.index`` for
 AutoFaiss), and for every kind the memory-mapped metadata (``index/metadata.arrow``,
 see :mod:`starkret.store.metadata`) and key index (``index/key_*.npy``, see
-:mod:`starkret.store.keyindex`).
+:mod:`starkret.store.keyindex`). On a source whose index exists and which has only
+gained parts since, it adds their rows instead (:mod:`starkret.index.grow`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ from pathlib import Path
 import numpy as np
 
 from starkret._io import atomic_path, atomic_write_text
-from starkret.errors import IndexBuildError, InvalidInputError, MissingDependencyError
+from starkret.errors import (
+    IndexBuildError,
+    InvalidInputError,
+    MissingDependencyError,
+    OutputBusyError,
+)
+from starkret.index import grow
 from starkret.index.exact import (
     Parts,
     embedding_parts,
     exact_search,
 )
 from starkret.index.source import SourceIndex, _manifest, source_dirs
+from starkret.store.claims import STATE_DIR, lock_file
 from starkret.store.keyindex import write_key_index
 from starkret.store.metadata import Metadata, write_metadata_arrow
 
@@ -49,6 +57,15 @@ AUTO_EXACT_MAX_ROWS = 2_000_000
 DEFAULT_MAX_INDEX_MEMORY = "16GB"
 DEFAULT_MAX_QUERY_TIME_MS = 10.0
 RECALL_WARNING = 0.9
+#: The lock file (under ``SOURCE/.starkret/``) a build or add holds: one at a time.
+BUILD_LOCK = "build-index"
+
+#: Writers of per-part index files (e.g. int8 copies under ``index/q8/``):
+#: ``writer(source_dir, parts, new_parts) -> dict`` writes the files of the parts numbered
+#: ``new_parts`` (a range: every part on a full build, only the new ones on an add) and
+#: returns entries for ``infos.json``. Their files must be written atomically and be
+#: named by part, so an add (or a rerun after a kill) only writes what is new.
+PART_WRITERS: list = []
 
 
 # ==== Building ====
@@ -64,8 +81,18 @@ def build_index(
     recall_queries: int = 1000,
     seed: int = 0,
     ivf_nlist: int | None = None,
+    rebuild: bool = False,
 ) -> dict:
     """Build the index of one embedded source; returns (and writes) its ``infos.json``.
+
+    On a source whose index exists and which has gained parts since (``embed`` appends
+    them), only the new rows are added (:mod:`starkret.index.grow`: ivf rows go to the
+    trained cells, no retraining); ``infos["added"]`` says how many rows were new to the
+    index (all of them on a full build, 0 when it was up to date). It rebuilds from
+    scratch, saying why in a log line, when the index predates that record, when parts
+    were removed or replaced, when the kind or a build option changes, or with
+    ``rebuild=True`` (e.g. after a drift warning: new rows far from the trained cells).
+    Only one build runs on a source at a time: a second one raises ``OutputBusyError``.
 
     ``kind="exact"`` needs no build (search scans the memory-mapped float16 parts in
     Rust); ``"autofaiss"`` runs ``autofaiss.build_index`` with Stark's settings (inner
@@ -84,16 +111,114 @@ def build_index(
         raise InvalidInputError(f"kind must be 'auto', 'exact', 'ivf' or 'autofaiss', got {kind!r}")
     source_dir = Path(source_dir)
     manifest = _manifest(source_dir)
-    if kind != "exact":  # autofaiss reads files in name order: pad a pre-padding folder's names
-        from starkret.store.layout import pad_part_names
+    (source_dir / STATE_DIR).mkdir(exist_ok=True)
+    lock = lock_file(source_dir / STATE_DIR / BUILD_LOCK)
+    if lock is None:
+        raise OutputBusyError(
+            f"another build-index is running on {source_dir}: wait for it to finish "
+            "(it holds .starkret/build-index)"
+        )
+    with lock:
+        if kind != "exact":  # autofaiss reads files in name order: pad a pre-padding folder's names
+            from starkret.store.layout import pad_part_names
 
-        pad_part_names(source_dir)
-    parts = Parts.load(source_dir)
+            pad_part_names(source_dir)
+        parts = Parts.load(source_dir)
+        index_dir = source_dir / "index"
+        index_dir.mkdir(exist_ok=True)
+        old = grow.read_infos(index_dir)
+        wanted = _wanted_kind(kind, parts.count, auto_exact_max_rows, old)
+        options = {
+            "max_index_memory_usage": max_index_memory_usage if wanted != "exact" else None,
+            "max_index_query_time_ms": max_index_query_time_ms if wanted == "autofaiss" else None,
+            "nlist": ivf_nlist if wanted == "ivf" else None,
+            # growing past the memory budget of SQ8 codes needs other codes: a rebuild
+            "codes": _ivf_codes(parts, max_index_memory_usage) if wanted == "ivf" else None,
+        }
+        plan = "asked for (rebuild=True)" if rebuild else None
+        if plan is None:
+            plan = grow.plan_add(index_dir, parts, old, wanted, options)
+        if isinstance(plan, grow.AddPlan):
+            try:
+                return _add(source_dir, parts, plan)
+            except grow.RebuildNeeded as exc:
+                plan = str(exc)
+        if old is not None:
+            _logger.warning("%s: rebuilding the index from scratch: %s", source_dir, plan)
+        infos = _build(
+            source_dir,
+            manifest,
+            parts,
+            kind,
+            max_index_memory_usage=max_index_memory_usage,
+            max_index_query_time_ms=max_index_query_time_ms,
+            auto_exact_max_rows=auto_exact_max_rows,
+            recall_queries=recall_queries,
+            seed=seed,
+            ivf_nlist=ivf_nlist,
+        )
+        infos["rebuilt"] = plan if old is not None else None
+        _publish(index_dir, infos)
+        return infos
+
+
+def _wanted_kind(kind: str, count: int, auto_exact_max_rows: int, old: dict | None) -> str:
+    """The kind a build would make: ``auto`` resolved by size, and an index ``auto`` built
+    as exact because ivf did not pay off stays exact while it grows."""
+    if kind != "auto":
+        return kind
+    wanted = auto_kind(count, auto_exact_max_rows)
+    if wanted == "ivf" and old is not None and "auto_ivf_rejected" in old:
+        return "exact"
+    return wanted
+
+
+def _ivf_codes(parts: Parts, max_index_memory_usage: str) -> str:
+    from starkret.index.ivf import choose_codes, parse_bytes
+
+    return choose_codes(parts.count, parts.dim, parse_bytes(max_index_memory_usage))
+
+
+def _add(source_dir: Path, parts: Parts, plan: grow.AddPlan) -> dict:
+    """Add the new parts' rows to the index (:mod:`starkret.index.grow`) and publish it."""
+    infos = grow.add_rows(source_dir, parts, plan)
+    infos["rebuilt"] = None
+    if infos["added"]:
+        for writer in PART_WRITERS:
+            infos.update(writer(source_dir, parts, range(plan.first_part, len(parts.arrays))))
+        _publish(source_dir / "index", infos)
+        _logger.info("%s: added %d rows to its %s index", source_dir, infos["added"], infos["kind"])
+        grow.warn_drift(source_dir, infos.get("drift"))
+    else:
+        _logger.info("%s: its %s index is up to date", source_dir, infos["kind"])
+    return infos
+
+
+def _publish(index_dir: Path, infos: dict) -> None:
+    """Write ``infos.json`` (last: it makes the index files current), then remove the
+    files it no longer lists."""
+    atomic_write_text(index_dir / "infos.json", json.dumps(infos, indent=2))
+    grow.remove_stale_segments(index_dir, infos)
+
+
+def _build(
+    source_dir: Path,
+    manifest: dict,
+    parts: Parts,
+    kind: str,
+    *,
+    max_index_memory_usage: str,
+    max_index_query_time_ms: float,
+    auto_exact_max_rows: int,
+    recall_queries: int,
+    seed: int,
+    ivf_nlist: int | None,
+) -> dict:
+    """The full build: every index file from row 0; returns the infos to publish."""
     auto = kind == "auto"
     if auto:
         kind = auto_kind(parts.count, auto_exact_max_rows)
     index_dir = source_dir / "index"
-    index_dir.mkdir(exist_ok=True)
     infos = {
         "kind": kind,
         "count": parts.count,
@@ -149,7 +274,10 @@ def build_index(
     infos["metadata_rows"] = write_metadata_arrow(source_dir, parts.offsets)
     metadata = Metadata(source_dir, parts.offsets, source_dir / "index" / "metadata.arrow")
     infos["key_index_rows"] = write_key_index(source_dir, metadata)
-    atomic_write_text(index_dir / "infos.json", json.dumps(infos, indent=2))
+    for writer in PART_WRITERS:
+        infos.update(writer(source_dir, parts, range(len(parts.arrays))))
+    infos.update(grow.coverage(parts))
+    infos["added"] = parts.count
     return infos
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,8 @@ from starkret.store.keyindex import KeyIndex
 from starkret.store.metadata import Metadata
 
 __all__ = ["Hit", "ImageDB", "Results"]
+
+_logger = logging.getLogger("starkret")
 
 #: Manifest fields every source of one DB must share: their vectors are compared.
 _SAME_SPACE = ("model", "pretrained", "dim", "image_size", "mean", "std")
@@ -81,6 +85,7 @@ class _Source:
 
     def __init__(self, name: str, index: SourceIndex) -> None:
         self.name, self.index = name, index
+        self.stamp = _index_stamp(index.source_dir)  # before reading: a change re-opens
         self.metadata = Metadata.open(index.source_dir, index.parts.offsets, index.infos)
         self.keys = KeyIndex.open(index.source_dir, self.metadata, index.infos)
 
@@ -110,6 +115,7 @@ class ImageDB:
         self.root, self._sources, self.manifest = root, sources, manifest
         self._embedder = embedder
         self._images = ImageReader()
+        self._refreshing = threading.Lock()
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, embedder=None) -> ImageDB:
@@ -136,6 +142,57 @@ class ImageDB:
                 )
             sources[name] = _Source(name, idx)
         return cls(root, sources, first, embedder)
+
+    # ==== Staying current ====
+
+    def refresh(self) -> list[str]:
+        """Re-open the sources whose index ``build-index`` has published anew since they
+        were opened (grown or rebuilt); returns their names.
+
+        The check is one ``stat`` of each source's ``index/infos.json`` (which a build
+        publishes last, by rename), so it is cheap enough to run before every search
+        batch (``starkret serve`` does). A source is swapped whole: a search in progress
+        finishes on the old one. Rows of a grown source keep their numbers.
+
+        >>> db.refresh()  # doctest: +SKIP
+        ['cc12m']
+        """
+        changed = [
+            n for n, s in self._sources.items() if _index_stamp(s.index.source_dir) != s.stamp
+        ]
+        if not changed:
+            return []
+        reopened = []
+        with self._refreshing:
+            for name in changed:
+                old = self._sources[name]
+                stamp = _index_stamp(old.index.source_dir)
+                if stamp == old.stamp:  # another thread re-opened it meanwhile
+                    continue
+                try:
+                    index = SourceIndex.open(old.index.source_dir)
+                    self._check_space(index)
+                    new = _Source(name, index)
+                except Exception as exc:  # keep serving the old index
+                    _logger.warning(
+                        "%s: could not re-open its new index (%s); still serving the old one",
+                        old.index.source_dir,
+                        exc,
+                    )
+                    old.stamp = stamp
+                    continue
+                self._sources[name] = new
+                reopened.append(name)
+                _logger.info("%s: re-opened its index (%d images)", name, new.index.count)
+        return reopened
+
+    def _check_space(self, index: SourceIndex) -> None:
+        for field in _SAME_SPACE:
+            if index.manifest.get(field) != self.manifest.get(field):
+                raise IncompatibleSourcesError(
+                    f"{index.source_dir} is now embedded with {field}="
+                    f"{index.manifest.get(field)!r}, the DB with {self.manifest.get(field)!r}"
+                )
 
     # ==== Properties ====
 
@@ -356,6 +413,15 @@ class ImageDB:
     def vectors(self, source: str, rows: Sequence[int]) -> np.ndarray:
         """Image embeddings (float32) of ``rows`` of ``source``."""
         return self._sources[source].index.parts.rows(np.asarray(rows, dtype=np.int64))
+
+
+def _index_stamp(source_dir: Path) -> tuple[int, int, int] | None:
+    """What changes when ``build-index`` publishes a source's ``infos.json`` anew."""
+    try:
+        st = os.stat(Path(source_dir) / "index" / "infos.json")
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _check_k(k: object) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from starkret._io import atomic_path
 from starkret.errors import InvalidInputError, MissingIndexError
+from starkret.index.grow import DRIFT_SAMPLE_ROWS, centroid_similarity, similarity_summary
 from starkret.index.topk import Exclusions
 
 __all__ = [
@@ -212,6 +213,7 @@ def build_ivf(
     sample_n = min(count, max(39 * nlist, min(train_rows, 64 * nlist)))
     sample = np.sort(rng.choice(count, sample_n, replace=False))
     index.train(parts.rows(sample))
+    trained = centroid_similarity(index, parts.rows(_drift_rows(rng, count, sample)))
     for array in parts.arrays:  # faiss ids are assigned in add order = global rows
         for start in range(0, array.shape[0], 65536):
             index.add(np.ascontiguousarray(array[start : start + 65536], np.float32))
@@ -271,9 +273,22 @@ def build_ivf(
         "calibration_queries": calibration_queries,
         "query_best_cosine_median": round(float(np.median(truth_s[:, 0])), 4),
         "calibration": tried,
+        "centroid_similarity": similarity_summary(trained),
         "build_seconds": round(built, 2),
         "calibration_seconds": round(time.perf_counter() - started - built, 2),
     }
+
+
+def _drift_rows(rng, count: int, sample: np.ndarray) -> np.ndarray:
+    """Rows to measure how close rows sit to their centroids, for an add to compare new
+    rows with: rows the training did not see where there are enough (training rows sit
+    closer to the centroids fitted to them, which would flag same-distribution new rows
+    as drift), else training rows."""
+    drawn = np.unique(rng.integers(0, count, DRIFT_SAMPLE_ROWS))
+    held_out = drawn[~np.isin(drawn, sample, assume_unique=True)]
+    if len(held_out) >= DRIFT_SAMPLE_ROWS // 10:
+        return held_out
+    return sample[np.sort(rng.choice(len(sample), min(len(sample), DRIFT_SAMPLE_ROWS), False))]
 
 
 def _code_fraction(codes: str, dim: int) -> float:

@@ -157,7 +157,11 @@ register_searcher("autofaiss", "cpu", _faiss_search)
 
 
 def _faiss_ids_to_rows(ids, order, offsets):
-    """faiss numbers rows in the order autofaiss read the files (sorted by name)."""
+    """faiss numbers rows in the order autofaiss read the files (sorted by name), then
+    the rows of parts added since in part order (:mod:`starkret.index.grow`; an index
+    file can be newer than the ``faiss_order`` read with it for a moment)."""
+    missing = np.setdiff1d(np.arange(len(offsets) - 1), order)
+    order = np.concatenate([order, missing]).astype(np.int64)
     sizes = np.diff(offsets)[order]
     faiss_offsets = np.concatenate([[0], np.cumsum(sizes)])
     flat = ids.reshape(-1)

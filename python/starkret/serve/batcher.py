@@ -98,6 +98,8 @@ class Batcher:
 
     def _run(self, jobs: list[_Job]) -> None:
         try:
+            # a source grown or rebuilt by build-index is picked up here (one stat each)
+            self.db.refresh()
             vectors = self._encode(jobs)
         except Exception as exc:  # a broken model must not kill the batcher
             for job in jobs:

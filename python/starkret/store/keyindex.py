@@ -25,7 +25,14 @@ import starkret._core as _core
 from starkret._io import atomic_write
 from starkret.store.metadata import Metadata, warn_unindexed
 
-__all__ = ["HASHES_FILE", "ROWS_FILE", "URL_PREFIX", "KeyIndex", "write_key_index"]
+__all__ = [
+    "HASHES_FILE",
+    "ROWS_FILE",
+    "URL_PREFIX",
+    "KeyIndex",
+    "extend_key_index",
+    "write_key_index",
+]
 
 HASHES_FILE = Path("index") / "key_hashes.npy"
 ROWS_FILE = Path("index") / "key_rows.npy"
@@ -116,9 +123,15 @@ class KeyIndex:
 
 def build_key_arrays(metadata: Metadata) -> tuple[np.ndarray, np.ndarray]:
     """Sorted hashes of every key and ``url:`` key with their rows (DB keys first)."""
+    return _key_arrays(metadata.batches(("key", "url")), 0)
+
+
+def _key_arrays(batches, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`build_key_arrays` of record batches (``key``, ``url``) whose first row is
+    global row ``start``."""
     key_hashes, url_hashes, url_rows = [], [], []
-    start = 0
-    for batch in metadata.batches(("key", "url")):
+    first = start
+    for batch in batches:
         n = batch.num_rows
         key_hashes.append(_string_hashes(batch.column(0), ""))
         url = batch.column(1)
@@ -127,7 +140,7 @@ def build_key_arrays(metadata: Metadata) -> tuple[np.ndarray, np.ndarray]:
         url_rows.append(np.flatnonzero(valid) + start)
         start += n
     hashes = np.concatenate([*key_hashes, *url_hashes]).astype(np.uint64, copy=False)
-    rows = np.concatenate([np.arange(start, dtype=np.int64), *url_rows]).astype(np.int64)
+    rows = np.concatenate([np.arange(first, start, dtype=np.int64), *url_rows]).astype(np.int64)
     order = np.argsort(hashes, kind="stable")
     return hashes[order], rows[order]
 
@@ -139,6 +152,31 @@ def write_key_index(source_dir: str | os.PathLike, metadata: Metadata) -> int:
     for name, array in ((HASHES_FILE, hashes), (ROWS_FILE, rows)):
         atomic_write(source_dir / name, lambda f, a=array: np.save(f, a))
     return metadata.count
+
+
+def extend_key_index(source_dir: str | os.PathLike, batches, start: int) -> int:
+    """Add the keys of rows ``start`` on (record ``batches`` of ``key``, ``url``) to the
+    key index of ``source_dir``; returns the rows it covers now.
+
+    The new hashes are merged into the sorted arrays (equal hashes keep the older row
+    first, as a build from scratch orders them), without reading the old rows'
+    metadata. Entries of rows ``start`` on already there (a killed add wrote the files
+    but not the infos) are dropped first, so running it again is harmless.
+    """
+    source_dir = Path(source_dir)
+    batches = list(batches)
+    new_hashes, new_rows = _key_arrays(batches, start)
+    old_hashes = np.load(source_dir / HASHES_FILE, mmap_mode="r")
+    old_rows = np.load(source_dir / ROWS_FILE, mmap_mode="r")
+    keep = np.asarray(old_rows) < start
+    if not keep.all():
+        old_hashes, old_rows = old_hashes[keep], old_rows[keep]
+    at = np.searchsorted(old_hashes, new_hashes, side="right")
+    hashes = np.insert(old_hashes, at, new_hashes)
+    rows = np.insert(np.asarray(old_rows, np.int64), at, new_rows)
+    for name, array in ((HASHES_FILE, hashes), (ROWS_FILE, rows)):
+        atomic_write(source_dir / name, lambda f, a=array: np.save(f, a))
+    return start + sum(b.num_rows for b in batches)
 
 
 def _string_hashes(array, prefix: str) -> np.ndarray:

@@ -7,6 +7,12 @@ footer, and a hit costs a lookup in the mapped pages of its row, so a 12M-row so
 opens in milliseconds and holds no Python object per row. A source indexed by an older
 version (no Arrow file, or one for another row count) falls back to reading the
 parquet part that holds each wanted row, with a warning to run ``build-index``.
+
+A source grown by ``build-index`` (new parts added to an existing index, see
+:mod:`starkret.index.grow`) keeps ``metadata.arrow`` as it was and gets one more file per
+add, ``index/metadata.pNNNNN.arrow`` holding the rows of parts ``NNNNN`` on; the
+source's ``infos.json`` lists them (``metadata_segments``) and :class:`Metadata` maps
+them as one sequence of rows.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from starkret._io import atomic_path
 from starkret.errors import InvalidInputError, NotFoundError
 from starkret.store.layout import part_files
 
-__all__ = ["COLUMNS", "METADATA_FILE", "Metadata", "write_metadata_arrow"]
+__all__ = [
+    "COLUMNS",
+    "METADATA_FILE",
+    "Metadata",
+    "segment_name",
+    "write_metadata_arrow",
+]
 
 #: The columns a hit carries (``Hit.key``, ``id``, ``url``, ``caption``).
 COLUMNS = ("key", "id", "url", "caption")
@@ -67,8 +79,16 @@ class Metadata:
     ['cc12m/000000012', 'cc12m/000000005']
     """
 
-    def __init__(self, source_dir: Path, offsets: np.ndarray, arrow_path: Path | None) -> None:
+    def __init__(
+        self,
+        source_dir: Path,
+        offsets: np.ndarray,
+        arrow_path: Path | None,
+        segments: Sequence[Path] = (),
+    ) -> None:
         self.source_dir, self.offsets, self.arrow_path = source_dir, offsets, arrow_path
+        #: Arrow files after ``arrow_path`` holding the rows of parts added since.
+        self.segments = list(segments)
         self._batches: list | None = None  # record batches of the mapped Arrow file
         self._batch_offsets: np.ndarray | None = None
         self._parquet: OrderedDict[int, object] = OrderedDict()
@@ -85,8 +105,13 @@ class Metadata:
         source_dir = Path(source_dir)
         count = int(offsets[-1])
         path = source_dir / METADATA_FILE
-        if path.exists() and infos.get("metadata_rows") == count:
-            return cls(source_dir, offsets, path)
+        segments = [path.parent / name for name in infos.get("metadata_segments", ())]
+        if (
+            path.exists()
+            and infos.get("metadata_rows") == count
+            and all(p.exists() for p in segments)
+        ):
+            return cls(source_dir, offsets, path, segments)
         return cls(source_dir, offsets, None)
 
     @property
@@ -142,8 +167,10 @@ class Metadata:
             return
         import pyarrow as pa
 
-        reader = pa.ipc.open_file(pa.memory_map(str(self.arrow_path), "r"))
-        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        batches = []
+        for path in (self.arrow_path, *self.segments):
+            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
         sizes = [b.num_rows for b in batches]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if offsets[-1] != self.count:
@@ -183,18 +210,33 @@ class Metadata:
         return table
 
 
-def write_metadata_arrow(source_dir: str | os.PathLike, offsets: np.ndarray) -> int:
+def segment_name(first_part: int) -> str:
+    """The file name of the metadata segment holding parts ``first_part`` on.
+
+    >>> segment_name(12)
+    'metadata.p00012.arrow'
+    """
+    return f"metadata.p{first_part:05d}.arrow"
+
+
+def write_metadata_arrow(
+    source_dir: str | os.PathLike, offsets: np.ndarray, *, first_part: int = 0
+) -> int:
     """Copy the metadata parts of ``source_dir`` into ``index/metadata.arrow``; returns rows.
 
     Parts are read one at a time (memory stays that of one batch), checked against the
     embedding part sizes ``offsets``, and written uncompressed so the file can be
     memory-mapped; the file appears under its name only once complete.
+    ``first_part > 0`` writes only the parts from ``first_part`` on, to the segment
+    :func:`segment_name` names (an add to an existing index).
     """
     import pyarrow as pa
 
     source_dir = Path(source_dir)
     reader = Metadata(source_dir, offsets, None)
     path = source_dir / METADATA_FILE
+    if first_part:
+        path = path.with_name(segment_name(first_part))
     path.parent.mkdir(exist_ok=True)
     schema = pa.schema(
         [("key", pa.string()), ("id", pa.int64()), ("url", pa.string()), ("caption", pa.string())]
@@ -220,7 +262,7 @@ def write_metadata_arrow(source_dir: str | os.PathLike, offsets: np.ndarray) -> 
             rest = table.slice(full)
             pending, pending_rows = rest.to_batches(), rest.num_rows
 
-        for part in range(len(offsets) - 1):
+        for part in range(first_part, len(offsets) - 1):
             table = reader._parquet_part(part)
             table = pa.table({c: table.column(c).cast(schema.field(c).type) for c in COLUMNS})
             for batch in table.to_batches():
