@@ -330,10 +330,13 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
                 max_index_memory_usage=args.max_index_memory_usage,
                 max_index_query_time_ms=args.max_index_query_time_ms,
                 auto_exact_max_rows=args.auto_exact_max_rows,
+                rebuild=args.rebuild,
             )
             summary = {"source_dir": str(source_dir), "kind": infos["kind"]}
             summary["count"] = infos["count"]
-            for key in ("recall_at_10", "recall_at_5_text_like", "build_seconds"):
+            summary["added"] = infos["added"]
+            summary["rebuilt"] = infos.get("rebuilt")
+            for key in ("recall_at_10", "recall_at_5_text_like", "build_seconds", "drift"):
                 if key in infos:
                     summary[key] = infos[key]
             summaries.append(summary)
@@ -348,6 +351,13 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
                         f", recall@5 on text-like queries {infos['recall_at_5_text_like']:.3f}"
                     )
                 line = f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}"
+                if infos.get("rebuilt") is None and infos["added"] < infos["count"]:
+                    line = (  # grown (or up to date): no recall measured now
+                        f"{source_dir}: added {infos['added']:,} images to its {infos['kind']} "
+                        f"index, now {infos['count']:,}"
+                    )
+                    if infos.get("drift", {}).get("drifted"):
+                        line += " (the new images drift from its cells: consider --rebuild)"
                 (bar.write if bar is not None else print)(line)
     finally:
         if bar is not None:
@@ -600,7 +610,16 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_QUERY_TIME_MS,
     )
 
-    build = _command(sub, "build-index", "index embedded sources (exact, ivf or AutoFaiss)")
+    build = _command(
+        sub,
+        "build-index",
+        "index embedded sources (exact, ivf or AutoFaiss)",
+        description="Index embedded sources (exact, ivf or AutoFaiss). A source whose "
+        "index exists and which has gained parts since (`embed` appends them) gets only "
+        "the new images added: no retraining, a fraction of a full build. It is built "
+        "from scratch when its index predates that record, parts were removed or "
+        "replaced, the kind or an index option changes, or with --rebuild.",
+    )
     build.add_argument("path", help="an embed-shards output, or a DB folder of them")
     build.add_argument(
         "--kind",
@@ -627,7 +646,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=AUTO_EXACT_MAX_ROWS,
         help="kind=auto: exact search up to this many images, ivf above (default: %(default)s)",
     )
-    _add_common(build, json_help="print one JSON object: kind, count, recall per source")
+    build.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="build from scratch even where an index exists (by default a source that "
+        "gained parts since its index was built gets only the new rows added, the ivf "
+        "cells kept as trained; rebuild when build-index warns that new images drift)",
+    )
+    _add_common(build, json_help="print one JSON object: kind, count, added, recall per source")
     build.set_defaults(func=_cmd_build_index)
 
     clip_back = _command(
