@@ -143,8 +143,9 @@ def build_index(
                 return _add(source_dir, parts, plan)
             except grow.RebuildNeeded as exc:
                 plan = str(exc)
-        if old is not None:
-            _logger.warning("%s: rebuilding the index from scratch: %s", source_dir, plan)
+        if old is not None:  # say why, loudly unless asked for
+            log = _logger.info if rebuild else _logger.warning
+            log("%s: rebuilding the index from scratch: %s", source_dir, plan)
         infos = _build(
             source_dir,
             manifest,
