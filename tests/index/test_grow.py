@@ -285,9 +285,11 @@ _KILLED_ADD = textwrap.dedent(
 
     if stage == "before-infos":  # every index file written, infos.json not yet
         build.atomic_write_text = die
-    else:  # the metadata segment written, the key index not yet
+    elif stage == "before-keys":  # the metadata segment written, the key index not yet
         build.grow.extend_key_index = die
-    build.build_index(sys.argv[1], kind=sys.argv[3])
+    else:  # a rebuild: metadata.arrow rewritten, the key index not yet
+        build.write_key_index = die
+    build.build_index(sys.argv[1], kind=sys.argv[3], rebuild=stage == "rebuild")
     """
 )
 
@@ -301,14 +303,7 @@ def test_an_add_killed_midway_is_finished_by_a_rerun(tmp_path, kind, stage):
     build_index(folder, kind=kind)
     old = _infos(folder)
     _grow(folder, vectors[2400:], first=12)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_ADD, str(folder), stage, kind],
-        env=env,
-        capture_output=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    _kill_midway(folder, stage, kind)
     assert _infos(folder) == old  # readers still see the old index, whole
     assert ImageDB.open(folder).locate("src/000000005") == ("src", 5)
 
@@ -329,6 +324,32 @@ def test_an_add_killed_midway_is_finished_by_a_rerun(tmp_path, kind, stage):
         queries = _unit(np.random.default_rng(11), 10)
         assert _search(folder, queries) == _search(scratch, queries)
     assert not [p for p in (folder / "index").iterdir() if p.name.startswith(".")]
+
+
+def _kill_midway(folder: Path, stage: str, kind: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_ADD, str(folder), stage, kind],
+        env=env,
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+
+
+def test_a_rebuild_killed_midway_is_not_mistaken_for_an_add(tmp_path):
+    rng = np.random.default_rng(13)
+    vectors = _unit(rng, 1000)
+    folder = _source(tmp_path, vectors[:600])
+    build_index(folder, kind="exact")
+    _grow(folder, vectors[600:800], first=3)
+    build_index(folder, kind="exact")  # an add: a metadata segment
+    _grow(folder, vectors[800:], first=4)
+    _kill_midway(folder, "rebuild", "exact")  # metadata.arrow now holds all 1000 rows
+    infos = build_index(folder, kind="exact")
+    assert "interrupted" in infos["rebuilt"] and infos["count"] == 1000
+    db = ImageDB.open(folder)
+    assert db.metadata("src").take([999, 650])["key"] == ["src/000000999", "src/000000650"]
 
 
 def test_a_rebuild_removes_the_metadata_segments_of_adds(tmp_path):

@@ -50,7 +50,12 @@ import numpy as np
 
 from starkret.index.exact import Parts
 from starkret.store.keyindex import HASHES_FILE, ROWS_FILE, extend_key_index
-from starkret.store.metadata import METADATA_FILE, segment_name, write_metadata_arrow
+from starkret.store.metadata import (
+    METADATA_FILE,
+    arrow_rows,
+    segment_name,
+    write_metadata_arrow,
+)
 
 __all__ = [
     "DRIFT_RATIO",
@@ -155,6 +160,11 @@ def plan_add(
     for name in needed:
         if not (index_dir / name).exists():
             return f"{index_dir / name} is missing"
+    metadata = [index_dir / METADATA_FILE.name]
+    metadata += [index_dir / name for name in infos.get("metadata_segments", [])]
+    if sum(arrow_rows(path) for path in metadata) != count:
+        # e.g. a rebuild killed after it rewrote metadata.arrow, before infos.json
+        return "the metadata files do not hold the rows infos.json says (an interrupted build)"
     return AddPlan(infos, known, count)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "COLUMNS",
     "METADATA_FILE",
     "Metadata",
+    "arrow_rows",
     "segment_name",
     "write_metadata_arrow",
 ]
@@ -209,6 +210,17 @@ class Metadata:
         if len(self._parquet) > _PARQUET_CACHE:
             self._parquet.popitem(last=False)
         return table
+
+
+def arrow_rows(path: str | os.PathLike) -> int:
+    """Rows of an Arrow IPC file (its footer and batch headers only), 0 if unreadable."""
+    import pyarrow as pa
+
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except (OSError, pa.ArrowInvalid):
+        return 0
 
 
 def segment_name(first_part: int) -> str:
