@@ -204,6 +204,7 @@ def test_a_knn_index_is_added_to_and_keeps_its_ids_in_step(tmp_path, monkeypatch
     _grow(folder, vectors[800:], first=4)
     infos = build_index(folder, kind="autofaiss", recall_queries=20)
     assert (infos["added"], infos["faiss_order"]) == (200, [0, 1, 2, 3, 4])
+    assert infos["drift"]["drifted"] is False  # measured against the build's figure
     assert faiss.read_index(str(folder / "index" / "knn.index")).ntotal == 1000
     hits = _search(folder, vectors[800:830], k=1)
     assert [q[0][2] for q in hits] == list(range(800, 830))

@@ -343,21 +343,7 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.update(1)
             if not args.json and not args.quiet:
-                recall = (
-                    f", recall@10 {infos['recall_at_10']:.3f}" if "recall_at_10" in infos else ""
-                )
-                if "recall_at_5_text_like" in infos:
-                    recall += (
-                        f", recall@5 on text-like queries {infos['recall_at_5_text_like']:.3f}"
-                    )
-                line = f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}"
-                if infos.get("rebuilt") is None and infos["added"] < infos["count"]:
-                    line = (  # grown (or up to date): no recall measured now
-                        f"{source_dir}: added {infos['added']:,} images to its {infos['kind']} "
-                        f"index, now {infos['count']:,}"
-                    )
-                    if infos.get("drift", {}).get("drifted"):
-                        line += " (the new images drift from its cells: consider --rebuild)"
+                line = _build_line(source_dir, infos)
                 (bar.write if bar is not None else print)(line)
     finally:
         if bar is not None:
@@ -365,6 +351,22 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"sources": summaries}))
     return 0
+
+
+def _build_line(source_dir, infos: dict) -> str:
+    """build-index's line for one source: what was built, or what an add did."""
+    kind, count, added = infos["kind"], infos["count"], infos["added"]
+    if infos.get("rebuilt") is None and added < count:  # grown, or up to date
+        if not added:
+            return f"{source_dir}: {kind} index over {count:,} images, up to date"
+        line = f"{source_dir}: added {added:,} images to its {kind} index, now {count:,}"
+        if infos.get("drift", {}).get("drifted"):
+            line += " (the new images drift from its cells: consider --rebuild)"
+        return line
+    recall = f", recall@10 {infos['recall_at_10']:.3f}" if "recall_at_10" in infos else ""
+    if "recall_at_5_text_like" in infos:
+        recall += f", recall@5 on text-like queries {infos['recall_at_5_text_like']:.3f}"
+    return f"{source_dir}: {kind} index over {count:,} images{recall}"
 
 
 def _cmd_clip_back(args: argparse.Namespace) -> int:

@@ -141,7 +141,7 @@ def build_index(
         if isinstance(plan, grow.AddPlan):
             try:
                 return _add(source_dir, parts, plan)
-            except grow.RebuildNeeded as exc:
+            except grow._RebuildNeeded as exc:
                 plan = str(exc)
         if old is not None:  # say why, loudly unless asked for
             log = _logger.info if rebuild else _logger.warning
@@ -234,6 +234,9 @@ def _build(
             )
         )
         index = SourceIndex.open_with(source_dir, manifest, parts, infos)
+        trained = grow.index_similarity(index._faiss, parts, seed)
+        if trained is not None:  # what an add's drift check compares with
+            infos["centroid_similarity"] = trained
         recall = _recall_at_10(index, parts, recall_queries, seed)
         infos["recall_at_10"] = recall
         infos["recall_at_5_text_like"] = _recall_text_like(index, parts, recall_queries, seed)

@@ -61,11 +61,11 @@ __all__ = [
     "DRIFT_RATIO",
     "DRIFT_SAMPLE_ROWS",
     "AddPlan",
-    "RebuildNeeded",
     "add_rows",
     "centroid_similarity",
     "coverage",
     "drift_report",
+    "index_similarity",
     "parts_digest",
     "plan_add",
     "read_infos",
@@ -168,7 +168,7 @@ def plan_add(
     return AddPlan(infos, known, count)
 
 
-class RebuildNeeded(Exception):
+class _RebuildNeeded(Exception):
     """An add found the index files out of step with ``infos.json``; the message says
     how (the caller rebuilds from scratch and logs it)."""
 
@@ -184,6 +184,7 @@ def add_rows(source_dir: Path, parts: Parts, plan: AddPlan) -> dict:
     index_dir = source_dir / "index"
     added = parts.count - plan.start
     infos.update(coverage(parts))
+    infos.pop("drift", None)  # an earlier add's
     infos["added"] = added
     if added == 0:
         return infos
@@ -224,7 +225,7 @@ def _add_faiss(path: Path, parts: Parts, start: int, infos: dict) -> dict:
     index = faiss.read_index(str(path))
     have = int(index.ntotal)
     if have < start or have > parts.count:
-        raise RebuildNeeded(
+        raise _RebuildNeeded(
             f"{path.name} holds {have:,} vectors, infos.json says {start:,} were indexed"
         )
     with _assignment_search(index):
@@ -288,6 +289,17 @@ def similarity_summary(sims: np.ndarray) -> dict:
         "std": round(float(sims.std()), 5),
         "rows": len(sims),
     }
+
+
+def index_similarity(index, parts: Parts, seed: int = 0) -> dict | None:
+    """:func:`similarity_summary` of up to :data:`DRIFT_SAMPLE_ROWS` random rows of a
+    built faiss index (None if it has no cells): the figure an add compares new rows
+    with, for indices built by another tool (autofaiss)."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(parts.count, min(parts.count, DRIFT_SAMPLE_ROWS), replace=False))
+    with _assignment_search(index):
+        sims = centroid_similarity(index, parts.rows(rows))
+    return None if sims is None else similarity_summary(sims)
 
 
 def drift_report(index, parts: Parts, start: int, trained: dict | None) -> dict | None:
