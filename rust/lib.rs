@@ -138,11 +138,70 @@ fn pixels_array<'py>(
     })
 }
 
+/// Owner of a stream batch's pooled pixel buffer: the numpy array handed out views
+/// the buffer and keeps this object as its base, so the buffer returns to the stream's
+/// pool only once no array (or view of one) refers to it any more.
+#[pyclass(module = "starkret._core", name = "PixelBuffer", frozen)]
+struct PyPixelBuffer {
+    pooled: preprocess::Pooled,
+}
+
+fn pooled_view<'py, T: numpy::Element>(
+    holder: &Bound<'py, PyPixelBuffer>,
+    values: &[T],
+    shape: [usize; 4],
+) -> PyResult<Bound<'py, PyAny>> {
+    let view = numpy::ndarray::ArrayView4::from_shape(shape, values)
+        .map_err(|e| PyRuntimeError::new_err(format!("batch shape: {e}")))?;
+    // SAFETY: `holder` owns the buffer `values` points into and never moves or frees
+    // it while alive (the buffer goes back to the pool only when `holder` is dropped,
+    // which the array, as its base object, prevents while it exists).
+    Ok(unsafe { numpy::PyArray4::borrow_from_array(&view, holder.clone().into_any()) }.into_any())
+}
+
+/// A stream batch's pixels as a numpy array of shape (n, *item_shape) over its pooled
+/// buffer, without copying.
+fn pooled_array<'py>(
+    py: Python<'py>,
+    pooled: preprocess::Pooled,
+    n: usize,
+    [a, b, c]: [usize; 3],
+) -> PyResult<Bound<'py, PyAny>> {
+    let used = pooled.used();
+    let holder = Bound::new(py, PyPixelBuffer { pooled })?;
+    let shape = [n, a, b, c];
+    match holder.get().pooled.buffer() {
+        preprocess::BatchPixels::F32(v) => pooled_view(&holder, &v[..used], shape),
+        preprocess::BatchPixels::F16(v) => pooled_view(&holder, &v[..used], shape),
+        preprocess::BatchPixels::U8(v) => pooled_view(&holder, &v[..used], shape),
+    }
+}
+
+/// A caller's output array, checked: C-contiguous, writeable, of the output's element
+/// type, shaped (at least `n`, *item_shape).
+fn output_slice<'a, 'py, T: numpy::Element>(
+    out: &'a mut numpy::PyReadwriteArray<'py, T, numpy::ndarray::IxDyn>,
+    n: usize,
+    item_shape: [usize; 3],
+) -> PyResult<&'a mut [T]> {
+    let shape = out.shape().to_vec();
+    if shape.len() != 4 || shape[1..] != item_shape || shape[0] < n {
+        return Err(errors::invalid_input(format!(
+            "out must have shape ({n} or more, {}, {}, {}), got {shape:?}",
+            item_shape[0], item_shape[1], item_shape[2]
+        )));
+    }
+    out.as_slice_mut()
+        .map_err(|_| errors::invalid_input("out must be C-contiguous"))
+}
+
 /// Decode, resize, center-crop (and normalise) images without the GIL. `output` is
 /// "float32" or "float16" (normalised through the given table; float16 as uint16 bits,
-/// (n_ok, 3, size, size)) or "uint8" (the RGB crops, (n_ok, size, size, 3)).
+/// (n_ok, 3, size, size)) or "uint8" (the RGB crops, (n_ok, size, size, 3)). With
+/// `out` (a writeable C-contiguous array of that element type and item shape, with at
+/// least one row per image) the pixels are written there and `out[:n_ok]` is returned.
 #[pyfunction]
-#[pyo3(signature = (images, size, mode, output, max_pixels, lut_f32=None, lut_f16=None, threads=None))]
+#[pyo3(signature = (images, size, mode, output, max_pixels, lut_f32=None, lut_f16=None, threads=None, out=None))]
 #[allow(clippy::too_many_arguments)]
 fn preprocess_images<'py>(
     py: Python<'py>,
@@ -154,17 +213,64 @@ fn preprocess_images<'py>(
     lut_f32: Option<PyReadonlyArray2<'py, f32>>,
     lut_f16: Option<PyReadonlyArray2<'py, u16>>,
     threads: Option<usize>,
+    out: Option<Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, StatusLists)> {
     let opts = options(size, mode, max_pixels)?;
     let (output, shape) = output_spec(output, size, lut_f32, lut_f16)?;
     let inputs: Vec<&[u8]> = images.iter().map(|b| b.as_bytes()).collect();
     let threads = threads.unwrap_or(0);
-    let (pixels, statuses) = py
-        .detach(|| preprocess::batch_as(&inputs, &opts, threads, &output))
-        .map_err(PyRuntimeError::new_err)?;
+    let Some(out) = out else {
+        let (pixels, statuses) = py
+            .detach(|| preprocess::batch_as(&inputs, &opts, threads, &output))
+            .map_err(PyRuntimeError::new_err)?;
+        let lists = split_statuses(&statuses);
+        let n = lists.0.len();
+        return Ok((pixels_array(py, pixels, n, shape)?, lists));
+    };
+    let n = inputs.len();
+    let wrong_type = || {
+        errors::invalid_input(match &output {
+            preprocess::Output::F32(_) => "out must be a float32 array",
+            preprocess::Output::F16(_) => "out must be a uint16 array (float16 bits)",
+            preprocess::Output::U8 => "out must be a uint8 array",
+        })
+    };
+    let run = |target: preprocess::PixelsMut<'_>| {
+        py.detach(|| preprocess::batch_as_into(&inputs, &opts, threads, &output, target))
+            .map_err(PyRuntimeError::new_err)
+    };
+    let (kept, statuses) = match &output {
+        preprocess::Output::F32(_) => {
+            let array = out
+                .cast::<numpy::PyArrayDyn<f32>>()
+                .map_err(|_| wrong_type())?;
+            let mut rw = array
+                .try_readwrite()
+                .map_err(|e| errors::invalid_input(format!("out: {e}")))?;
+            run(preprocess::PixelsMut::F32(output_slice(&mut rw, n, shape)?))?
+        }
+        preprocess::Output::F16(_) => {
+            let array = out
+                .cast::<numpy::PyArrayDyn<u16>>()
+                .map_err(|_| wrong_type())?;
+            let mut rw = array
+                .try_readwrite()
+                .map_err(|e| errors::invalid_input(format!("out: {e}")))?;
+            run(preprocess::PixelsMut::F16(output_slice(&mut rw, n, shape)?))?
+        }
+        preprocess::Output::U8 => {
+            let array = out
+                .cast::<numpy::PyArrayDyn<u8>>()
+                .map_err(|_| wrong_type())?;
+            let mut rw = array
+                .try_readwrite()
+                .map_err(|e| errors::invalid_input(format!("out: {e}")))?;
+            run(preprocess::PixelsMut::U8(output_slice(&mut rw, n, shape)?))?
+        }
+    };
     let lists = split_statuses(&statuses);
-    let n = lists.0.len();
-    Ok((pixels_array(py, pixels, n, shape)?, lists))
+    let rows = out.get_item(pyo3::types::PySlice::new(py, 0, kept as isize, 1))?;
+    Ok((rows, lists))
 }
 
 /// Width and height of a JPEG or PNG from its header, or None for other formats.
@@ -355,7 +461,7 @@ impl PyShardBatches {
             Some(Ok(batch)) => batch,
         };
         let n = batch.samples.len();
-        let pixels = pixels_array(py, batch.pixels, n, self.item_shape)?;
+        let pixels = pooled_array(py, batch.pixels, n, self.item_shape)?;
         let out = PyDict::new(py);
         out.set_item("pixels", pixels)?;
         let samples = batch.samples;

@@ -45,11 +45,14 @@ def preprocess_images(
     lut_f32: npt.NDArray[np.float32] | None = None,
     lut_f16: npt.NDArray[np.uint16] | None = None,
     threads: int | None = None,
+    out: npt.NDArray[np.generic] | None = None,
 ) -> tuple[npt.NDArray[np.generic], _Statuses]:
     """Decode, resize, crop (and normalise) images, GIL released.
 
     ``output`` "float32"/"float16" gives (n_ok, 3, size, size) normalised through the
     table (float16 as uint16 bits); "uint8" gives the RGB crops (n_ok, size, size, 3).
+    With ``out`` (writeable, C-contiguous, that element type and item shape, at least
+    one row per image) the pixels are written there and ``out[:n_ok]`` is returned.
     """
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -115,7 +118,8 @@ class ShardBatches:
     Each item is a dict with ``pixels`` (numpy) and the columns ``key``, ``shard``,
     ``caption``, ``url``, ``json``, ``width``, ``height``, plus ``failures``
     (``(shard, key_or_None, reason)``) and ``fallbacks`` (``(Sample, format)`` to be
-    decoded by Pillow).
+    decoded by Pillow). ``pixels`` views a buffer the stream reuses once no array
+    refers to it any more (no copy, no fresh memory per batch).
     """
 
     def __new__(
