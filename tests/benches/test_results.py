@@ -44,6 +44,20 @@ def test_page_names_machine_date_command_and_every_row(results):
     assert "| 2,551,129 | Python reference | 48,619 | moments/s | 52.47x |" in page
 
 
+def test_rows_with_a_spread_get_best_and_median_columns(results):
+    page = results.render(json.loads(SMALL.read_text()), source=SMALL)
+    assert (
+        "| case | starkret best | starkret median | alternative | alternative's best "
+        "| alternative's median | unit | ratio (best) |" in page
+    )
+    assert (
+        "| 256px exact 1 core, fresh process, first second | 1,102 | 412.2 "
+        "| same loop, seconds 1-3 | 1,301 | 1,250 | images/s | 0.85x |" in page
+    )
+    # groups without medians keep the plain table
+    assert "| case | starkret | alternative | alternative's | unit | ratio |" in page
+
+
 def test_same_json_same_page(results):
     data = json.loads(SMALL.read_text())
     assert results.render(data, source=SMALL) == results.render(data, source=SMALL)
