@@ -25,6 +25,7 @@ mod errors;
 pub mod fuzzing;
 mod keyindex;
 mod preprocess;
+mod q8;
 mod resample;
 pub mod shards;
 mod topk;
@@ -748,6 +749,98 @@ fn merge_topk<'py>(
     topk_arrays(py, result)
 }
 
+// ==== Int8 first pass ====
+
+/// The rows of one part in the int8 block format of `rust/q8.rs`: (blocks, bytes per
+/// block) uint8, quantised on all cores with the GIL released.
+#[pyfunction]
+#[pyo3(signature = (rows, *, threads=None))]
+fn q8_quantize<'py>(
+    py: Python<'py>,
+    rows: Bound<'py, PyAny>,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let arrays = part_arrays(std::slice::from_ref(&rows))?;
+    let d = match &arrays[0] {
+        PartRows::F32(a) => a.shape()[1],
+        PartRows::F16(a) => a.shape()[1],
+    };
+    let dbs = part_databases(&arrays, d)?;
+    let db = dbs[0];
+    let bytes = py
+        .detach(|| q8::quantise_rows(&db, threads.unwrap_or(0)))
+        .map_err(errors::invalid_input)?;
+    let per_block = q8::block_bytes(d);
+    PyArray1::from_vec(py, bytes).reshape([q8::block_count(db_rows(&arrays[0])), per_block])
+}
+
+fn db_rows(rows: &PartRows<'_>) -> usize {
+    match rows {
+        PartRows::F32(a) => a.shape()[0],
+        PartRows::F16(a) => a.shape()[0],
+    }
+}
+
+type Q8Result<'py> = (
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray1<u64>>,
+    &'static str,
+);
+
+/// Exact top-k over several parts (as `topk_search_parts`) through the int8 first pass:
+/// `codes[i]` is part i's block-format copy. Returns (scores, ids, rows re-ranked per
+/// query, the first pass that ran).
+#[pyfunction]
+#[pyo3(signature = (queries, parts, codes, k, *, exclude=None, exclude_per_query=None, threads=None, first_pass="auto"))]
+#[allow(clippy::too_many_arguments)]
+fn q8_search_parts<'py>(
+    py: Python<'py>,
+    queries: PyReadonlyArray2<'py, f32>,
+    parts: Vec<Bound<'py, PyAny>>,
+    codes: Vec<PyReadonlyArray2<'py, u8>>,
+    k: usize,
+    exclude: Option<PyReadonlyArray1<'py, i64>>,
+    exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
+    threads: Option<usize>,
+    first_pass: &str,
+) -> PyResult<Q8Result<'py>> {
+    let path = q8::Path::parse(first_pass).map_err(errors::invalid_input)?;
+    let exclude = exclusion(exclude, exclude_per_query)?;
+    let arrays = part_arrays(&parts)?;
+    let dbs = part_databases(&arrays, queries.shape()[1])?;
+    if codes.len() != dbs.len() {
+        return Err(errors::invalid_input(format!(
+            "{} int8 copies for {} parts",
+            codes.len(),
+            dbs.len()
+        )));
+    }
+    let mut q8_parts = Vec::with_capacity(dbs.len());
+    for (i, (db, c)) in dbs.iter().zip(&codes).enumerate() {
+        let part = q8::Part::new(*db, c.as_slice()?)
+            .map_err(|e| errors::invalid_input(format!("part {i}: {e}")))?;
+        q8_parts.push(part);
+    }
+    let q = queries.as_slice()?;
+    let result = py
+        .detach(|| q8::search_parts(q, &q8_parts, k, &exclude, threads.unwrap_or(0), path))
+        .map_err(errors::invalid_input)?;
+    let (scores, ids) = topk_arrays(py, result.top)?;
+    Ok((
+        scores,
+        ids,
+        PyArray1::from_vec(py, result.reranked),
+        result.path.name(),
+    ))
+}
+
+/// The int8 first pass this CPU runs by default: "vnni", "avx2" or "float32".
+#[pyfunction]
+fn q8_default_first_pass() -> &'static str {
+    q8::default_path()
+}
+
 // ==== Key index ====
 
 /// Stable 64-bit hashes of `prefix + key` for each key (see `rust/keyindex.rs`).
@@ -803,6 +896,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge_topk, m)?)?;
     m.add_function(wrap_pyfunction!(topk_search_parts, m)?)?;
     m.add_function(wrap_pyfunction!(count_above_parts, m)?)?;
+    m.add("Q8_FORMAT_VERSION", q8::FORMAT_VERSION)?;
+    m.add_function(wrap_pyfunction!(q8_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(q8_search_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(q8_default_first_pass, m)?)?;
     m.add_function(wrap_pyfunction!(key_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(string_hashes, m)?)?;
     m.add_class::<PySample>()?;

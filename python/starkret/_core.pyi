@@ -8,6 +8,7 @@ import numpy.typing as npt
 from typing_extensions import Self
 
 __all__ = [
+    "Q8_FORMAT_VERSION",
     "Sample",
     "ShardBatches",
     "ShardReader",
@@ -19,6 +20,9 @@ __all__ = [
     "key_hashes",
     "merge_topk",
     "preprocess_images",
+    "q8_default_first_pass",
+    "q8_quantize",
+    "q8_search_parts",
     "select_images",
     "simd_level",
     "string_hashes",
@@ -26,6 +30,8 @@ __all__ = [
 ]
 
 __version__: str
+#: Version of the int8 block format written by ``q8_quantize``.
+Q8_FORMAT_VERSION: int
 
 def simd_level() -> str:
     """The widest SIMD level detected on this CPU at run time, e.g. ``"avx2+fma"``."""
@@ -143,6 +149,32 @@ class ShardBatches:
         """The next batch; ``RuntimeError`` (naming the shard) if a background thread panicked."""
 
 # ==== Top-k ====
+
+def q8_quantize(
+    rows: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    *,
+    threads: int | None = None,
+) -> npt.NDArray[np.uint8]:
+    """One part's rows (float32, or float16 as uint16 bits) in the int8 block format of
+    ``rust/q8.rs``: (blocks of 16 rows, bytes per block) uint8 (GIL released)."""
+
+def q8_search_parts(
+    queries: npt.NDArray[np.float32],
+    parts: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
+    codes: list[npt.NDArray[np.uint8]],
+    k: int,
+    *,
+    exclude: npt.NDArray[np.int64] | None = None,
+    exclude_per_query: list[npt.NDArray[np.int64]] | None = None,
+    threads: int | None = None,
+    first_pass: str = "auto",
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.uint64], str]:
+    """``topk_search_parts`` through the int8 first pass (``codes[i]``: part i's
+    ``q8_quantize`` copy): the same scores and ids, bit for bit; also the rows re-ranked
+    per query and the first pass that ran (``vnni``, ``avx2``, ``scalar``, ``float32``)."""
+
+def q8_default_first_pass() -> str:
+    """The first pass this CPU runs by default: ``vnni``, ``avx2`` or ``float32``."""
 
 def topk_search_parts(
     queries: npt.NDArray[np.float32],

@@ -333,7 +333,7 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
             )
             summary = {"source_dir": str(source_dir), "kind": infos["kind"]}
             summary["count"] = infos["count"]
-            for key in ("recall_at_10", "recall_at_5_text_like", "build_seconds"):
+            for key in ("recall_at_10", "recall_at_5_text_like", "build_seconds", "first_pass"):
                 if key in infos:
                     summary[key] = infos[key]
             summaries.append(summary)
@@ -348,6 +348,9 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
                         f", recall@5 on text-like queries {infos['recall_at_5_text_like']:.3f}"
                     )
                 line = f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}"
+                if "q8" in infos:
+                    mb = infos["q8"]["bytes_per_million_rows"] / 1e6
+                    line += f", int8 first pass ({mb:,.0f} MB per million images)"
                 (bar.write if bar is not None else print)(line)
     finally:
         if bar is not None:

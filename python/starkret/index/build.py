@@ -23,6 +23,7 @@ from starkret.index.exact import (
     embedding_parts,
     exact_search,
 )
+from starkret.index.q8 import FIRST_PASS, write_q8
 from starkret.index.source import SourceIndex, _manifest, source_dirs
 from starkret.store.keyindex import write_key_index
 from starkret.store.metadata import Metadata, write_metadata_arrow
@@ -67,16 +68,18 @@ def build_index(
 ) -> dict:
     """Build the index of one embedded source; returns (and writes) its ``infos.json``.
 
-    ``kind="exact"`` needs no build (search scans the memory-mapped float16 parts in
-    Rust); ``"autofaiss"`` runs ``autofaiss.build_index`` with Stark's settings (inner
-    product, 16GB, 10 ms; all overridable) and then measures recall@10 against exact
-    search on held-out queries (perturbed rows, not rows of the index), stored in the
-    infos and warned about below 0.9, and recall@5 on text-like queries
-    (:mod:`starkret.index.text_like`); ``"ivf"`` builds :mod:`starkret.index.ivf`'s index (IVF with
-    an HNSW coarse quantizer and SQ8/PQ codes, candidates re-ranked exactly, nprobe and
-    candidates calibrated to recall@5 >= 0.95 on text-like queries within
-    ``max_index_memory_usage``); ``"auto"`` picks exact up to ``auto_exact_max_rows``
-    rows and ivf above.
+    ``kind="exact"`` writes an int8 copy of each part (``index/q8/``, about half the bytes
+    of the float16 rows) that exact search scans first, re-ranking in float32 only the rows
+    its proven error bound keeps (:mod:`starkret.index.q8`; the same results as the float32
+    scan, bit for bit); ``"autofaiss"`` runs ``autofaiss.build_index`` with Stark's settings
+    (inner product, 16GB, 10 ms; all overridable) and then measures recall@10 against exact
+    search on held-out queries (perturbed rows, not rows of the index), stored in the infos
+    and warned about below 0.9, and recall@5 on text-like queries
+    (:mod:`starkret.index.text_like`); ``"ivf"`` builds :mod:`starkret.index.ivf`'s index
+    (IVF with an HNSW coarse quantizer and SQ8/PQ codes, candidates re-ranked exactly,
+    nprobe and candidates calibrated to recall@5 >= 0.95 on text-like queries within
+    ``max_index_memory_usage``); ``"auto"`` picks exact up to ``auto_exact_max_rows`` rows
+    and ivf above.
 
     >>> build_index("db/cc12m", kind="auto")  # doctest: +SKIP
     """
@@ -146,11 +149,22 @@ def build_index(
             (index_dir / infos["index_file"]).unlink(missing_ok=True)
             ivf_infos = {k: infos.pop(k) for k in list(infos) if k not in _BASE_INFOS}
             infos.update(kind="exact", auto_ivf_rejected=ivf_infos)
+    if infos["kind"] == "exact":
+        q8 = write_q8(source_dir, parts.arrays, _previous(index_dir))
+        infos.update(first_pass=FIRST_PASS, q8=q8)
     infos["metadata_rows"] = write_metadata_arrow(source_dir, parts.offsets)
     metadata = Metadata(source_dir, parts.offsets, source_dir / "index" / "metadata.arrow")
     infos["key_index_rows"] = write_key_index(source_dir, metadata)
     atomic_write_text(index_dir / "infos.json", json.dumps(infos, indent=2))
     return infos
+
+
+def _previous(index_dir: Path) -> dict | None:
+    """The infos of the last build, if readable (its int8 copies may be reused)."""
+    try:
+        return json.loads((index_dir / "infos.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 #: ``kind="auto"`` keeps an ivf index only if its calibrated nprobe probes at most this
