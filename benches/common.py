@@ -17,13 +17,19 @@ class Row:
     baseline: float
     baseline_name: str
     unit: str
+    #: Further same-run figures shown as extra columns (e.g. recall and index size of both
+    #: sides of an approximate-search row); left out of the JSON when empty.
+    details: dict | None = None
 
     @property
     def ratio(self) -> float:
         return self.ours / self.baseline if self.baseline > 0 else float("inf")
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio}
+        row = {**asdict(self), "ratio": self.ratio}
+        if not self.details:
+            del row["details"]
+        return row
 
 
 def best_rate(fn: Callable[[], object], items: int, *, repeats: int = 3, warmup: int = 1) -> float:

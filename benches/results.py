@@ -69,6 +69,16 @@ def ratio(row: dict) -> str:
     return "∞" if math.isinf(value) else f"{value:.2f}x"
 
 
+def _detail(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and 0 < abs(value) < 10:
+        return f"{value:.3f}"  # recalls and ratios: three places say what matters
+    if isinstance(value, (int, float)):
+        return number(float(value))
+    return str(value)
+
+
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -102,13 +112,17 @@ def render(data: dict, *, source: Path | None = None, note: str | None = None) -
     for row in rows:
         groups.setdefault(row["benchmark"], []).append(row)
     for benchmark, group in groups.items():
+        # rows with details (recall, index size, ...) get one more column per detail name
+        extra = list(dict.fromkeys(k for row in group for k in row.get("details") or {}))
         lines += [
             f"## {benchmark}",
             "",
-            "| case | starkret | alternative | alternative's | unit | ratio |",
-            "| --- | ---: | --- | ---: | --- | ---: |",
+            "| case | starkret | alternative | alternative's | unit | ratio |"
+            + "".join(f" {_cell(k)} |" for k in extra),
+            "| --- | ---: | --- | ---: | --- | ---: |" + " ---: |" * len(extra),
         ]
         for row in group:
+            details = row.get("details") or {}
             cells = (
                 row["case"],
                 number(row["ours"]),
@@ -116,6 +130,7 @@ def render(data: dict, *, source: Path | None = None, note: str | None = None) -
                 number(row["baseline"]),
                 row["unit"],
                 ratio(row),
+                *(_detail(details.get(k)) for k in extra),
             )
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         lines.append("")
