@@ -22,13 +22,16 @@ class Row:
     #: reports the spread (a median far below the best shows stalls).
     ours_median: float | None = None
     baseline_median: float | None = None
+    #: Further same-run figures shown as extra columns (e.g. recall and index size of both
+    #: sides of an approximate-search row); left out of the JSON when empty.
+    details: dict | None = None
 
     @property
     def ratio(self) -> float:
         return self.ours / self.baseline if self.baseline > 0 else float("inf")
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None and v != {}}
         return {**out, "ratio": self.ratio}
 
 

@@ -117,3 +117,39 @@ def test_committed_page_is_exactly_what_the_generator_makes(results):
         "benches/RESULTS.md is generated: python benches/results.py benches/RESULTS.json "
         "-o benches/RESULTS.md"
     )
+
+
+def test_rows_with_details_get_a_column_per_detail(results):
+    data = json.loads(SMALL.read_text())
+    data["rows"].append(
+        {
+            "benchmark": "ann",
+            "case": "debian text->text, batch 1",
+            "ours": 900.0,
+            "baseline": 3000.0,
+            "baseline_name": "hnswlib M16 (64)",
+            "unit": "queries/s",
+            "details": {"recall@10 starkret": 0.961, "MB alternative": 1234.5},
+        }
+    )
+    page = results.render(data, source=SMALL)
+    assert (
+        "| case | starkret | alternative | alternative's | unit | ratio "
+        "| recall@10 starkret | MB alternative |" in page
+    )
+    assert (
+        "| debian text->text, batch 1 | 900.0 | hnswlib M16 (64) | 3,000 | queries/s | 0.30x "
+        "| 0.961 | 1,234 |" in page
+    )
+    # groups without details keep their six columns
+    assert "| case | starkret | alternative | alternative's | unit | ratio |\n" in page
+
+
+def test_row_json_has_details_only_when_given():
+    sys.path.insert(0, str(ROOT / "benches"))
+    try:
+        from common import Row
+    finally:
+        sys.path.remove(str(ROOT / "benches"))
+    assert "details" not in Row("b", "c", 2.0, 1.0, "x", "u").as_dict()
+    assert Row("b", "c", 2.0, 1.0, "x", "u", details={"r": 1.0}).as_dict()["details"] == {"r": 1.0}

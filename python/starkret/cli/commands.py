@@ -330,10 +330,20 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
                 max_index_memory_usage=args.max_index_memory_usage,
                 max_index_query_time_ms=args.max_index_query_time_ms,
                 auto_exact_max_rows=args.auto_exact_max_rows,
+                calibrate_with=args.calibrate_with,
+                target_recall=args.target_recall,
             )
             summary = {"source_dir": str(source_dir), "kind": infos["kind"]}
             summary["count"] = infos["count"]
-            for key in ("recall_at_10", "recall_at_5_text_like", "build_seconds", "first_pass"):
+            for key in (
+                "recall_at_10",
+                "recall_at_5_text_like",
+                "recall_at_10_calibration",
+                "calibration_queries",
+                "nprobe",
+                "build_seconds",
+                "first_pass",
+            ):
                 if key in infos:
                     summary[key] = infos[key]
             summaries.append(summary)
@@ -346,6 +356,11 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
                 if "recall_at_5_text_like" in infos:
                     recall += (
                         f", recall@5 on text-like queries {infos['recall_at_5_text_like']:.3f}"
+                    )
+                if "recall_at_10_calibration" in infos:
+                    recall += (
+                        f", recall@10 on your {infos['calibration_queries']:,} queries "
+                        f"{infos['recall_at_10_calibration']:.3f} (nprobe {infos['nprobe']})"
                     )
                 line = f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}"
                 if "q8" in infos:
@@ -602,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_INDEX_MEMORY,
         DEFAULT_MAX_QUERY_TIME_MS,
     )
+    from starkret.index.ivf import TARGET_RECALL
 
     build = _command(sub, "build-index", "index embedded sources (exact, ivf or AutoFaiss)")
     build.add_argument("path", help="an embed-shards output, or a DB folder of them")
@@ -629,6 +645,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=AUTO_EXACT_MAX_ROWS,
         help="kind=auto: exact search up to this many images, ivf above (default: %(default)s)",
+    )
+    build.add_argument(
+        "--calibrate-with",
+        metavar="QUERIES",
+        help="ivf: choose the probe count on your own queries instead of generated "
+        "text-like ones: a .npy file of query vectors (n x dim), a moments .jsonl "
+        '(one {"description": ...} or {"vector": [...]} per line) or a text file (one '
+        "query per line, encoded with the source's model); recall@10 against exact "
+        "search on them is written to index/infos.json",
+    )
+    build.add_argument(
+        "--target-recall",
+        type=float,
+        default=TARGET_RECALL,
+        help="ivf: the recall the probe count is chosen for (recall@10 on --calibrate-with "
+        "queries, else recall@5 on text-like ones) (default: %(default)s)",
     )
     _add_common(build, json_help="print one JSON object: kind, count, recall per source")
     build.set_defaults(func=_cmd_build_index)

@@ -12,17 +12,20 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from starkret._io import atomic_path, atomic_write_text
 from starkret.errors import IndexBuildError, InvalidInputError, MissingDependencyError
+from starkret.index.calibrate import calibration_queries, source_text_encoder
 from starkret.index.exact import (
     Parts,
     embedding_parts,
     exact_search,
 )
+from starkret.index.ivf import TARGET_RECALL
 from starkret.index.q8 import FIRST_PASS, write_q8
 from starkret.index.source import SourceIndex, _manifest, source_dirs
 from starkret.store.keyindex import write_key_index
@@ -65,6 +68,8 @@ def build_index(
     recall_queries: int = 1000,
     seed: int = 0,
     ivf_nlist: int | None = None,
+    calibrate_with: str | os.PathLike | np.ndarray | Sequence[str] | None = None,
+    target_recall: float = TARGET_RECALL,
 ) -> dict:
     """Build the index of one embedded source; returns (and writes) its ``infos.json``.
 
@@ -81,12 +86,28 @@ def build_index(
     ``max_index_memory_usage``); ``"auto"`` picks exact up to ``auto_exact_max_rows`` rows
     and ivf above.
 
+    ``calibrate_with`` (ivf): the user's own queries, a ``.npy`` file of vectors, a
+    moments (``.jsonl``) or text file (one query per line), an array or a list of texts
+    (texts are encoded with the source's model; see :mod:`starkret.index.calibrate`):
+    nprobe and candidates are then chosen for recall@10 >= ``target_recall`` against
+    exact search on those queries, and the recall reached and the number of queries are
+    written to the infos (``recall_at_10_calibration``, ``calibration_queries``).
+
     >>> build_index("db/cc12m", kind="auto")  # doctest: +SKIP
     """
     if kind not in ("auto", "exact", "autofaiss", "ivf"):
         raise InvalidInputError(f"kind must be 'auto', 'exact', 'ivf' or 'autofaiss', got {kind!r}")
+    if calibrate_with is not None and kind not in ("ivf", "auto"):
+        raise InvalidInputError(f"calibrate_with calibrates an ivf index; kind={kind!r} has none")
+    if not 0.0 < target_recall <= 1.0:
+        raise InvalidInputError(f"target_recall must be in (0, 1], got {target_recall}")
     source_dir = Path(source_dir)
     manifest = _manifest(source_dir)
+    user_queries = None
+    if calibrate_with is not None:  # read (and encode) first: a bad file fails before the build
+        user_queries = calibration_queries(
+            calibrate_with, dim=manifest["dim"], encode_texts=source_text_encoder(manifest)
+        )
     if kind != "exact":  # autofaiss reads files in name order: pad a pre-padding folder's names
         from starkret.store.layout import pad_part_names
 
@@ -133,8 +154,12 @@ def build_index(
                 max_index_memory_usage=max_index_memory_usage,
                 nlist=ivf_nlist,
                 seed=seed,
+                target_recall=target_recall,
+                calibrate_with=user_queries,
             )
         )
+        if isinstance(calibrate_with, (str, os.PathLike)):
+            infos["calibration_file"] = str(calibrate_with)
         if auto and not _ivf_pays_off(infos):
             # The calibration had to probe most cells (text-like queries far from every
             # cluster): the ivf would scan about everything, slower than the exact scan.
