@@ -247,7 +247,7 @@ def _run(root, picked, settings, old, clusters, threads, seed, started) -> dict:
             )
             is_new[s.start + c : s.start + s.count] = 1
     parts = [v for s in picked for v in s.views()]
-    a, b, scores, compared = _core.neardup_pairs(
+    a, b, _, compared = _core.neardup_pairs(
         parts, assigned, is_new, np.float32(settings["threshold"]), threads=threads
     )
     groups = _groups(picked, old, a, b)
@@ -260,7 +260,7 @@ def _run(root, picked, settings, old, clusters, threads, seed, started) -> dict:
         "written_by": "starkret dedup",
         **settings,
         "centroids": origin,
-        "clusters": int(len(centroids)),
+        "clusters": len(centroids),
         "groups_rule": "connected components of the >= threshold graph",
         "keep_rule": "most pixels (width x height), then earlier source (by name), then lower row",
         "sources": [{"name": s.name, "covered": s.count} for s in picked],
@@ -274,7 +274,7 @@ def _run(root, picked, settings, old, clusters, threads, seed, started) -> dict:
         centroids=np.asarray(centroids, np.float32),
         assigned=assigned,
     )
-    info["groups"] = int(len(np.unique(members_group)))
+    info["groups"] = len(np.unique(members_group))
     info["dropped"] = int((~kept).sum())
     info["seconds"] = round(time.perf_counter() - started, 3)
     write_record(root, record)
