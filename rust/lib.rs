@@ -673,7 +673,7 @@ fn neardup_nearest_centroids<'py>(
         .detach(|| neardup::nearest_centroids(&dbs, c, r, margin, threads.unwrap_or(0)))
         .map_err(errors::invalid_input)?;
     let n = assigned.len() / r.max(1);
-    Ok(PyArray1::from_vec(py, assigned).reshape([n, r])?)
+    PyArray1::from_vec(py, assigned).reshape([n, r])
 }
 
 type PairArrays<'py> = (
