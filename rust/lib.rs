@@ -24,6 +24,7 @@ mod errors;
 #[doc(hidden)]
 pub mod fuzzing;
 mod keyindex;
+mod neardup;
 mod preprocess;
 mod q8;
 mod resample;
@@ -841,6 +842,89 @@ fn q8_default_first_pass() -> &'static str {
     q8::default_path()
 }
 
+// ==== Near-duplicate pairs ====
+
+/// The dimension of the rows of `parts` (all parts must agree; checked later).
+fn parts_dim(arrays: &[PartRows<'_>]) -> PyResult<usize> {
+    match arrays.first() {
+        Some(PartRows::F32(a)) => Ok(a.shape()[1]),
+        Some(PartRows::F16(a)) => Ok(a.shape()[1]),
+        None => Err(errors::invalid_input("the DB has no parts")),
+    }
+}
+
+/// Per row of the parts: its nearest centroid and the others within `margin` of it
+/// (at most `r`, best first, -1 padding), as an (n, r) int32 array.
+#[pyfunction]
+#[pyo3(signature = (parts, centroids, r, margin, *, threads=None))]
+fn neardup_nearest_centroids<'py>(
+    py: Python<'py>,
+    parts: Vec<Bound<'py, PyAny>>,
+    centroids: PyReadonlyArray2<'py, f32>,
+    r: usize,
+    margin: f32,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray2<i32>>> {
+    let arrays = part_arrays(&parts)?;
+    let dbs = part_databases(&arrays, centroids.shape()[1])?;
+    let c = centroids.as_slice()?;
+    let assigned = py
+        .detach(|| neardup::nearest_centroids(&dbs, c, r, margin, threads.unwrap_or(0)))
+        .map_err(errors::invalid_input)?;
+    let n = assigned.len() / r.max(1);
+    PyArray1::from_vec(py, assigned).reshape([n, r])
+}
+
+type PairArrays<'py> = (
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<f32>>,
+    u64,
+);
+
+/// Pairs of rows sharing a cluster, at least one of them new, scoring >= threshold:
+/// (a, b, scores, dot products computed), a < b global rows.
+#[pyfunction]
+#[pyo3(signature = (parts, assigned, is_new, threshold, *, threads=None))]
+fn neardup_pairs<'py>(
+    py: Python<'py>,
+    parts: Vec<Bound<'py, PyAny>>,
+    assigned: PyReadonlyArray2<'py, i32>,
+    is_new: PyReadonlyArray1<'py, u8>,
+    threshold: f32,
+    threads: Option<usize>,
+) -> PyResult<PairArrays<'py>> {
+    let arrays = part_arrays(&parts)?;
+    let dbs = part_databases(&arrays, parts_dim(&arrays)?)?;
+    let r = assigned.shape()[1];
+    let (a, fresh) = (assigned.as_slice()?, is_new.as_slice()?);
+    let found = py
+        .detach(|| neardup::pairs_in_clusters(&dbs, a, r, fresh, threshold, threads.unwrap_or(0)))
+        .map_err(errors::invalid_input)?;
+    Ok((
+        PyArray1::from_vec(py, found.a),
+        PyArray1::from_vec(py, found.b),
+        PyArray1::from_vec(py, found.scores),
+        found.compared,
+    ))
+}
+
+/// Connected components of nodes 0..n joined by edges a[i] - b[i]: each node's label is
+/// the smallest node of its component.
+#[pyfunction]
+fn connected_components<'py>(
+    py: Python<'py>,
+    a: PyReadonlyArray1<'py, i64>,
+    b: PyReadonlyArray1<'py, i64>,
+    n: usize,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let (x, y) = (a.as_slice()?, b.as_slice()?);
+    let labels = py
+        .detach(|| neardup::components(x, y, n))
+        .map_err(errors::invalid_input)?;
+    Ok(PyArray1::from_vec(py, labels))
+}
+
 // ==== Key index ====
 
 /// Stable 64-bit hashes of `prefix + key` for each key (see `rust/keyindex.rs`).
@@ -900,6 +984,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(q8_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(q8_search_parts, m)?)?;
     m.add_function(wrap_pyfunction!(q8_default_first_pass, m)?)?;
+    m.add_function(wrap_pyfunction!(neardup_nearest_centroids, m)?)?;
+    m.add_function(wrap_pyfunction!(neardup_pairs, m)?)?;
+    m.add_function(wrap_pyfunction!(connected_components, m)?)?;
     m.add_function(wrap_pyfunction!(key_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(string_hashes, m)?)?;
     m.add_class::<PySample>()?;

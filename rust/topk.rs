@@ -875,6 +875,133 @@ impl Elem for u16 {
     }
 }
 
+// ==== Kernels for other modules (near-duplicate search) ====
+
+/// Zero padding of the rows [`dot_block`] takes: a multiple of every SIMD width.
+pub(crate) const ROW_PAD: usize = PAD;
+
+impl Database<'_> {
+    /// Number of rows.
+    pub(crate) fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Row dimension.
+    pub(crate) fn dim(&self) -> usize {
+        self.d
+    }
+
+    /// Row `i` widened to f32 into `dst[..d]` (the rest of `dst` is left as it is).
+    pub(crate) fn widen_row(&self, i: usize, dst: &mut [f32]) {
+        let d = self.d;
+        let at = i * d;
+        match self.rows {
+            Rows::F32(v) => dst[..d].copy_from_slice(&v[at..at + d]),
+            Rows::F16Bits(v) => {
+                for (o, &h) in dst[..d].iter_mut().zip(&v[at..at + d]) {
+                    *o = f16_to_f32(h);
+                }
+            }
+        }
+    }
+}
+
+/// Every dot product of the rows of `a` with the rows of `b` (f32 rows of `dp` values,
+/// `dp` a multiple of [`ROW_PAD`], zero-padded) into `out` (`a` rows x `b` rows,
+/// row-major), with the scan's kernel and the same arithmetic per score.
+pub(crate) fn dot_block(a: &[f32], b: &[f32], dp: usize, out: &mut [f32]) {
+    if dp == 0 || !dp.is_multiple_of(PAD) {
+        return;
+    }
+    let (na, nb) = (a.len() / dp, b.len() / dp);
+    if out.len() < na * nb {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dots_avx512(a, b, dp, out) };
+        }
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            // SAFETY: as above.
+            return unsafe { dots_avx2(a, b, dp, out) };
+        }
+    }
+    dots::<Portable, 4, 4>(a, b, dp, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn dots_avx512(a: &[f32], b: &[f32], dp: usize, out: &mut [f32]) {
+    dots::<x86::Avx512, 4, 6>(a, b, dp, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_avx2(a: &[f32], b: &[f32], dp: usize, out: &mut [f32]) {
+    dots::<x86::Avx2, 2, 4>(a, b, dp, out)
+}
+
+#[inline(always)]
+fn dots<I: Isa, const MR: usize, const NR: usize>(
+    a: &[f32],
+    b: &[f32],
+    dp: usize,
+    out: &mut [f32],
+) {
+    let (na, nb) = (a.len() / dp, b.len() / dp);
+    // A block of `b` stays in L2 while every tile of `a` rows passes over it.
+    let block = (BLOCK_BYTES / (dp * 4)).max(NR) / NR * NR;
+    for b0 in (0..nb).step_by(block) {
+        let b1 = (b0 + block).min(nb);
+        let mut i = 0;
+        while i < na {
+            let mr = MR.min(na - i);
+            let mut j = b0;
+            while j < b1 {
+                let nr = NR.min(b1 - j);
+                if mr == MR && nr == NR {
+                    // SAFETY: rows i..i+MR of `a` and j..j+NR of `b` hold dp values each.
+                    let s = unsafe {
+                        tile::<I, f32, MR, NR>(
+                            a[i * dp..].as_ptr(),
+                            b[j * dp..].as_ptr(),
+                            dp,
+                            dp,
+                            dp,
+                            0,
+                        )
+                    };
+                    for (m, row) in s.iter().enumerate() {
+                        out[(i + m) * nb + j..(i + m) * nb + j + NR].copy_from_slice(row);
+                    }
+                } else {
+                    for m in 0..mr {
+                        for c in 0..nr {
+                            // SAFETY: one row of `a` and one of `b`, dp values each.
+                            let s = unsafe {
+                                tile::<I, f32, 1, 1>(
+                                    a[(i + m) * dp..].as_ptr(),
+                                    b[(j + c) * dp..].as_ptr(),
+                                    dp,
+                                    dp,
+                                    dp,
+                                    0,
+                                )
+                            };
+                            out[(i + m) * nb + j + c] = s[0][0];
+                        }
+                    }
+                }
+                j += nr;
+            }
+            i += mr;
+        }
+    }
+}
+
 // ==== SIMD ====
 
 /// The few vector operations the kernel needs. Implementations are `inline(always)`

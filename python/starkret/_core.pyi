@@ -14,11 +14,14 @@ __all__ = [
     "ShardReader",
     "__version__",
     "available_threads",
+    "connected_components",
     "count_above_parts",
     "expand_shard_paths",
     "image_dimensions",
     "key_hashes",
     "merge_topk",
+    "neardup_nearest_centroids",
+    "neardup_pairs",
     "preprocess_images",
     "q8_default_first_pass",
     "q8_quantize",
@@ -201,6 +204,31 @@ def count_above_parts(
     threads: int | None = None,
 ) -> npt.NDArray[np.uint64]:
     """Per query, the rows of the parts scoring strictly above its threshold (same kernel)."""
+
+def neardup_nearest_centroids(
+    parts: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
+    centroids: npt.NDArray[np.float32],
+    r: int,
+    margin: float,
+    *,
+    threads: int | None = None,
+) -> npt.NDArray[np.int32]:
+    """Per row: its nearest centroid and the others within ``margin`` (at most ``r``, -1 pad)."""
+
+def neardup_pairs(
+    parts: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
+    assigned: npt.NDArray[np.int32],
+    is_new: npt.NDArray[np.uint8],
+    threshold: float,
+    *,
+    threads: int | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32], int]:
+    """Pairs (a < b) sharing a cluster, one of them new, scoring >= threshold; + dots done."""
+
+def connected_components(
+    a: npt.NDArray[np.int64], b: npt.NDArray[np.int64], n: int
+) -> npt.NDArray[np.int64]:
+    """Label of each node 0..n: the smallest node of its component."""
 
 def merge_topk(
     scores: npt.NDArray[np.float32],
