@@ -4,16 +4,27 @@ Same JPEGs, same run. One core: starkret with one thread against the transform i
 process (torch pinned to one thread). All cores: starkret's thread pool against one
 transform process per core, as clip-retrieval's DataLoader workers would run it.
 Also prints the bit-exact share and the fallback share on a mixed-format corpus.
+
+Each row gives the best and the median of its repeats: stalls (page faults, a busy
+machine) pull the median down while the best stays. Two rows watch for them directly:
+the first second of a fresh process's loop against the same loop once warm (a ratio
+well under 1 is a start-up stall), and a loop writing into one reused array (``out=``)
+against one that gets a fresh array per call (the kernel faults in and zeroes that
+memory every call).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing as mp
 import os
+import statistics
+import subprocess
+import sys
 
 import numpy as np
-from common import Row, best_rate
+from common import Row, rates
 
 CLASSES = {
     "256px (CC12M)": (256, 256),
@@ -91,12 +102,82 @@ def _parity_lines(quick: bool) -> list[str]:
     ]
 
 
+#: A fresh process's loop: images/s in its first second and once warm (seconds 1 to 3).
+_FIRST_SECOND = """
+import json, sys, time
+import starkret
+from starkret.testing import encode, synthetic_photo
+n, side = int(sys.argv[1]), int(sys.argv[2])
+images = [encode(synthetic_photo(side, side, seed=i), "JPEG", quality=90) for i in range(n)]
+done, start, first = 0, time.perf_counter(), None
+while True:
+    starkret.preprocess(images, mode="exact", threads=1)
+    done += n
+    elapsed = time.perf_counter() - start
+    if first is None and elapsed >= 1.0:
+        first, first_done, first_at = done / elapsed, done, elapsed
+    if elapsed >= 3.0:
+        break
+print(json.dumps({"first": first, "warm": (done - first_done) / (elapsed - first_at)}))
+"""
+
+
+def _fresh_process_rates(n: int, side: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(first-second rates, warm rates) of ``repeats`` fresh processes."""
+    first, warm = [], []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, "-c", _FIRST_SECOND, str(n), str(side)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        result = json.loads(done.stdout)
+        first.append(result["first"])
+        warm.append(result["warm"])
+    return first, warm
+
+
+def _stall_rows(n: int, repeats: int) -> list[Row]:
+    """The fresh-process row and the reused-array row (256 px, exact, one thread)."""
+    import starkret
+
+    images = _corpus(256, 256, n)
+    first, warm = _fresh_process_rates(n, 256, repeats)
+    out = np.empty((n, 3, 336, 336), dtype=np.float32)
+    reused = rates(lambda: starkret.preprocess(images, threads=1, out=out), n, repeats=2 * repeats)
+    fresh = rates(lambda: starkret.preprocess(images, threads=1), n, repeats=2 * repeats)
+    return [
+        Row(
+            "preprocess stalls",
+            "256px exact 1 core, fresh process, first second",
+            max(first),
+            max(warm),
+            "same loop, seconds 1-3",
+            "images/s",
+            statistics.median(first),
+            statistics.median(warm),
+        ),
+        Row(
+            "preprocess stalls",
+            "256px exact 1 core, into one reused array (out=)",
+            reused[0],
+            fresh[0],
+            "a fresh array per call",
+            "images/s",
+            reused[1],
+            fresh[1],
+        ),
+    ]
+
+
 def run(args) -> list[Row]:
     import starkret
 
     cores = os.cpu_count() or 1
     n = 24 if args.quick else args.preprocess_images
-    repeats = 1 if args.quick else 3
+    repeats = 1 if args.quick else 5
     rows = []
     ctx = mp.get_context("spawn")
     with ctx.Pool(cores, initializer=_reference_worker_init) as pool:
@@ -104,55 +185,58 @@ def run(args) -> list[Row]:
         for name, (w, h) in CLASSES.items():
             images = _corpus(w, h, n)
             chunks = [images[i::cores] for i in range(cores)]
-            ref1 = best_rate(lambda images=images: _reference_chunk(images), n, repeats=repeats)
-            refn = best_rate(
+            ref1 = rates(lambda images=images: _reference_chunk(images), n, repeats=repeats)
+            refn = rates(
                 lambda chunks=chunks: sum(pool.map(_reference_chunk, chunks)), n, repeats=repeats
             )
             for mode in ("exact", "fast"):
-                ours1 = best_rate(
+                ours1 = rates(
                     lambda images=images, mode=mode: starkret.preprocess(
                         images, mode=mode, threads=1
                     ),
                     n,
                     repeats=repeats,
                 )
-                oursn = best_rate(
+                oursn = rates(
                     lambda images=images, mode=mode: starkret.preprocess(
                         images, mode=mode, threads=cores
                     ),
                     n,
                     repeats=repeats,
                 )
-                rows.append(
+                rows += [
                     Row(
                         "preprocess",
                         f"{name} {mode} 1 core",
-                        ours1,
-                        ref1,
+                        ours1[0],
+                        ref1[0],
                         "PIL+open_clip",
                         "images/s",
-                    )
-                )
-                rows.append(
+                        ours1[1],
+                        ref1[1],
+                    ),
                     Row(
                         "preprocess",
                         f"{name} {mode} {cores} cores",
-                        oursn,
-                        refn,
+                        oursn[0],
+                        refn[0],
                         f"PIL+open_clip x{cores} procs",
                         "images/s",
-                    )
-                )
-                rows.append(
+                        oursn[1],
+                        refn[1],
+                    ),
                     Row(
                         "preprocess scaling",
                         f"{name} {mode}",
-                        oursn,
-                        ours1,
+                        oursn[0],
+                        ours1[0],
                         f"starkret 1 core (ideal {cores}x)",
                         "images/s",
-                    )
-                )
+                        oursn[1],
+                        ours1[1],
+                    ),
+                ]
+    rows += _stall_rows(n, 1 if args.quick else 3)
     for line in _parity_lines(args.quick):
         print(line, flush=True)
     return rows

@@ -69,6 +69,16 @@ def ratio(row: dict) -> str:
     return "∞" if math.isinf(value) else f"{value:.2f}x"
 
 
+def _detail(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and 0 < abs(value) < 10:
+        return f"{value:.3f}"  # recalls and ratios: three places say what matters
+    if isinstance(value, (int, float)):
+        return number(float(value))
+    return str(value)
+
+
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -102,21 +112,44 @@ def render(data: dict, *, source: Path | None = None, note: str | None = None) -
     for row in rows:
         groups.setdefault(row["benchmark"], []).append(row)
     for benchmark, group in groups.items():
-        lines += [
-            f"## {benchmark}",
-            "",
-            "| case | starkret | alternative | alternative's | unit | ratio |",
-            "| --- | ---: | --- | ---: | --- | ---: |",
-        ]
+        spread = any("ours_median" in row for row in group)
+        # rows with details (recall, index size, ...) get one more column per detail name
+        extra = list(dict.fromkeys(k for row in group for k in row.get("details") or {}))
+        if spread:
+            # best and median of the repeats: a median far below the best shows stalls
+            names = ["case", "starkret best", "starkret median", "alternative"]
+            names += ["alternative's best", "alternative's median", "unit", "ratio (best)"]
+            rule = ["---", "---:", "---:", "---", "---:", "---:", "---", "---:"]
+        else:
+            names = ["case", "starkret", "alternative", "alternative's", "unit", "ratio"]
+            rule = ["---", "---:", "---", "---:", "---", "---:"]
+        names += [_cell(k) for k in extra]
+        rule += ["---:"] * len(extra)
+        lines += [f"## {benchmark}", "", "| " + " | ".join(names) + " |"]
+        lines.append("| " + " | ".join(rule) + " |")
         for row in group:
-            cells = (
-                row["case"],
-                number(row["ours"]),
-                row["baseline_name"],
-                number(row["baseline"]),
-                row["unit"],
-                ratio(row),
-            )
+            if spread:
+                cells = (
+                    row["case"],
+                    number(row["ours"]),
+                    number(row.get("ours_median")),
+                    row["baseline_name"],
+                    number(row["baseline"]),
+                    number(row.get("baseline_median")),
+                    row["unit"],
+                    ratio(row),
+                )
+            else:
+                cells = (
+                    row["case"],
+                    number(row["ours"]),
+                    row["baseline_name"],
+                    number(row["baseline"]),
+                    row["unit"],
+                    ratio(row),
+                )
+            details = row.get("details") or {}
+            cells += tuple(_detail(details.get(k)) for k in extra)
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -14,7 +14,9 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::{self, JoinHandle};
 
-use crate::preprocess::{self, BatchPixels, Options, Output, Status};
+use std::sync::Arc;
+
+use crate::preprocess::{Options, Output, PixelPool, Pooled, Status};
 use crate::shards::ShardReader;
 use crate::shards::{debug_panic_key, panic_message, Prefetched, Sample, ShardIssue, ShardItem};
 
@@ -24,9 +26,10 @@ pub struct Fallback {
     pub format: String,
 }
 
-/// One batch: `samples[i]` (image bytes dropped) describes pixel plane `i`.
+/// One batch: `samples[i]` (image bytes dropped) describes pixel plane `i`. Its pixels
+/// buffer goes back to the stream's pool when the last holder drops it.
 pub struct Batch {
-    pub pixels: BatchPixels,
+    pub pixels: Pooled,
     pub samples: Vec<Sample>,
     pub failures: Vec<ShardIssue>,
     pub fallbacks: Vec<Fallback>,
@@ -65,6 +68,10 @@ impl Batches {
     ) -> std::io::Result<Batches> {
         let items = reader.prefetch(opts.batch_size.clamp(64, 4096))?;
         let (tx, rx) = sync_channel(opts.prefetch.max(1));
+        // Batches alive at once: those in the channel, the one being filled, and
+        // what the consumer holds (the embed stream queues a few more); returned
+        // buffers beyond this are freed.
+        let pool = PixelPool::new(opts.prefetch.max(1) + POOL_SLACK);
         let feeder = thread::Builder::new()
             .name("starkret-batches".into())
             .spawn(move || {
@@ -75,6 +82,7 @@ impl Batches {
                     issues: Vec::new(),
                     shard: None,
                     panic_at,
+                    pool,
                 };
                 let fed = panic::catch_unwind(AssertUnwindSafe(|| feeder.feed(items)));
                 if let Err(payload) = fed {
@@ -105,7 +113,13 @@ struct Feeder {
     /// The shard of the latest sample, to name it if something goes wrong.
     shard: Option<String>,
     panic_at: Option<String>,
+    pool: Arc<PixelPool>,
 }
+
+/// Free output buffers a stream keeps beyond its prefetch depth: enough for the batch
+/// being filled and the ones a consumer typically holds (the embed stream's queue and
+/// submissions in flight).
+const POOL_SLACK: usize = 4;
 
 impl Feeder {
     /// Batches every item; returns early when the consumer is gone or the
@@ -152,6 +166,7 @@ impl Feeder {
             std::mem::take(&mut self.pending),
             &mut self.issues,
             &self.opts,
+            &self.pool,
         );
         self.tx.send(batch).is_ok()
     }
@@ -189,10 +204,12 @@ fn run(
     samples: Vec<Sample>,
     issues: &mut Vec<ShardIssue>,
     opts: &BatchOptions,
+    pool: &Arc<PixelPool>,
 ) -> Result<Batch, String> {
     let inputs: Vec<&[u8]> = samples.iter().map(|s| s.image.as_slice()).collect();
-    let (pixels, statuses) =
-        preprocess::batch_as(&inputs, &opts.preprocess, opts.threads, &opts.output)?;
+    let plane = 3 * opts.preprocess.size * opts.preprocess.size;
+    let mut pixels = pool.take(&opts.output, inputs.len() * plane);
+    let statuses = pixels.fill(&inputs, &opts.preprocess, opts.threads, &opts.output)?;
     drop(inputs);
     let mut kept = Vec::new();
     let mut failures = std::mem::take(issues);
@@ -222,7 +239,7 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preprocess::Mode;
+    use crate::preprocess::{BatchPixels, Mode};
     use crate::shards::tests::tar_of;
     use crate::shards::ReaderOptions;
     use std::path::PathBuf;
@@ -280,6 +297,49 @@ mod tests {
         let (keys, err) = drain(Batches::spawn(reader, options(), None).unwrap());
         assert_eq!(keys, ["0000", "0001", "0002", "0003", "0004"]);
         assert_eq!(err, None);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    fn address(batch: &Batch) -> usize {
+        match batch.pixels.buffer() {
+            BatchPixels::F32(v) => v.as_ptr() as usize,
+            BatchPixels::F16(v) => v.as_ptr() as usize,
+            BatchPixels::U8(v) => v.as_ptr() as usize,
+        }
+    }
+
+    #[test]
+    fn a_batch_buffer_is_never_reused_while_the_batch_is_held() {
+        let path = shard("held", 12);
+        let reader = ShardReader::new(vec![path.clone()], ReaderOptions::default());
+        let held: Vec<Batch> = Batches::spawn(reader, options(), None)
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
+        let mut addresses: Vec<usize> = held.iter().map(address).collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        assert_eq!(
+            addresses.len(),
+            held.len(),
+            "two live batches share a buffer"
+        );
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_stream_reuses_the_buffers_of_dropped_batches() {
+        let path = shard("reuse", 40);
+        let reader = ShardReader::new(vec![path.clone()], ReaderOptions::default());
+        let mut seen = Vec::new();
+        for batch in Batches::spawn(reader, options(), None).unwrap() {
+            seen.push(address(&batch.unwrap())); // dropped at once
+        }
+        let mut distinct = seen.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(seen.len(), 20);
+        assert!(distinct.len() <= 1 + 1 + POOL_SLACK, "{distinct:?}");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

@@ -23,3 +23,30 @@ pub fn preprocess_one(
     };
     preprocess::rgb_crop(data, &opts).map_err(|e| e.to_string())
 }
+
+/// Exact top-`k` of float32 `rows` (dimension `d`) through an int8 copy read from
+/// untrusted bytes (`codes`, as `q8_search_parts` takes it from disk), and the float32
+/// scan's answer: `Err` for a copy of the wrong size, never a panic.
+pub fn q8_search(
+    rows: &[f32],
+    d: usize,
+    codes: Option<&[u8]>,
+    queries: &[f32],
+    k: usize,
+) -> Result<(crate::topk::TopK, crate::topk::TopK), String> {
+    use crate::{q8, topk};
+    let db = topk::Database::new(topk::Rows::F32(rows), d)?;
+    let own;
+    let codes = match codes {
+        Some(c) => c,
+        None => {
+            own = q8::quantise_rows(&db, 1)?;
+            &own
+        }
+    };
+    let part = q8::Part::new(db, codes)?;
+    let exclude = topk::Exclude::Nothing;
+    let got = q8::search_parts(queries, &[part], k, &exclude, 1, q8::Path::Auto)?;
+    let want = topk::search_parts(queries, &[db], k, &exclude, 1)?;
+    Ok((got.top, want))
+}

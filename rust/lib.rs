@@ -24,7 +24,9 @@ mod errors;
 #[doc(hidden)]
 pub mod fuzzing;
 mod keyindex;
+mod neardup;
 mod preprocess;
+mod q8;
 mod resample;
 pub mod shards;
 mod topk;
@@ -138,11 +140,70 @@ fn pixels_array<'py>(
     })
 }
 
+/// Owner of a stream batch's pooled pixel buffer: the numpy array handed out views
+/// the buffer and keeps this object as its base, so the buffer returns to the stream's
+/// pool only once no array (or view of one) refers to it any more.
+#[pyclass(module = "starkret._core", name = "PixelBuffer", frozen)]
+struct PyPixelBuffer {
+    pooled: preprocess::Pooled,
+}
+
+fn pooled_view<'py, T: numpy::Element>(
+    holder: &Bound<'py, PyPixelBuffer>,
+    values: &[T],
+    shape: [usize; 4],
+) -> PyResult<Bound<'py, PyAny>> {
+    let view = numpy::ndarray::ArrayView4::from_shape(shape, values)
+        .map_err(|e| PyRuntimeError::new_err(format!("batch shape: {e}")))?;
+    // SAFETY: `holder` owns the buffer `values` points into and never moves or frees
+    // it while alive (the buffer goes back to the pool only when `holder` is dropped,
+    // which the array, as its base object, prevents while it exists).
+    Ok(unsafe { numpy::PyArray4::borrow_from_array(&view, holder.clone().into_any()) }.into_any())
+}
+
+/// A stream batch's pixels as a numpy array of shape (n, *item_shape) over its pooled
+/// buffer, without copying.
+fn pooled_array<'py>(
+    py: Python<'py>,
+    pooled: preprocess::Pooled,
+    n: usize,
+    [a, b, c]: [usize; 3],
+) -> PyResult<Bound<'py, PyAny>> {
+    let used = pooled.used();
+    let holder = Bound::new(py, PyPixelBuffer { pooled })?;
+    let shape = [n, a, b, c];
+    match holder.get().pooled.buffer() {
+        preprocess::BatchPixels::F32(v) => pooled_view(&holder, &v[..used], shape),
+        preprocess::BatchPixels::F16(v) => pooled_view(&holder, &v[..used], shape),
+        preprocess::BatchPixels::U8(v) => pooled_view(&holder, &v[..used], shape),
+    }
+}
+
+/// A caller's output array, checked: C-contiguous, writeable, of the output's element
+/// type, shaped (at least `n`, *item_shape).
+fn output_slice<'a, 'py, T: numpy::Element>(
+    out: &'a mut numpy::PyReadwriteArray<'py, T, numpy::ndarray::IxDyn>,
+    n: usize,
+    item_shape: [usize; 3],
+) -> PyResult<&'a mut [T]> {
+    let shape = out.shape().to_vec();
+    if shape.len() != 4 || shape[1..] != item_shape || shape[0] < n {
+        return Err(errors::invalid_input(format!(
+            "out must have shape ({n} or more, {}, {}, {}), got {shape:?}",
+            item_shape[0], item_shape[1], item_shape[2]
+        )));
+    }
+    out.as_slice_mut()
+        .map_err(|_| errors::invalid_input("out must be C-contiguous"))
+}
+
 /// Decode, resize, center-crop (and normalise) images without the GIL. `output` is
 /// "float32" or "float16" (normalised through the given table; float16 as uint16 bits,
-/// (n_ok, 3, size, size)) or "uint8" (the RGB crops, (n_ok, size, size, 3)).
+/// (n_ok, 3, size, size)) or "uint8" (the RGB crops, (n_ok, size, size, 3)). With
+/// `out` (a writeable C-contiguous array of that element type and item shape, with at
+/// least one row per image) the pixels are written there and `out[:n_ok]` is returned.
 #[pyfunction]
-#[pyo3(signature = (images, size, mode, output, max_pixels, lut_f32=None, lut_f16=None, threads=None))]
+#[pyo3(signature = (images, size, mode, output, max_pixels, lut_f32=None, lut_f16=None, threads=None, out=None))]
 #[allow(clippy::too_many_arguments)]
 fn preprocess_images<'py>(
     py: Python<'py>,
@@ -154,17 +215,64 @@ fn preprocess_images<'py>(
     lut_f32: Option<PyReadonlyArray2<'py, f32>>,
     lut_f16: Option<PyReadonlyArray2<'py, u16>>,
     threads: Option<usize>,
+    out: Option<Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, StatusLists)> {
     let opts = options(size, mode, max_pixels)?;
     let (output, shape) = output_spec(output, size, lut_f32, lut_f16)?;
     let inputs: Vec<&[u8]> = images.iter().map(|b| b.as_bytes()).collect();
     let threads = threads.unwrap_or(0);
-    let (pixels, statuses) = py
-        .detach(|| preprocess::batch_as(&inputs, &opts, threads, &output))
-        .map_err(PyRuntimeError::new_err)?;
+    let Some(out) = out else {
+        let (pixels, statuses) = py
+            .detach(|| preprocess::batch_as(&inputs, &opts, threads, &output))
+            .map_err(PyRuntimeError::new_err)?;
+        let lists = split_statuses(&statuses);
+        let n = lists.0.len();
+        return Ok((pixels_array(py, pixels, n, shape)?, lists));
+    };
+    let n = inputs.len();
+    let wrong_type = || {
+        errors::invalid_input(match &output {
+            preprocess::Output::F32(_) => "out must be a float32 array",
+            preprocess::Output::F16(_) => "out must be a uint16 array (float16 bits)",
+            preprocess::Output::U8 => "out must be a uint8 array",
+        })
+    };
+    let run = |target: preprocess::PixelsMut<'_>| {
+        py.detach(|| preprocess::batch_as_into(&inputs, &opts, threads, &output, target))
+            .map_err(PyRuntimeError::new_err)
+    };
+    let (kept, statuses) = match &output {
+        preprocess::Output::F32(_) => {
+            let array = out
+                .cast::<numpy::PyArrayDyn<f32>>()
+                .map_err(|_| wrong_type())?;
+            let mut rw = array
+                .try_readwrite()
+                .map_err(|e| errors::invalid_input(format!("out: {e}")))?;
+            run(preprocess::PixelsMut::F32(output_slice(&mut rw, n, shape)?))?
+        }
+        preprocess::Output::F16(_) => {
+            let array = out
+                .cast::<numpy::PyArrayDyn<u16>>()
+                .map_err(|_| wrong_type())?;
+            let mut rw = array
+                .try_readwrite()
+                .map_err(|e| errors::invalid_input(format!("out: {e}")))?;
+            run(preprocess::PixelsMut::F16(output_slice(&mut rw, n, shape)?))?
+        }
+        preprocess::Output::U8 => {
+            let array = out
+                .cast::<numpy::PyArrayDyn<u8>>()
+                .map_err(|_| wrong_type())?;
+            let mut rw = array
+                .try_readwrite()
+                .map_err(|e| errors::invalid_input(format!("out: {e}")))?;
+            run(preprocess::PixelsMut::U8(output_slice(&mut rw, n, shape)?))?
+        }
+    };
     let lists = split_statuses(&statuses);
-    let n = lists.0.len();
-    Ok((pixels_array(py, pixels, n, shape)?, lists))
+    let rows = out.get_item(pyo3::types::PySlice::new(py, 0, kept as isize, 1))?;
+    Ok((rows, lists))
 }
 
 /// Width and height of a JPEG or PNG from its header, or None for other formats.
@@ -355,7 +463,7 @@ impl PyShardBatches {
             Some(Ok(batch)) => batch,
         };
         let n = batch.samples.len();
-        let pixels = pixels_array(py, batch.pixels, n, self.item_shape)?;
+        let pixels = pooled_array(py, batch.pixels, n, self.item_shape)?;
         let out = PyDict::new(py);
         out.set_item("pixels", pixels)?;
         let samples = batch.samples;
@@ -642,6 +750,181 @@ fn merge_topk<'py>(
     topk_arrays(py, result)
 }
 
+// ==== Int8 first pass ====
+
+/// The rows of one part in the int8 block format of `rust/q8.rs`: (blocks, bytes per
+/// block) uint8, quantised on all cores with the GIL released.
+#[pyfunction]
+#[pyo3(signature = (rows, *, threads=None))]
+fn q8_quantize<'py>(
+    py: Python<'py>,
+    rows: Bound<'py, PyAny>,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let arrays = part_arrays(std::slice::from_ref(&rows))?;
+    let d = match &arrays[0] {
+        PartRows::F32(a) => a.shape()[1],
+        PartRows::F16(a) => a.shape()[1],
+    };
+    let dbs = part_databases(&arrays, d)?;
+    let db = dbs[0];
+    let bytes = py
+        .detach(|| q8::quantise_rows(&db, threads.unwrap_or(0)))
+        .map_err(errors::invalid_input)?;
+    let per_block = q8::block_bytes(d);
+    PyArray1::from_vec(py, bytes).reshape([q8::block_count(db_rows(&arrays[0])), per_block])
+}
+
+fn db_rows(rows: &PartRows<'_>) -> usize {
+    match rows {
+        PartRows::F32(a) => a.shape()[0],
+        PartRows::F16(a) => a.shape()[0],
+    }
+}
+
+type Q8Result<'py> = (
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray1<u64>>,
+    &'static str,
+);
+
+/// Exact top-k over several parts (as `topk_search_parts`) through the int8 first pass:
+/// `codes[i]` is part i's block-format copy. Returns (scores, ids, rows re-ranked per
+/// query, the first pass that ran).
+#[pyfunction]
+#[pyo3(signature = (queries, parts, codes, k, *, exclude=None, exclude_per_query=None, threads=None, first_pass="auto"))]
+#[allow(clippy::too_many_arguments)]
+fn q8_search_parts<'py>(
+    py: Python<'py>,
+    queries: PyReadonlyArray2<'py, f32>,
+    parts: Vec<Bound<'py, PyAny>>,
+    codes: Vec<PyReadonlyArray2<'py, u8>>,
+    k: usize,
+    exclude: Option<PyReadonlyArray1<'py, i64>>,
+    exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
+    threads: Option<usize>,
+    first_pass: &str,
+) -> PyResult<Q8Result<'py>> {
+    let path = q8::Path::parse(first_pass).map_err(errors::invalid_input)?;
+    let exclude = exclusion(exclude, exclude_per_query)?;
+    let arrays = part_arrays(&parts)?;
+    let dbs = part_databases(&arrays, queries.shape()[1])?;
+    if codes.len() != dbs.len() {
+        return Err(errors::invalid_input(format!(
+            "{} int8 copies for {} parts",
+            codes.len(),
+            dbs.len()
+        )));
+    }
+    let mut q8_parts = Vec::with_capacity(dbs.len());
+    for (i, (db, c)) in dbs.iter().zip(&codes).enumerate() {
+        let part = q8::Part::new(*db, c.as_slice()?)
+            .map_err(|e| errors::invalid_input(format!("part {i}: {e}")))?;
+        q8_parts.push(part);
+    }
+    let q = queries.as_slice()?;
+    let result = py
+        .detach(|| q8::search_parts(q, &q8_parts, k, &exclude, threads.unwrap_or(0), path))
+        .map_err(errors::invalid_input)?;
+    let (scores, ids) = topk_arrays(py, result.top)?;
+    Ok((
+        scores,
+        ids,
+        PyArray1::from_vec(py, result.reranked),
+        result.path.name(),
+    ))
+}
+
+/// The int8 first pass this CPU runs by default: "vnni", "avx2" or "float32".
+#[pyfunction]
+fn q8_default_first_pass() -> &'static str {
+    q8::default_path()
+}
+
+// ==== Near-duplicate pairs ====
+
+/// The dimension of the rows of `parts` (all parts must agree; checked later).
+fn parts_dim(arrays: &[PartRows<'_>]) -> PyResult<usize> {
+    match arrays.first() {
+        Some(PartRows::F32(a)) => Ok(a.shape()[1]),
+        Some(PartRows::F16(a)) => Ok(a.shape()[1]),
+        None => Err(errors::invalid_input("the DB has no parts")),
+    }
+}
+
+/// Per row of the parts: its nearest centroid and the others within `margin` of it
+/// (at most `r`, best first, -1 padding), as an (n, r) int32 array.
+#[pyfunction]
+#[pyo3(signature = (parts, centroids, r, margin, *, threads=None))]
+fn neardup_nearest_centroids<'py>(
+    py: Python<'py>,
+    parts: Vec<Bound<'py, PyAny>>,
+    centroids: PyReadonlyArray2<'py, f32>,
+    r: usize,
+    margin: f32,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray2<i32>>> {
+    let arrays = part_arrays(&parts)?;
+    let dbs = part_databases(&arrays, centroids.shape()[1])?;
+    let c = centroids.as_slice()?;
+    let assigned = py
+        .detach(|| neardup::nearest_centroids(&dbs, c, r, margin, threads.unwrap_or(0)))
+        .map_err(errors::invalid_input)?;
+    let n = assigned.len() / r.max(1);
+    PyArray1::from_vec(py, assigned).reshape([n, r])
+}
+
+type PairArrays<'py> = (
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<f32>>,
+    u64,
+);
+
+/// Pairs of rows sharing a cluster, at least one of them new, scoring >= threshold:
+/// (a, b, scores, dot products computed), a < b global rows.
+#[pyfunction]
+#[pyo3(signature = (parts, assigned, is_new, threshold, *, threads=None))]
+fn neardup_pairs<'py>(
+    py: Python<'py>,
+    parts: Vec<Bound<'py, PyAny>>,
+    assigned: PyReadonlyArray2<'py, i32>,
+    is_new: PyReadonlyArray1<'py, u8>,
+    threshold: f32,
+    threads: Option<usize>,
+) -> PyResult<PairArrays<'py>> {
+    let arrays = part_arrays(&parts)?;
+    let dbs = part_databases(&arrays, parts_dim(&arrays)?)?;
+    let r = assigned.shape()[1];
+    let (a, fresh) = (assigned.as_slice()?, is_new.as_slice()?);
+    let found = py
+        .detach(|| neardup::pairs_in_clusters(&dbs, a, r, fresh, threshold, threads.unwrap_or(0)))
+        .map_err(errors::invalid_input)?;
+    Ok((
+        PyArray1::from_vec(py, found.a),
+        PyArray1::from_vec(py, found.b),
+        PyArray1::from_vec(py, found.scores),
+        found.compared,
+    ))
+}
+
+/// Connected components of nodes 0..n joined by edges a[i] - b[i]: each node's label is
+/// the smallest node of its component.
+#[pyfunction]
+fn connected_components<'py>(
+    py: Python<'py>,
+    a: PyReadonlyArray1<'py, i64>,
+    b: PyReadonlyArray1<'py, i64>,
+    n: usize,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let (x, y) = (a.as_slice()?, b.as_slice()?);
+    let labels = py
+        .detach(|| neardup::components(x, y, n))
+        .map_err(errors::invalid_input)?;
+    Ok(PyArray1::from_vec(py, labels))
+}
+
 // ==== Key index ====
 
 /// Stable 64-bit hashes of `prefix + key` for each key (see `rust/keyindex.rs`).
@@ -697,6 +980,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge_topk, m)?)?;
     m.add_function(wrap_pyfunction!(topk_search_parts, m)?)?;
     m.add_function(wrap_pyfunction!(count_above_parts, m)?)?;
+    m.add("Q8_FORMAT_VERSION", q8::FORMAT_VERSION)?;
+    m.add_function(wrap_pyfunction!(q8_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(q8_search_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(q8_default_first_pass, m)?)?;
+    m.add_function(wrap_pyfunction!(neardup_nearest_centroids, m)?)?;
+    m.add_function(wrap_pyfunction!(neardup_pairs, m)?)?;
+    m.add_function(wrap_pyfunction!(connected_components, m)?)?;
     m.add_function(wrap_pyfunction!(key_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(string_hashes, m)?)?;
     m.add_class::<PySample>()?;

@@ -6,6 +6,8 @@
 //! goes through a per-channel 256-entry table the caller computes as torchvision does,
 //! so normalised values equal the reference's to the last bit by construction.
 
+use std::sync::{Arc, Weak};
+
 use rayon::prelude::*;
 
 use crate::cpu;
@@ -215,28 +217,41 @@ pub enum Status {
     Fallback(String),
 }
 
-/// A batch preprocessed into `T` values: `pixels` holds one `plane` per input whose
-/// status is `Ok`, in input order.
-pub struct Batch<T> {
-    pub pixels: Vec<T>,
-    pub statuses: Vec<Status>,
+/// A new output buffer of `len` values, backed by huge pages where the kernel gives
+/// them (see [`cpu::prefer_huge_pages`]). Streams recycle these through a
+/// [`PixelPool`] rather than faulting in a fresh one per batch.
+fn fresh<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut pixels = vec![T::default(); len];
+    cpu::prefer_huge_pages(&mut pixels);
+    pixels
 }
 
-/// Preprocess every input on `threads` threads; `write` turns one RGB crop
-/// (`size * size * 3` bytes, HWC) into the `plane` output values of one image.
-pub fn batch<T, W>(
+/// Preprocess every input on `threads` threads into `out`, which holds at least
+/// `inputs.len() * plane` values; `write` turns one RGB crop (`size * size * 3` bytes,
+/// HWC) into the `plane` output values of one image. Returns how many planes were
+/// written (the `Ok` inputs, in input order, at the front of `out`) and the status of
+/// every input. Values after those planes are unspecified.
+pub fn batch_into<T, W>(
     inputs: &[&[u8]],
     opts: &Options,
     threads: usize,
     plane: usize,
+    out: &mut [T],
     write: W,
-) -> Result<Batch<T>, String>
+) -> Result<(usize, Vec<Status>), String>
 where
-    T: Copy + Default + Send + Sync,
+    T: Copy + Send + Sync,
     W: Fn(&[u8], &mut [T]) + Send + Sync,
 {
-    let mut pixels = vec![T::default(); inputs.len() * plane];
-    cpu::prefer_huge_pages(&mut pixels);
+    let need = inputs.len() * plane;
+    if out.len() < need {
+        return Err(format!(
+            "the output holds {} values, {} inputs need {need}",
+            out.len(),
+            inputs.len()
+        ));
+    }
+    let pixels = &mut out[..need];
     let work = || {
         pixels
             .par_chunks_mut(plane.max(1))
@@ -262,8 +277,7 @@ where
             kept += 1;
         }
     }
-    pixels.truncate(kept * plane);
-    Ok(Batch { pixels, statuses })
+    Ok((kept, statuses))
 }
 
 /// What a batch's pixels are written as.
@@ -277,14 +291,69 @@ pub enum Output {
     U8,
 }
 
-/// Pixels of one batch: one plane per input whose status is `Ok`, in input order.
+/// Pixels of one batch (one plane per input whose status is `Ok`, in input order), or
+/// a pooled buffer whose first values are a batch.
 pub enum BatchPixels {
     F32(Vec<f32>),
     F16(Vec<u16>),
     U8(Vec<u8>),
 }
 
-/// [`batch`] with the element type and writer chosen by `output`.
+impl BatchPixels {
+    /// A new buffer of `len` values of `output`'s element type.
+    fn fresh(output: &Output, len: usize) -> BatchPixels {
+        match output {
+            Output::F32(_) => BatchPixels::F32(fresh(len)),
+            Output::F16(_) => BatchPixels::F16(fresh(len)),
+            Output::U8 => BatchPixels::U8(fresh(len)),
+        }
+    }
+
+    /// Number of values held.
+    pub fn len(&self) -> usize {
+        match self {
+            BatchPixels::F32(v) => v.len(),
+            BatchPixels::F16(v) => v.len(),
+            BatchPixels::U8(v) => v.len(),
+        }
+    }
+
+    /// Whether this buffer holds values of `output`'s element type.
+    fn fits(&self, output: &Output) -> bool {
+        matches!(
+            (self, output),
+            (BatchPixels::F32(_), Output::F32(_))
+                | (BatchPixels::F16(_), Output::F16(_))
+                | (BatchPixels::U8(_), Output::U8)
+        )
+    }
+
+    fn as_mut(&mut self) -> PixelsMut<'_> {
+        match self {
+            BatchPixels::F32(v) => PixelsMut::F32(v),
+            BatchPixels::F16(v) => PixelsMut::F16(v),
+            BatchPixels::U8(v) => PixelsMut::U8(v),
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        match self {
+            BatchPixels::F32(v) => v.truncate(len),
+            BatchPixels::F16(v) => v.truncate(len),
+            BatchPixels::U8(v) => v.truncate(len),
+        }
+    }
+}
+
+/// Where a batch is written: a caller's buffer of one of the output element types.
+pub enum PixelsMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [u16]),
+    U8(&'a mut [u8]),
+}
+
+/// Preprocess `inputs` into a fresh buffer, with the element type and writer chosen
+/// by `output`: one plane per input whose status is `Ok`, in input order.
 pub fn batch_as(
     inputs: &[&[u8]],
     opts: &Options,
@@ -292,26 +361,138 @@ pub fn batch_as(
     output: &Output,
 ) -> Result<(BatchPixels, Vec<Status>), String> {
     let plane = 3 * opts.size * opts.size;
-    Ok(match output {
-        Output::F32(lut) => {
-            let b = batch(inputs, opts, threads, plane, |rgb, out| {
-                write_normalised(rgb, out, lut)
-            })?;
-            (BatchPixels::F32(b.pixels), b.statuses)
+    let mut pixels = BatchPixels::fresh(output, inputs.len() * plane);
+    let (kept, statuses) = batch_as_into(inputs, opts, threads, output, pixels.as_mut())?;
+    pixels.truncate(kept * plane);
+    Ok((pixels, statuses))
+}
+
+/// [`batch_into`] with the writer chosen by `output`, into `out` (whose element type
+/// must be `output`'s): returns the number of planes written and every input's status.
+pub fn batch_as_into(
+    inputs: &[&[u8]],
+    opts: &Options,
+    threads: usize,
+    output: &Output,
+    out: PixelsMut<'_>,
+) -> Result<(usize, Vec<Status>), String> {
+    let plane = 3 * opts.size * opts.size;
+    match (output, out) {
+        (Output::F32(lut), PixelsMut::F32(out)) => {
+            batch_into(inputs, opts, threads, plane, out, |rgb, o| {
+                write_normalised(rgb, o, lut)
+            })
         }
-        Output::F16(lut) => {
-            let b = batch(inputs, opts, threads, plane, |rgb, out| {
-                write_normalised(rgb, out, lut)
-            })?;
-            (BatchPixels::F16(b.pixels), b.statuses)
+        (Output::F16(lut), PixelsMut::F16(out)) => {
+            batch_into(inputs, opts, threads, plane, out, |rgb, o| {
+                write_normalised(rgb, o, lut)
+            })
         }
-        Output::U8 => {
-            let b = batch(inputs, opts, threads, plane, |rgb, out: &mut [u8]| {
-                out.copy_from_slice(rgb)
-            })?;
-            (BatchPixels::U8(b.pixels), b.statuses)
+        (Output::U8, PixelsMut::U8(out)) => {
+            batch_into(inputs, opts, threads, plane, out, |rgb, o: &mut [u8]| {
+                o.copy_from_slice(rgb)
+            })
         }
-    })
+        _ => Err("the output buffer's element type does not match the output kind".into()),
+    }
+}
+
+// ==== Output buffers recycled across the batches of a stream ====
+
+/// Output buffers a stream reuses: a batch's buffer comes back here once its last
+/// user lets go of it (see [`Pooled`]), so a long stream stops faulting in (and the
+/// kernel stops zeroing) fresh memory for every batch. A buffer is only ever taken
+/// from the free list, never while a [`Pooled`] still holds it.
+pub struct PixelPool {
+    free: std::sync::Mutex<Vec<BatchPixels>>,
+    /// Most free buffers kept; more returned ones are freed.
+    keep: usize,
+}
+
+impl PixelPool {
+    pub fn new(keep: usize) -> Arc<PixelPool> {
+        Arc::new(PixelPool {
+            free: std::sync::Mutex::new(Vec::new()),
+            keep,
+        })
+    }
+
+    fn free_list(&self) -> std::sync::MutexGuard<'_, Vec<BatchPixels>> {
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A buffer of at least `len` values of `output`'s type: the smallest free one
+    /// that fits, else a fresh one.
+    pub fn take(self: &Arc<Self>, output: &Output, len: usize) -> Pooled {
+        let reused = {
+            let mut free = self.free_list();
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.fits(output) && b.len() >= len)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            best.map(|i| free.swap_remove(i))
+        };
+        Pooled {
+            pixels: Some(reused.unwrap_or_else(|| BatchPixels::fresh(output, len))),
+            used: 0,
+            home: Arc::downgrade(self),
+        }
+    }
+}
+
+/// One batch's pixels in a [`PixelPool`] buffer: the first `used` values are the
+/// batch. Dropping it hands the buffer back to its pool (if the pool still exists).
+pub struct Pooled {
+    pixels: Option<BatchPixels>,
+    used: usize,
+    home: Weak<PixelPool>,
+}
+
+impl Pooled {
+    /// The whole buffer (the batch is its first [`Pooled::used`] values).
+    pub fn buffer(&self) -> &BatchPixels {
+        self.pixels
+            .as_ref()
+            .expect("a Pooled holds its buffer until dropped")
+    }
+
+    /// Number of values that belong to the batch.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Preprocess `inputs` into this buffer as [`batch_as_into`]; the written planes
+    /// become the batch.
+    pub fn fill(
+        &mut self,
+        inputs: &[&[u8]],
+        opts: &Options,
+        threads: usize,
+        output: &Output,
+    ) -> Result<Vec<Status>, String> {
+        let plane = 3 * opts.size * opts.size;
+        let pixels = self
+            .pixels
+            .as_mut()
+            .expect("a Pooled holds its buffer until dropped");
+        let (kept, statuses) = batch_as_into(inputs, opts, threads, output, pixels.as_mut())?;
+        self.used = kept * plane;
+        Ok(statuses)
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let (Some(pixels), Some(pool)) = (self.pixels.take(), self.home.upgrade()) else {
+            return;
+        };
+        let mut free = pool.free_list();
+        if free.len() < pool.keep {
+            free.push(pixels);
+        }
+    }
 }
 
 /// Write an RGB crop as normalised CHW values through per-channel lookup tables.
@@ -365,13 +546,108 @@ mod tests {
             max_pixels: 1 << 20,
         };
         let inputs: Vec<&[u8]> = vec![b"", b"<html></html>", b"\x00\x01junk"];
-        let out = batch(&inputs, &opts, 2, 48, |rgb: &[u8], o: &mut [u8]| {
+        let mut out = vec![0u8; 3 * 48];
+        let (kept, statuses) = batch_into(&inputs, &opts, 2, 48, &mut out, |rgb, o| {
             o.copy_from_slice(rgb)
         })
         .unwrap();
-        assert!(out.pixels.is_empty());
-        assert!(matches!(&out.statuses[0], Status::Failed(r) if r.starts_with("empty")));
-        assert!(matches!(&out.statuses[1], Status::Failed(r) if r.starts_with("not an image")));
-        assert!(matches!(&out.statuses[2], Status::Fallback(_)));
+        assert_eq!(kept, 0);
+        assert!(matches!(&statuses[0], Status::Failed(r) if r.starts_with("empty")));
+        assert!(matches!(&statuses[1], Status::Failed(r) if r.starts_with("not an image")));
+        assert!(matches!(&statuses[2], Status::Fallback(_)));
+    }
+
+    #[test]
+    fn batch_into_refuses_a_short_output() {
+        let opts = Options {
+            size: 4,
+            mode: Mode::Exact,
+            max_pixels: 1 << 20,
+        };
+        let inputs: Vec<&[u8]> = vec![b"", b""];
+        let mut out = vec![0u8; 48];
+        let err = batch_into(&inputs, &opts, 1, 48, &mut out, |_, _| {}).unwrap_err();
+        assert!(err.contains("2 inputs need 96"), "{err}");
+    }
+
+    fn address(pooled: &Pooled) -> usize {
+        match pooled.buffer() {
+            BatchPixels::F32(v) => v.as_ptr() as usize,
+            BatchPixels::F16(v) => v.as_ptr() as usize,
+            BatchPixels::U8(v) => v.as_ptr() as usize,
+        }
+    }
+
+    #[test]
+    fn a_pooled_buffer_is_reused_only_after_it_is_dropped() {
+        let pool = PixelPool::new(2);
+        let first = pool.take(&Output::U8, 100);
+        let second = pool.take(&Output::U8, 100);
+        assert_ne!(
+            address(&first),
+            address(&second),
+            "handed out twice while held"
+        );
+        let at = address(&first);
+        drop(first);
+        let third = pool.take(&Output::U8, 80);
+        assert_eq!(address(&third), at, "a returned buffer that fits is reused");
+        // a buffer of another element type or too small is never handed out
+        let wide = pool.take(&Output::U8, 1000);
+        assert_ne!(address(&wide), address(&second));
+        drop(second);
+        assert!(matches!(
+            pool.take(&Output::F16(Box::new([[0; 256]; 3])), 10)
+                .buffer(),
+            BatchPixels::F16(_)
+        ));
+    }
+
+    #[test]
+    fn a_pool_keeps_at_most_its_bound_and_outlives_nothing() {
+        let pool = PixelPool::new(1);
+        let held: Vec<Pooled> = (0..3).map(|_| pool.take(&Output::U8, 10)).collect();
+        drop(held);
+        assert_eq!(pool.free_list().len(), 1);
+        let orphan = pool.take(&Output::U8, 10);
+        drop(pool);
+        drop(orphan); // its pool is gone: the buffer is simply freed
+    }
+
+    #[test]
+    fn pooled_fill_matches_a_fresh_batch() {
+        let opts = Options {
+            size: 8,
+            mode: Mode::Exact,
+            max_pixels: 1 << 20,
+        };
+        let mut png = Vec::new();
+        {
+            let mut encoder = png::Encoder::new(&mut png, 3, 2);
+            encoder.set_color(png::ColorType::Rgb);
+            let mut writer = encoder.write_header().unwrap();
+            writer
+                .write_image_data(&[
+                    9, 200, 30, 40, 50, 60, 70, 80, 90, 1, 2, 3, 250, 128, 7, 77, 66, 55,
+                ])
+                .unwrap();
+        }
+        let inputs: Vec<&[u8]> = vec![&png, b"", &png];
+        let (fresh, want) = batch_as(&inputs, &opts, 1, &Output::U8).unwrap();
+        let pool = PixelPool::new(1);
+        // dirty a buffer first: reuse must not depend on the buffer starting zeroed
+        let mut dirty = pool.take(&Output::U8, 3 * 192);
+        if let Some(BatchPixels::U8(v)) = dirty.pixels.as_mut() {
+            v.fill(0xAB);
+        }
+        drop(dirty);
+        let mut pooled = pool.take(&Output::U8, 3 * 192);
+        let got = pooled.fill(&inputs, &opts, 1, &Output::U8).unwrap();
+        assert_eq!(got, want);
+        let (BatchPixels::U8(fresh), BatchPixels::U8(reused)) = (fresh, pooled.buffer()) else {
+            panic!("uint8 output expected");
+        };
+        assert_eq!(pooled.used(), 2 * 192);
+        assert_eq!(&reused[..pooled.used()], &fresh[..]);
     }
 }

@@ -40,9 +40,9 @@ impl Rows<'_> {
 /// A database of `n` rows of dimension `d`, borrowed.
 #[derive(Clone, Copy)]
 pub struct Database<'a> {
-    rows: Rows<'a>,
-    n: usize,
-    d: usize,
+    pub(crate) rows: Rows<'a>,
+    pub(crate) n: usize,
+    pub(crate) d: usize,
 }
 
 impl<'a> Database<'a> {
@@ -95,7 +95,7 @@ impl Exclude {
     }
 
     #[inline]
-    fn contains(&self, query: usize, id: i64) -> bool {
+    pub(crate) fn contains(&self, query: usize, id: i64) -> bool {
         match self {
             Exclude::Nothing => false,
             Exclude::Global(ids) => ids.binary_search(&id).is_ok(),
@@ -117,9 +117,9 @@ pub struct TopK {
 // ==== Ranking ====
 
 #[derive(Clone, Copy, Debug)]
-struct Hit {
-    score: f32,
-    id: i64,
+pub(crate) struct Hit {
+    pub(crate) score: f32,
+    pub(crate) id: i64,
 }
 
 /// NaN ranks below every number (tied with -inf, then by id), so the order is total.
@@ -149,18 +149,18 @@ fn order(a: &Hit, b: &Hit) -> Ordering {
 }
 
 /// The best `k` hits seen so far: a binary heap with the worst kept hit at the root.
-struct Best {
+pub(crate) struct Best {
     k: usize,
-    heap: Vec<Hit>,
+    pub(crate) heap: Vec<Hit>,
     /// A hit whose rank key is below this cannot enter; -inf until the heap is full.
-    floor: f32,
+    pub(crate) floor: f32,
     /// Counting instead of ranking: hits admitted (scores above a fixed floor).
     counting: bool,
     count: u64,
 }
 
 impl Best {
-    fn new(k: usize, capacity: usize) -> Self {
+    pub(crate) fn new(k: usize, capacity: usize) -> Self {
         Self {
             k,
             heap: Vec::with_capacity(k.min(capacity)),
@@ -182,11 +182,11 @@ impl Best {
     }
 
     #[inline]
-    fn admits(&self, score: f32) -> bool {
+    pub(crate) fn admits(&self, score: f32) -> bool {
         rank_key(score) >= self.floor
     }
 
-    fn push(&mut self, hit: Hit) {
+    pub(crate) fn push(&mut self, hit: Hit) {
         if self.counting {
             self.count += 1;
             return;
@@ -244,7 +244,7 @@ fn next_up(x: f32) -> f32 {
 }
 
 /// The best `k` of `hits` in rank order, padded with (-inf, -1) to exactly `k`.
-fn write_row(mut hits: Vec<Hit>, k: usize, scores: &mut [f32], ids: &mut [i64]) {
+pub(crate) fn write_row(mut hits: Vec<Hit>, k: usize, scores: &mut [f32], ids: &mut [i64]) {
     hits.sort_unstable_by(order);
     hits.truncate(k);
     for (i, (s, id)) in scores.iter_mut().zip(ids.iter_mut()).enumerate() {
@@ -264,7 +264,7 @@ fn write_row(mut hits: Vec<Hit>, k: usize, scores: &mut [f32], ids: &mut [i64]) 
 // ==== Search ====
 
 /// Zero padding to this many values per row serves every SIMD width used below.
-const PAD: usize = 16;
+pub(crate) const PAD: usize = 16;
 /// Rows widened per block: the block stays in L2 while every query tile passes over it.
 const BLOCK_BYTES: usize = 256 * 1024;
 /// Smallest share of rows given to one task, so small searches are not split to dust.
@@ -352,7 +352,7 @@ pub fn count_above(
 }
 
 /// The number of queries, once the parts and the queries are checked to agree.
-fn query_count(queries: &[f32], parts: &[Database<'_>]) -> Result<usize, String> {
+pub(crate) fn query_count(queries: &[f32], parts: &[Database<'_>]) -> Result<usize, String> {
     let Some(first) = parts.first() else {
         return Err("the database has no parts".into());
     };
@@ -435,7 +435,7 @@ where
 }
 
 /// Two workers' running top lists as one (either may be empty: no share scanned).
-fn merge_best(mut a: Vec<Best>, b: Vec<Best>) -> Vec<Best> {
+pub(crate) fn merge_best(mut a: Vec<Best>, b: Vec<Best>) -> Vec<Best> {
     if a.is_empty() {
         return b;
     }
@@ -538,6 +538,69 @@ fn scan_rows<I: Isa, const MR: usize, const NR: usize>(
         }
     } else {
         blocked::<I, MR, NR>(job, rows, best);
+    }
+}
+
+// ==== Scoring chosen rows ====
+
+/// The scores of chosen rows of `db` (`rows`, local row numbers) for one query, bit for
+/// bit those the scan computes (same ISA, same kernel, same order of operations): what
+/// a first pass that narrows the rows down re-ranks with (`rust/q8.rs`). `query` holds
+/// `d` values zero-padded to a multiple of [`PAD`].
+pub(crate) fn rescore(query: &[f32], db: &Database<'_>, rows: &[usize], out: &mut [f32]) {
+    assert!(query.len() == db.d.div_ceil(PAD) * PAD && out.len() >= rows.len());
+    assert!(rows.iter().all(|&r| r < db.n));
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { rescore_avx512(query, db, rows, out) };
+        }
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            // SAFETY: as above.
+            return unsafe { rescore_avx2(query, db, rows, out) };
+        }
+    }
+    rescore_rows::<Portable>(query, db, rows, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn rescore_avx512(query: &[f32], db: &Database<'_>, rows: &[usize], out: &mut [f32]) {
+    rescore_rows::<x86::Avx512>(query, db, rows, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rescore_avx2(query: &[f32], db: &Database<'_>, rows: &[usize], out: &mut [f32]) {
+    rescore_rows::<x86::Avx2>(query, db, rows, out)
+}
+
+#[inline(always)]
+fn rescore_rows<I: Isa>(query: &[f32], db: &Database<'_>, rows: &[usize], out: &mut [f32]) {
+    match db.rows {
+        Rows::F32(v) => rescore_elem::<I, f32>(query, v, db.d, rows, out),
+        Rows::F16Bits(v) => rescore_elem::<I, u16>(query, v, db.d, rows, out),
+    }
+}
+
+/// One row at a time as the streaming scan reads it (stride and length `d`, the tail
+/// loaded partially), so the score is the scan's.
+#[inline(always)]
+fn rescore_elem<I: Isa, E: Elem>(
+    query: &[f32],
+    values: &[E],
+    d: usize,
+    rows: &[usize],
+    out: &mut [f32],
+) {
+    let dp = query.len();
+    for (&r, o) in rows.iter().zip(out.iter_mut()) {
+        let row = &values[r * d..(r + 1) * d];
+        // SAFETY: `query` holds dp values (a multiple of every lane count), `row` d
+        // values; the CPU supports I's features.
+        *o = unsafe { tile::<I, E, 1, 1>(query.as_ptr(), row.as_ptr(), d, d, dp, 0) }[0][0];
     }
 }
 
@@ -809,6 +872,133 @@ impl Elem for u16 {
     #[inline(always)]
     unsafe fn load<I: Isa>(p: *const u16) -> I::V {
         I::load_f16(p)
+    }
+}
+
+// ==== Kernels for other modules (near-duplicate search) ====
+
+/// Zero padding of the rows [`dot_block`] takes: a multiple of every SIMD width.
+pub(crate) const ROW_PAD: usize = PAD;
+
+impl Database<'_> {
+    /// Number of rows.
+    pub(crate) fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Row dimension.
+    pub(crate) fn dim(&self) -> usize {
+        self.d
+    }
+
+    /// Row `i` widened to f32 into `dst[..d]` (the rest of `dst` is left as it is).
+    pub(crate) fn widen_row(&self, i: usize, dst: &mut [f32]) {
+        let d = self.d;
+        let at = i * d;
+        match self.rows {
+            Rows::F32(v) => dst[..d].copy_from_slice(&v[at..at + d]),
+            Rows::F16Bits(v) => {
+                for (o, &h) in dst[..d].iter_mut().zip(&v[at..at + d]) {
+                    *o = f16_to_f32(h);
+                }
+            }
+        }
+    }
+}
+
+/// Every dot product of the rows of `a` with the rows of `b` (f32 rows of `dp` values,
+/// `dp` a multiple of [`ROW_PAD`], zero-padded) into `out` (`a` rows x `b` rows,
+/// row-major), with the scan's kernel and the same arithmetic per score.
+pub(crate) fn dot_block(a: &[f32], b: &[f32], dp: usize, out: &mut [f32]) {
+    if dp == 0 || !dp.is_multiple_of(PAD) {
+        return;
+    }
+    let (na, nb) = (a.len() / dp, b.len() / dp);
+    if out.len() < na * nb {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dots_avx512(a, b, dp, out) };
+        }
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            // SAFETY: as above.
+            return unsafe { dots_avx2(a, b, dp, out) };
+        }
+    }
+    dots::<Portable, 4, 4>(a, b, dp, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn dots_avx512(a: &[f32], b: &[f32], dp: usize, out: &mut [f32]) {
+    dots::<x86::Avx512, 4, 6>(a, b, dp, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_avx2(a: &[f32], b: &[f32], dp: usize, out: &mut [f32]) {
+    dots::<x86::Avx2, 2, 4>(a, b, dp, out)
+}
+
+#[inline(always)]
+fn dots<I: Isa, const MR: usize, const NR: usize>(
+    a: &[f32],
+    b: &[f32],
+    dp: usize,
+    out: &mut [f32],
+) {
+    let (na, nb) = (a.len() / dp, b.len() / dp);
+    // A block of `b` stays in L2 while every tile of `a` rows passes over it.
+    let block = (BLOCK_BYTES / (dp * 4)).max(NR) / NR * NR;
+    for b0 in (0..nb).step_by(block) {
+        let b1 = (b0 + block).min(nb);
+        let mut i = 0;
+        while i < na {
+            let mr = MR.min(na - i);
+            let mut j = b0;
+            while j < b1 {
+                let nr = NR.min(b1 - j);
+                if mr == MR && nr == NR {
+                    // SAFETY: rows i..i+MR of `a` and j..j+NR of `b` hold dp values each.
+                    let s = unsafe {
+                        tile::<I, f32, MR, NR>(
+                            a[i * dp..].as_ptr(),
+                            b[j * dp..].as_ptr(),
+                            dp,
+                            dp,
+                            dp,
+                            0,
+                        )
+                    };
+                    for (m, row) in s.iter().enumerate() {
+                        out[(i + m) * nb + j..(i + m) * nb + j + NR].copy_from_slice(row);
+                    }
+                } else {
+                    for m in 0..mr {
+                        for c in 0..nr {
+                            // SAFETY: one row of `a` and one of `b`, dp values each.
+                            let s = unsafe {
+                                tile::<I, f32, 1, 1>(
+                                    a[(i + m) * dp..].as_ptr(),
+                                    b[(j + c) * dp..].as_ptr(),
+                                    dp,
+                                    dp,
+                                    dp,
+                                    0,
+                                )
+                            };
+                            out[(i + m) * nb + j + c] = s[0][0];
+                        }
+                    }
+                }
+                j += nr;
+            }
+            i += mr;
+        }
     }
 }
 

@@ -36,6 +36,7 @@ from starkret.errors import (
 )
 from starkret.index.build import build_index
 from starkret.index.db import Hit, ImageDB
+from starkret.index.dedup import dedup
 from starkret.index.topk import merge_topk, topk, topk_parts
 from starkret.ingest.embed import embed
 from starkret.ingest.pipeline import EmbedReport
@@ -93,6 +94,7 @@ __all__ = [
     "__version__",
     "build_index",
     "core_version",
+    "dedup",
     "embed",
     "formats",
     "merge_topk",

@@ -8,17 +8,24 @@ import numpy.typing as npt
 from typing_extensions import Self
 
 __all__ = [
+    "Q8_FORMAT_VERSION",
     "Sample",
     "ShardBatches",
     "ShardReader",
     "__version__",
     "available_threads",
+    "connected_components",
     "count_above_parts",
     "expand_shard_paths",
     "image_dimensions",
     "key_hashes",
     "merge_topk",
+    "neardup_nearest_centroids",
+    "neardup_pairs",
     "preprocess_images",
+    "q8_default_first_pass",
+    "q8_quantize",
+    "q8_search_parts",
     "select_images",
     "simd_level",
     "string_hashes",
@@ -26,6 +33,8 @@ __all__ = [
 ]
 
 __version__: str
+#: Version of the int8 block format written by ``q8_quantize``.
+Q8_FORMAT_VERSION: int
 
 def simd_level() -> str:
     """The widest SIMD level detected on this CPU at run time, e.g. ``"avx2+fma"``."""
@@ -45,11 +54,14 @@ def preprocess_images(
     lut_f32: npt.NDArray[np.float32] | None = None,
     lut_f16: npt.NDArray[np.uint16] | None = None,
     threads: int | None = None,
+    out: npt.NDArray[np.generic] | None = None,
 ) -> tuple[npt.NDArray[np.generic], _Statuses]:
     """Decode, resize, crop (and normalise) images, GIL released.
 
     ``output`` "float32"/"float16" gives (n_ok, 3, size, size) normalised through the
     table (float16 as uint16 bits); "uint8" gives the RGB crops (n_ok, size, size, 3).
+    With ``out`` (writeable, C-contiguous, that element type and item shape, at least
+    one row per image) the pixels are written there and ``out[:n_ok]`` is returned.
     """
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -115,7 +127,8 @@ class ShardBatches:
     Each item is a dict with ``pixels`` (numpy) and the columns ``key``, ``shard``,
     ``caption``, ``url``, ``json``, ``width``, ``height``, plus ``failures``
     (``(shard, key_or_None, reason)``) and ``fallbacks`` (``(Sample, format)`` to be
-    decoded by Pillow).
+    decoded by Pillow). ``pixels`` views a buffer the stream reuses once no array
+    refers to it any more (no copy, no fresh memory per batch).
     """
 
     def __new__(
@@ -139,6 +152,32 @@ class ShardBatches:
         """The next batch; ``RuntimeError`` (naming the shard) if a background thread panicked."""
 
 # ==== Top-k ====
+
+def q8_quantize(
+    rows: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    *,
+    threads: int | None = None,
+) -> npt.NDArray[np.uint8]:
+    """One part's rows (float32, or float16 as uint16 bits) in the int8 block format of
+    ``rust/q8.rs``: (blocks of 16 rows, bytes per block) uint8 (GIL released)."""
+
+def q8_search_parts(
+    queries: npt.NDArray[np.float32],
+    parts: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
+    codes: list[npt.NDArray[np.uint8]],
+    k: int,
+    *,
+    exclude: npt.NDArray[np.int64] | None = None,
+    exclude_per_query: list[npt.NDArray[np.int64]] | None = None,
+    threads: int | None = None,
+    first_pass: str = "auto",
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.uint64], str]:
+    """``topk_search_parts`` through the int8 first pass (``codes[i]``: part i's
+    ``q8_quantize`` copy): the same scores and ids, bit for bit; also the rows re-ranked
+    per query and the first pass that ran (``vnni``, ``avx2``, ``scalar``, ``float32``)."""
+
+def q8_default_first_pass() -> str:
+    """The first pass this CPU runs by default: ``vnni``, ``avx2`` or ``float32``."""
 
 def topk_search_parts(
     queries: npt.NDArray[np.float32],
@@ -165,6 +204,31 @@ def count_above_parts(
     threads: int | None = None,
 ) -> npt.NDArray[np.uint64]:
     """Per query, the rows of the parts scoring strictly above its threshold (same kernel)."""
+
+def neardup_nearest_centroids(
+    parts: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
+    centroids: npt.NDArray[np.float32],
+    r: int,
+    margin: float,
+    *,
+    threads: int | None = None,
+) -> npt.NDArray[np.int32]:
+    """Per row: its nearest centroid and the others within ``margin`` (at most ``r``, -1 pad)."""
+
+def neardup_pairs(
+    parts: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
+    assigned: npt.NDArray[np.int32],
+    is_new: npt.NDArray[np.uint8],
+    threshold: float,
+    *,
+    threads: int | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32], int]:
+    """Pairs (a < b) sharing a cluster, one of them new, scoring >= threshold; + dots done."""
+
+def connected_components(
+    a: npt.NDArray[np.int64], b: npt.NDArray[np.int64], n: int
+) -> npt.NDArray[np.int64]:
+    """Label of each node 0..n: the smallest node of its component."""
 
 def merge_topk(
     scores: npt.NDArray[np.float32],

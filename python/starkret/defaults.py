@@ -39,6 +39,9 @@ class Defaults:
     chunk_moments: int = 2048
     #: Where searches run: ``cpu``, ``cuda`` or ``cuda:N``.
     device: str = "cpu"
+    #: Images ``starkret dedup`` recorded as near duplicates: ``drop`` (left out of
+    #: every search, alignment and evaluation) or ``keep``.
+    duplicates: str = "drop"
 
     # ==== the service (``starkret serve``) ====
 

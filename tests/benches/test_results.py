@@ -44,6 +44,20 @@ def test_page_names_machine_date_command_and_every_row(results):
     assert "| 2,551,129 | Python reference | 48,619 | moments/s | 52.47x |" in page
 
 
+def test_rows_with_a_spread_get_best_and_median_columns(results):
+    page = results.render(json.loads(SMALL.read_text()), source=SMALL)
+    assert (
+        "| case | starkret best | starkret median | alternative | alternative's best "
+        "| alternative's median | unit | ratio (best) |" in page
+    )
+    assert (
+        "| 256px exact 1 core, fresh process, first second | 1,102 | 412.2 "
+        "| same loop, seconds 1-3 | 1,301 | 1,250 | images/s | 0.85x |" in page
+    )
+    # groups without medians keep the plain table
+    assert "| case | starkret | alternative | alternative's | unit | ratio |" in page
+
+
 def test_same_json_same_page(results):
     data = json.loads(SMALL.read_text())
     assert results.render(data, source=SMALL) == results.render(data, source=SMALL)
@@ -103,3 +117,39 @@ def test_committed_page_is_exactly_what_the_generator_makes(results):
         "benches/RESULTS.md is generated: python benches/results.py benches/RESULTS.json "
         "-o benches/RESULTS.md"
     )
+
+
+def test_rows_with_details_get_a_column_per_detail(results):
+    data = json.loads(SMALL.read_text())
+    data["rows"].append(
+        {
+            "benchmark": "ann",
+            "case": "debian text->text, batch 1",
+            "ours": 900.0,
+            "baseline": 3000.0,
+            "baseline_name": "hnswlib M16 (64)",
+            "unit": "queries/s",
+            "details": {"recall@10 starkret": 0.961, "MB alternative": 1234.5},
+        }
+    )
+    page = results.render(data, source=SMALL)
+    assert (
+        "| case | starkret | alternative | alternative's | unit | ratio "
+        "| recall@10 starkret | MB alternative |" in page
+    )
+    assert (
+        "| debian text->text, batch 1 | 900.0 | hnswlib M16 (64) | 3,000 | queries/s | 0.30x "
+        "| 0.961 | 1,234 |" in page
+    )
+    # groups without details keep their six columns
+    assert "| case | starkret | alternative | alternative's | unit | ratio |\n" in page
+
+
+def test_row_json_has_details_only_when_given():
+    sys.path.insert(0, str(ROOT / "benches"))
+    try:
+        from common import Row
+    finally:
+        sys.path.remove(str(ROOT / "benches"))
+    assert "details" not in Row("b", "c", 2.0, 1.0, "x", "u").as_dict()
+    assert Row("b", "c", 2.0, 1.0, "x", "u", details={"r": 1.0}).as_dict()["details"] == {"r": 1.0}

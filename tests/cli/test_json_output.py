@@ -67,7 +67,23 @@ def test_every_command_with_json_is_tested_here():
         for name, sub in commands.choices.items()
         if any("--json" in a.option_strings for a in sub._actions)
     }
-    assert with_json == {"embed", "embed-shards", "build-index", "search", "align", "eval"}
+    assert with_json == {
+        "embed",
+        "embed-shards",
+        "build-index",
+        "search",
+        "align",
+        "eval",
+        "dedup",
+    }
+
+
+def test_dedup_json(db, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(db, tmp_path / "db")  # the tiny model's images are near duplicates
+    body = _json_of("dedup", str(copy), "--threads", "1", "--json")
+    assert body["rows"] == 6 and {"groups", "dropped", "seconds"} <= set(body)
 
 
 def test_build_index_json(db):

@@ -98,6 +98,7 @@ def test_an_exact_source_after_adding_answers_like_one_built_from_scratch(tmp_pa
     assert infos["rebuilt"] is None
     assert infos["metadata_segments"] == ["metadata.p00005.arrow"]
     assert infos["metadata_rows"] == infos["key_index_rows"] == 1400
+    assert infos["q8"]["written"] == 2  # int8 copies of the two new parts only
 
     scratch = _source(tmp_path, vectors, name="scratch")
     build_index(scratch, kind="exact")

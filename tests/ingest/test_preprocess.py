@@ -312,3 +312,58 @@ def test_random_sizes_and_formats_are_bit_exact():
         w, h = (int(v) for v in rng.integers(1, 1100, 2))
         mode, fmt = [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("RGB", "PNG")][i % 4]
         _assert_exact(encode(_photo(w, h, mode, seed=i), fmt))
+
+
+# ==== Writing into a caller's array (out=) ====
+
+
+def _mixed_batch() -> list[bytes]:
+    """JPEGs, a PNG, a WebP (Pillow fallback) and a broken image, in that order."""
+    images = [encode(synthetic_photo(120 + 31 * i, 90 + 17 * i, seed=i), "JPEG") for i in range(3)]
+    images.insert(1, encode(synthetic_photo(70, 50, seed=7), "PNG"))
+    images.insert(3, encode(synthetic_photo(64, 80, seed=8), "WEBP"))
+    images.insert(2, b"not an image")
+    return images
+
+
+@pytest.mark.parametrize(
+    ("dtype", "layout", "item"),
+    [
+        ("float32", "chw", (3, 48, 48)),
+        ("float16", "chw", (3, 48, 48)),
+        ("uint8", "hwc", (48, 48, 3)),
+    ],
+)
+def test_out_reused_across_calls_gives_the_bytes_of_fresh_arrays(dtype, layout, item):
+    images = _mixed_batch()
+    out = np.full((len(images) + 2, *item), 77, dtype=dtype)  # dirty, larger than needed
+    for batch_images in (images, images[::-1], images[:2]):
+        fresh = starkret.preprocess(batch_images, size=48, dtype=dtype, layout=layout)
+        into = starkret.preprocess(batch_images, size=48, dtype=dtype, layout=layout, out=out)
+        assert np.shares_memory(into.pixels, out)
+        assert into.pixels.dtype == fresh.pixels.dtype
+        assert into.pixels.tobytes() == fresh.pixels.tobytes()
+        assert into.index.tolist() == fresh.index.tolist()
+        assert into.failures == fresh.failures and into.fallbacks == fresh.fallbacks
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (np.empty((2, 3, 48, 48), np.float32), "shape"),
+        (np.empty((6, 3, 48, 47), np.float32), "shape"),
+        (np.empty((6, 3, 48, 48), np.float64), "dtype"),
+        (np.empty((6, 48, 3, 48), np.float32).transpose(0, 2, 1, 3), "C-contiguous"),
+        ([[0.0]], "numpy array"),
+    ],
+)
+def test_bad_out_arrays_are_refused(out, message):
+    with pytest.raises((starkret.InvalidInputError, starkret.InvalidTypeError), match=message):
+        starkret.preprocess(_mixed_batch(), size=48, out=out)
+
+
+def test_read_only_out_is_refused():
+    out = np.empty((6, 3, 48, 48), np.float32)
+    out.setflags(write=False)
+    with pytest.raises(starkret.InvalidInputError, match="writeable"):
+        starkret.preprocess(_mixed_batch(), size=48, out=out)

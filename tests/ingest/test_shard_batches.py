@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -119,3 +120,71 @@ def test_pillow_agrees_the_broken_member_is_not_an_image(shards):
     _, images = shards
     with pytest.raises(PIL.UnidentifiedImageError):
         PIL.Image.open(io.BytesIO(images["000010004"]))
+
+
+# ==== Output buffers recycled across a stream ====
+
+
+@pytest.fixture
+def long_shard(tmp_path):
+    """One shard of 24 small JPEGs."""
+    members = []
+    for i in range(24):
+        members += _sample(f"{i:04d}", encode(synthetic_photo(60 + i, 40, seed=i), "JPEG"), "c")
+    return str(_tar(tmp_path / "long.tar", members))
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("keep", ["batch", "view"])
+def test_a_batch_buffer_is_not_reused_while_its_pixels_are_held(long_shard, keep):
+    held, copies = [], []
+    for batch in starkret.preprocess_shards(long_shard, batch_size=2, size=32, prefetch=1):
+        held.append(batch if keep == "batch" else batch.pixels[1:])
+        copies.append(np.array(batch.pixels[1:] if keep == "view" else batch.pixels))
+    arrays = [h.pixels if keep == "batch" else h for h in held]
+    assert len(arrays) == 12
+    for array, copy in zip(arrays, copies, strict=True):
+        assert np.array_equal(array, copy), "a held batch was overwritten by a later one"
+    for i, a in enumerate(arrays):
+        for b in arrays[i + 1 :]:
+            assert not np.shares_memory(a, b)
+
+
+def test_a_stream_recycles_the_buffers_of_batches_it_no_longer_needs(long_shard):
+    addresses = []
+    fresh = starkret.preprocess_shards(long_shard, batch_size=2, size=32, prefetch=1)
+    want = [np.array(b.pixels) for b in fresh]
+    for i, batch in enumerate(
+        starkret.preprocess_shards(long_shard, batch_size=2, size=32, prefetch=1)
+    ):
+        assert batch.pixels.tobytes() == want[i].tobytes()
+        addresses.append(_address(batch.pixels))
+        del batch
+    assert len(addresses) == 12
+    assert len(set(addresses)) < len(addresses)
+
+
+def test_a_long_stream_stops_faulting_in_fresh_output_memory(tmp_path):
+    """Batches of 43 MB, over glibc's largest mmap threshold (32 MB): a fresh array per
+    batch is fresh memory from the kernel every time, faulted in (and zeroed) page by
+    page, a sixth of a one-thread stream's time. The stream's buffers are reused."""
+    import resource
+
+    photo = encode(synthetic_photo(64, 64, seed=1), "JPEG")
+    members = []
+    for i in range(6 * 32):
+        members += _sample(f"{i:04d}", photo, "c")
+    shard = str(_tar(tmp_path / "big.tar", members))
+    faults = []
+    stream = starkret.preprocess_shards(shard, batch_size=32, size=336, threads=1, prefetch=1)
+    for batch in stream:
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+        assert batch.pixels.shape == (32, 3, 336, 336)
+        del batch
+    assert len(faults) == 6
+    # a fresh 43 MB batch: ~880 faults here (2 MiB pages where the kernel has them)
+    per_batch = [b - a for a, b in itertools.pairwise(faults[2:])]
+    assert max(per_batch) < 15, per_batch

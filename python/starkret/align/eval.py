@@ -99,11 +99,16 @@ def evaluate(
 
     The rank counts gallery images scoring strictly higher than the ground truth, plus
     one (ties go to the ground truth). Ground-truth keys are DB keys (``cc12m/0001``)
-    or Stark's ``url:`` keys.
+    or Stark's ``url:`` keys. Recorded near duplicates (``starkret dedup``) are not in
+    the gallery (unless the DB was opened with ``duplicates="keep"``): a ground truth
+    that is one is stood in for by the image kept in its place.
     """
     texts, keys = _queries(pairs)
     names = db.sources if sources is None else list(sources)
     locations = [db.locate(key, names) for key in keys]
+    dups = db.duplicates
+    if dups:
+        locations = [None if loc is None else dups.kept_of(*loc) for loc in locations]
     missing = [k for k, loc in zip(keys, locations, strict=True) if loc is None]
     if missing:
         raise InvalidInputError(
@@ -123,7 +128,12 @@ def evaluate(
         better = np.zeros(len(vectors), np.int64)
         for name in names:
             # the search's own scan, counting the rows that beat the ground truth
-            better += count_above(vectors, db.embeddings(name), target + RANK_TOLERANCE)
+            better += count_above(
+                vectors,
+                db.embeddings(name),
+                target + RANK_TOLERANCE,
+                exclude=dups.exclusions(name),
+            )
         ranks.extend((better + 1).tolist())
         if bar is not None:
             bar.update(len(vectors))

@@ -9,9 +9,7 @@ one batch, then stored as small JPEGs inside the page.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,6 +17,7 @@ from urllib.parse import urlsplit
 from starkret._io import atomic_write_text
 from starkret.align.aligner import Alignment, Candidate
 from starkret.index.db import ImageDB
+from starkret.ingest.preprocess import thumbnail_uris
 
 __all__ = ["write_report"]
 
@@ -51,21 +50,7 @@ def _image_bytes(db: ImageDB, wanted: list[Candidate]) -> dict[str, bytes]:
 
 def _thumbnails(images: dict[str, bytes]) -> dict[str, str]:
     """``data:`` URIs of center-cropped thumbnails, decoded in one Rust batch."""
-    import numpy as np
-    import PIL.Image
-
-    from starkret.ingest.preprocess import preprocess
-
-    keys = list(images)
-    batch = preprocess([images[k] for k in keys], size=THUMB, dtype="uint8")
-    out = {}
-    for pixels, i in zip(batch.pixels, batch.index.tolist(), strict=True):
-        buf = io.BytesIO()
-        PIL.Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0))).save(
-            buf, "JPEG", quality=80
-        )
-        out[keys[i]] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    return out
+    return thumbnail_uris(images, THUMB)
 
 
 def _is_web_link(url: str) -> bool:

@@ -45,6 +45,7 @@ EXAMPLES = {
     "--report report.html",
     "serve": "starkret serve db --port 8080",
     "eval": "starkret eval db ../examples/eval_pairs.jsonl --json",
+    "dedup": "starkret dedup db --threshold 0.95 --report dedup.html",
 }
 
 
@@ -330,20 +331,47 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
                 max_index_memory_usage=args.max_index_memory_usage,
                 max_index_query_time_ms=args.max_index_query_time_ms,
                 auto_exact_max_rows=args.auto_exact_max_rows,
+                calibrate_with=args.calibrate_with,
+                target_recall=args.target_recall,
                 rebuild=args.rebuild,
             )
             summary = {"source_dir": str(source_dir), "kind": infos["kind"]}
             summary["count"] = infos["count"]
             summary["added"] = infos["added"]
             summary["rebuilt"] = infos.get("rebuilt")
-            for key in ("recall_at_10", "recall_at_5_text_like", "build_seconds", "drift"):
+            for key in (
+                "recall_at_10",
+                "recall_at_5_text_like",
+                "recall_at_10_calibration",
+                "calibration_queries",
+                "nprobe",
+                "build_seconds",
+                "first_pass",
+                "drift",
+            ):
                 if key in infos:
                     summary[key] = infos[key]
             summaries.append(summary)
             if bar is not None:
                 bar.update(1)
             if not args.json and not args.quiet:
-                line = _build_line(source_dir, infos)
+                recall = (
+                    f", recall@10 {infos['recall_at_10']:.3f}" if "recall_at_10" in infos else ""
+                )
+                if "recall_at_5_text_like" in infos:
+                    recall += (
+                        f", recall@5 on text-like queries {infos['recall_at_5_text_like']:.3f}"
+                    )
+                if "recall_at_10_calibration" in infos:
+                    recall += (
+                        f", recall@10 on your {infos['calibration_queries']:,} queries "
+                        f"{infos['recall_at_10_calibration']:.3f} (nprobe {infos['nprobe']})"
+                    )
+                line = f"{source_dir}: {infos['kind']} index over {infos['count']:,} images{recall}"
+                if "q8" in infos:
+                    mb = infos["q8"]["bytes_per_million_rows"] / 1e6
+                    line += f", int8 first pass ({mb:,.0f} MB per million images)"
+                line = _grown_line(source_dir, infos) or line
                 (bar.write if bar is not None else print)(line)
     finally:
         if bar is not None:
@@ -353,20 +381,18 @@ def _cmd_build_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_line(source_dir, infos: dict) -> str:
-    """build-index's line for one source: what was built, or what an add did."""
+def _grown_line(source_dir, infos: dict) -> str | None:
+    """build-index's line for a source it added to (or found up to date); None after a
+    full build."""
     kind, count, added = infos["kind"], infos["count"], infos["added"]
-    if infos.get("rebuilt") is None and added < count:  # grown, or up to date
-        if not added:
-            return f"{source_dir}: {kind} index over {count:,} images, up to date"
-        line = f"{source_dir}: added {added:,} images to its {kind} index, now {count:,}"
-        if infos.get("drift", {}).get("drifted"):
-            line += " (the new images drift from its cells: consider --rebuild)"
-        return line
-    recall = f", recall@10 {infos['recall_at_10']:.3f}" if "recall_at_10" in infos else ""
-    if "recall_at_5_text_like" in infos:
-        recall += f", recall@5 on text-like queries {infos['recall_at_5_text_like']:.3f}"
-    return f"{source_dir}: {kind} index over {count:,} images{recall}"
+    if infos.get("rebuilt") is not None or added >= count:
+        return None
+    if not added:
+        return f"{source_dir}: {kind} index over {count:,} images, up to date"
+    line = f"{source_dir}: added {added:,} images to its {kind} index, now {count:,}"
+    if infos.get("drift", {}).get("drifted"):
+        line += " (the new images drift from its cells: consider --rebuild)"
+    return line
 
 
 def _cmd_clip_back(args: argparse.Namespace) -> int:
@@ -388,7 +414,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from starkret.index.db import ImageDB
 
-    db = ImageDB.open(args.db)
+    db = ImageDB.open(args.db, duplicates=_duplicates(args))
     hits = db.search(
         args.queries, k=args.k, sources=args.sources, device=args.device, threads=args.threads
     )
@@ -431,7 +457,7 @@ def _align_locked(args: argparse.Namespace, guard) -> int:
     from starkret.align.dialogue import align_file, records_path
     from starkret.index.db import ImageDB
 
-    db = ImageDB.open(args.db)
+    db = ImageDB.open(args.db, duplicates=_duplicates(args))
     aligner = Aligner(
         db,
         k_per_source=args.k_per_source,
@@ -528,8 +554,68 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=None if args.api_key_file is None else read_api_key(args.api_key_file),
         public_url=args.public_url,
         allow_image_urls=args.allow_image_urls,
+        duplicates=_duplicates(args),
     )
     serve(args.db, host=args.host, port=args.port, config=config)
+    return 0
+
+
+def _duplicates(args: argparse.Namespace) -> str:
+    """``ImageDB.open``'s ``duplicates``: ``keep`` with ``--keep-duplicates``."""
+    return "keep" if getattr(args, "keep_duplicates", False) else DEFAULTS.duplicates
+
+
+def _add_keep_duplicates(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-duplicates",
+        action="store_true",
+        help="also return images `starkret dedup` recorded as near duplicates "
+        f"(default: {DEFAULTS.duplicates} them)",
+    )
+
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    import json
+
+    from starkret.index.dedup import dedup, describe
+
+    sources = None if args.sources is None else [s for s in args.sources.split(",") if s]
+    guard = None
+    if args.report:
+        from starkret.index.dedup_report import report_outputs
+
+        guard = report_outputs(args.db, args.report).acquire()
+    try:
+        summary = dedup(
+            args.db,
+            args.threshold,
+            sources=sources,
+            margin=args.margin,
+            max_clusters=args.max_clusters,
+            full=args.full,
+            threads=args.threads,
+        )
+        if args.report or not args.json:
+            from starkret.index.db import ImageDB
+            from starkret.index.dedup_report import largest_groups, text_report, write_dedup_report
+
+            db = ImageDB.open(args.db, duplicates="keep")
+            if args.report:
+                summary["report"] = str(write_dedup_report(db, args.report))
+                guard.keep()
+            text = text_report(largest_groups(db, 5, 8)) if not args.json else ""
+    finally:
+        if guard is not None:
+            guard.release()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(describe(summary))
+    if text:
+        print("largest groups (keep/drop, cosine to the kept image, source, key):")
+        print(text)
+    if args.report:
+        print(f"report: {summary['report']}")
     return 0
 
 
@@ -540,7 +626,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from starkret.index.db import ImageDB
 
     result = evaluate(
-        ImageDB.open(args.db), read_pairs(args.pairs), sources=args.sources, progress=_show(args)
+        ImageDB.open(args.db, duplicates=_duplicates(args)),
+        read_pairs(args.pairs),
+        sources=args.sources,
+        progress=_show(args),
     )
     if args.json:
         print(json.dumps(result.as_dict()))
@@ -611,6 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_INDEX_MEMORY,
         DEFAULT_MAX_QUERY_TIME_MS,
     )
+    from starkret.index.dedup import DEFAULT_MARGIN as DEDUP_MARGIN
+    from starkret.index.dedup import DEFAULT_MAX_CLUSTERS as DEDUP_MAX_CLUSTERS
+    from starkret.index.dedup import DEFAULT_THRESHOLD as DEDUP_THRESHOLD
+    from starkret.index.ivf import TARGET_RECALL
 
     build = _command(
         sub,
@@ -647,6 +740,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=AUTO_EXACT_MAX_ROWS,
         help="kind=auto: exact search up to this many images, ivf above (default: %(default)s)",
+    )
+    build.add_argument(
+        "--calibrate-with",
+        metavar="QUERIES",
+        help="ivf: choose the probe count on your own queries instead of generated "
+        "text-like ones: a .npy file of query vectors (n x dim), a moments .jsonl "
+        '(one {"description": ...} or {"vector": [...]} per line) or a text file (one '
+        "query per line, encoded with the source's model); recall@10 against exact "
+        "search on them is written to index/infos.json",
+    )
+    build.add_argument(
+        "--target-recall",
+        type=float,
+        default=TARGET_RECALL,
+        help="ivf: the recall the probe count is chosen for (recall@10 on --calibrate-with "
+        "queries, else recall@5 on text-like ones) (default: %(default)s)",
     )
     build.add_argument(
         "--rebuild",
@@ -692,6 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.device,
         help="cpu, or cuda / cuda:N for exact search on a GPU (default: %(default)s)",
     )
+    _add_keep_duplicates(search)
     _add_common(search, json_help='print {"results": [{"query", "hits"}, ...]}')
     search.set_defaults(func=_cmd_search)
 
@@ -760,6 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the chosen local images (not CC12M/RedCaps12M) as stark-image-style tars "
         "(default: none)",
     )
+    _add_keep_duplicates(align)
     _add_common(align, json_help="print the run's summary and the paths written as one JSON object")
     align.set_defaults(func=_cmd_align)
 
@@ -852,6 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="let /knn-service fetch image_url queries: the server then requests any "
         "http(s) URL a client names (off by default)",
     )
+    _add_keep_duplicates(srv)
     srv.set_defaults(func=_cmd_serve)
 
     ev = _command(sub, "eval", "Recall@1/5/10 and MRR of descriptions against a gallery")
@@ -860,8 +972,51 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--sources", nargs="+", default=None, help="only these sources (default: every source)"
     )
+    _add_keep_duplicates(ev)
     _add_common(ev, json_help="JSON output")
     ev.set_defaults(func=_cmd_eval)
+
+    dd = _command(
+        sub,
+        "dedup",
+        "find near-duplicate images across the DB and leave all but one per group out",
+        description="Find every group of images whose embeddings are at least --threshold "
+        "similar (cosine), within and across sources; keep one per group (the most pixels, "
+        "then the earlier source and row) and record the others in DB/duplicates.npz, "
+        "which search, align, serve and eval then leave out (--keep-duplicates there keeps "
+        "them). A rerun compares only the rows added since. See docs/index.md.",
+    )
+    dd.add_argument("db", help="DB folder (one sub-folder per source)")
+    dd.add_argument(
+        "--threshold",
+        type=float,
+        default=DEDUP_THRESHOLD,
+        help="cosine at or above which two images are near duplicates (default: %(default)s)",
+    )
+    dd.add_argument(
+        "--sources", default=None, help="comma-separated sources only (default: every source)"
+    )
+    dd.add_argument(
+        "--margin",
+        type=float,
+        default=DEDUP_MARGIN,
+        help="a row also joins every cluster within this of its nearest: wider finds more "
+        "border pairs, slower (default: %(default)s)",
+    )
+    dd.add_argument(
+        "--max-clusters",
+        type=int,
+        default=DEDUP_MAX_CLUSTERS,
+        help="most clusters a row joins (default: %(default)s)",
+    )
+    dd.add_argument(
+        "--full", action="store_true", help="ignore the earlier record: compare every row again"
+    )
+    dd.add_argument(
+        "--report", default=None, help="also write this HTML page of the largest groups"
+    )
+    _add_common(dd, json_help="print the summary as one JSON object")
+    dd.set_defaults(func=_cmd_dedup)
     return parser
 
 

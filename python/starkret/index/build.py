@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,14 @@ from starkret.errors import (
     OutputBusyError,
 )
 from starkret.index import grow
+from starkret.index.calibrate import calibration_queries, source_text_encoder
 from starkret.index.exact import (
     Parts,
     embedding_parts,
     exact_search,
 )
+from starkret.index.ivf import TARGET_RECALL
+from starkret.index.q8 import FIRST_PASS, write_q8
 from starkret.index.source import SourceIndex, _manifest, source_dirs
 from starkret.store.claims import STATE_DIR, lock_file
 from starkret.store.keyindex import write_key_index
@@ -60,12 +64,25 @@ RECALL_WARNING = 0.9
 #: The lock file (under ``SOURCE/.starkret/``) a build or add holds: one at a time.
 BUILD_LOCK = "build-index"
 
-#: Writers of per-part index files (e.g. int8 copies under ``index/q8/``):
-#: ``writer(source_dir, parts, new_parts) -> dict`` writes the files of the parts numbered
-#: ``new_parts`` (a range: every part on a full build, only the new ones on an add) and
-#: returns entries for ``infos.json``. Their files must be written atomically and be
-#: named by part, so an add (or a rerun after a kill) only writes what is new.
-PART_WRITERS: list = []
+
+def _write_q8_parts(
+    source_dir: Path, parts: Parts, infos: dict, previous: dict | None
+) -> tuple[dict, int]:
+    """The int8 copies of an exact index's parts (:mod:`starkret.index.q8`): only parts
+    whose copy is missing or not current per ``previous`` are written."""
+    if infos["kind"] != "exact":
+        return {}, 0
+    q8 = write_q8(source_dir, parts.arrays, previous)
+    return {"first_pass": FIRST_PASS, "q8": q8}, q8["written"]
+
+
+#: Writers of per-part index files: ``writer(source_dir, parts, infos, previous)`` gets
+#: the index's new ``infos`` (its kind...) and ``previous``, the infos of the index before
+#: this build or add (None: none), writes the files of the parts that have none or whose
+#: file ``previous`` does not record as current (on an add: only the new parts; on an
+#: up-to-date index: only missing ones), each atomically and named by part, and returns
+#: ``(entries for infos.json, files written)``.
+PART_WRITERS: list = [_write_q8_parts]
 
 
 # ==== Building ====
@@ -81,6 +98,8 @@ def build_index(
     recall_queries: int = 1000,
     seed: int = 0,
     ivf_nlist: int | None = None,
+    calibrate_with: str | os.PathLike | np.ndarray | Sequence[str] | None = None,
+    target_recall: float = TARGET_RECALL,
     rebuild: bool = False,
 ) -> dict:
     """Build the index of one embedded source; returns (and writes) its ``infos.json``.
@@ -94,23 +113,42 @@ def build_index(
     ``rebuild=True`` (e.g. after a drift warning: new rows far from the trained cells).
     Only one build runs on a source at a time: a second one raises ``OutputBusyError``.
 
-    ``kind="exact"`` needs no build (search scans the memory-mapped float16 parts in
-    Rust); ``"autofaiss"`` runs ``autofaiss.build_index`` with Stark's settings (inner
-    product, 16GB, 10 ms; all overridable) and then measures recall@10 against exact
-    search on held-out queries (perturbed rows, not rows of the index), stored in the
-    infos and warned about below 0.9, and recall@5 on text-like queries
-    (:mod:`starkret.index.text_like`); ``"ivf"`` builds :mod:`starkret.index.ivf`'s index (IVF with
-    an HNSW coarse quantizer and SQ8/PQ codes, candidates re-ranked exactly, nprobe and
-    candidates calibrated to recall@5 >= 0.95 on text-like queries within
-    ``max_index_memory_usage``); ``"auto"`` picks exact up to ``auto_exact_max_rows``
-    rows and ivf above.
+    ``kind="exact"`` writes an int8 copy of each part (``index/q8/``, about half the bytes
+    of the float16 rows) that exact search scans first, re-ranking in float32 only the rows
+    its proven error bound keeps (:mod:`starkret.index.q8`; the same results as the float32
+    scan, bit for bit); ``"autofaiss"`` runs ``autofaiss.build_index`` with Stark's settings
+    (inner product, 16GB, 10 ms; all overridable) and then measures recall@10 against exact
+    search on held-out queries (perturbed rows, not rows of the index), stored in the infos
+    and warned about below 0.9, and recall@5 on text-like queries
+    (:mod:`starkret.index.text_like`); ``"ivf"`` builds :mod:`starkret.index.ivf`'s index
+    (IVF with an HNSW coarse quantizer and SQ8/PQ codes, candidates re-ranked exactly,
+    nprobe and candidates calibrated to recall@5 >= 0.95 on text-like queries within
+    ``max_index_memory_usage``); ``"auto"`` picks exact up to ``auto_exact_max_rows`` rows
+    and ivf above.
+
+    ``calibrate_with`` (ivf): the user's own queries, a ``.npy`` file of vectors, a
+    moments (``.jsonl``) or text file (one query per line), an array or a list of texts
+    (texts are encoded with the source's model; see :mod:`starkret.index.calibrate`):
+    nprobe and candidates are then chosen for recall@10 >= ``target_recall`` against
+    exact search on those queries, and the recall reached and the number of queries are
+    written to the infos (``recall_at_10_calibration``, ``calibration_queries``). Given
+    on a source with an index, it means a rebuild (a new calibration).
 
     >>> build_index("db/cc12m", kind="auto")  # doctest: +SKIP
     """
     if kind not in ("auto", "exact", "autofaiss", "ivf"):
         raise InvalidInputError(f"kind must be 'auto', 'exact', 'ivf' or 'autofaiss', got {kind!r}")
+    if calibrate_with is not None and kind not in ("ivf", "auto"):
+        raise InvalidInputError(f"calibrate_with calibrates an ivf index; kind={kind!r} has none")
+    if not 0.0 < target_recall <= 1.0:
+        raise InvalidInputError(f"target_recall must be in (0, 1], got {target_recall}")
     source_dir = Path(source_dir)
     manifest = _manifest(source_dir)
+    user_queries = None
+    if calibrate_with is not None:  # read (and encode) first: a bad file fails before the build
+        user_queries = calibration_queries(
+            calibrate_with, dim=manifest["dim"], encode_texts=source_text_encoder(manifest)
+        )
     (source_dir / STATE_DIR).mkdir(exist_ok=True)
     lock = lock_file(source_dir / STATE_DIR / BUILD_LOCK)
     if lock is None:
@@ -134,8 +172,11 @@ def build_index(
             "nlist": ivf_nlist if wanted == "ivf" else None,
             # growing past the memory budget of SQ8 codes needs other codes: a rebuild
             "codes": _ivf_codes(parts, max_index_memory_usage) if wanted == "ivf" else None,
+            "recall_target": target_recall if wanted == "ivf" else None,
         }
         plan = "asked for (rebuild=True)" if rebuild else None
+        if plan is None and user_queries is not None:
+            plan = "calibrate_with asks for a new calibration"
         if plan is None:
             plan = grow.plan_add(index_dir, parts, old, wanted, options)
         if isinstance(plan, grow.AddPlan):
@@ -157,6 +198,10 @@ def build_index(
             recall_queries=recall_queries,
             seed=seed,
             ivf_nlist=ivf_nlist,
+            target_recall=target_recall,
+            calibrate_with=calibrate_with,
+            user_queries=user_queries,
+            previous=old,
         )
         infos["rebuilt"] = plan if old is not None else None
         _publish(index_dir, infos)
@@ -184,10 +229,14 @@ def _add(source_dir: Path, parts: Parts, plan: grow.AddPlan) -> dict:
     """Add the new parts' rows to the index (:mod:`starkret.index.grow`) and publish it."""
     infos = grow.add_rows(source_dir, parts, plan)
     infos["rebuilt"] = None
-    if infos["added"]:
-        for writer in PART_WRITERS:
-            infos.update(writer(source_dir, parts, range(plan.first_part, len(parts.arrays))))
+    written = 0
+    for writer in PART_WRITERS:  # on an up-to-date index: puts back missing files only
+        entries, wrote = writer(source_dir, parts, infos, plan.infos)
+        infos.update(entries)
+        written += wrote
+    if infos["added"] or written:
         _publish(source_dir / "index", infos)
+    if infos["added"]:
         _logger.info("%s: added %d rows to its %s index", source_dir, infos["added"], infos["kind"])
         grow.warn_drift(source_dir, infos.get("drift"))
     else:
@@ -214,8 +263,13 @@ def _build(
     recall_queries: int,
     seed: int,
     ivf_nlist: int | None,
+    target_recall: float,
+    calibrate_with,
+    user_queries: np.ndarray | None,
+    previous: dict | None,
 ) -> dict:
-    """The full build: every index file from row 0; returns the infos to publish."""
+    """The full build: every index file from row 0 (per-part files ``previous`` records
+    as current are kept); returns the infos to publish."""
     auto = kind == "auto"
     if auto:
         kind = auto_kind(parts.count, auto_exact_max_rows)
@@ -259,8 +313,12 @@ def _build(
                 max_index_memory_usage=max_index_memory_usage,
                 nlist=ivf_nlist,
                 seed=seed,
+                target_recall=target_recall,
+                calibrate_with=user_queries,
             )
         )
+        if isinstance(calibrate_with, (str, os.PathLike)):
+            infos["calibration_file"] = str(calibrate_with)
         if auto and not _ivf_pays_off(infos):
             # The calibration had to probe most cells (text-like queries far from every
             # cluster): the ivf would scan about everything, slower than the exact scan.
@@ -275,11 +333,11 @@ def _build(
             (index_dir / infos["index_file"]).unlink(missing_ok=True)
             ivf_infos = {k: infos.pop(k) for k in list(infos) if k not in _BASE_INFOS}
             infos.update(kind="exact", auto_ivf_rejected=ivf_infos)
+    for writer in PART_WRITERS:
+        infos.update(writer(source_dir, parts, infos, previous)[0])
     infos["metadata_rows"] = write_metadata_arrow(source_dir, parts.offsets)
     metadata = Metadata(source_dir, parts.offsets, source_dir / "index" / "metadata.arrow")
     infos["key_index_rows"] = write_key_index(source_dir, metadata)
-    for writer in PART_WRITERS:
-        infos.update(writer(source_dir, parts, range(len(parts.arrays))))
     infos.update(grow.coverage(parts))
     infos["added"] = parts.count
     return infos

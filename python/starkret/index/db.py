@@ -13,6 +13,7 @@ import numpy as np
 
 from starkret.defaults import DEFAULTS
 from starkret.errors import IncompatibleSourcesError, InvalidInputError, InvalidTypeError
+from starkret.index.duplicates import Duplicates
 from starkret.index.source import SourceIndex, source_dirs
 from starkret.index.topk import Exclusions
 from starkret.store.images import ImageReader, part_input
@@ -111,15 +112,33 @@ class ImageDB:
     [('cc12m', 'cc12m/000012345', 0.312), ('redcaps12m', 'redcaps12m/000998877', 0.305)]
     """
 
-    def __init__(self, root: Path, sources: dict[str, _Source], manifest: dict, embedder=None):
+    def __init__(
+        self,
+        root: Path,
+        sources: dict[str, _Source],
+        manifest: dict,
+        embedder=None,
+        duplicates: str = DEFAULTS.duplicates,
+    ):
         self.root, self._sources, self.manifest = root, sources, manifest
         self._embedder = embedder
         self._images = ImageReader()
         self._refreshing = threading.Lock()
+        self.duplicates_mode = duplicates
+        self._duplicates: Duplicates | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, embedder=None) -> ImageDB:
-        """Open every embedded source under ``path`` (or ``path`` itself if it is one)."""
+    def open(
+        cls, path: str | os.PathLike, *, embedder=None, duplicates: str = DEFAULTS.duplicates
+    ) -> ImageDB:
+        """Open every embedded source under ``path`` (or ``path`` itself if it is one).
+
+        ``duplicates="drop"`` (default): images ``starkret dedup`` recorded as near
+        duplicates of a kept image (``duplicates.npz``) are never returned;
+        ``"keep"``: the record is ignored.
+        """
+        if duplicates not in ("drop", "keep"):
+            raise InvalidInputError(f"duplicates must be 'drop' or 'keep', got {duplicates!r}")
         root = Path(path)
         dirs = source_dirs(root)
         indices = [SourceIndex.open(d) for d in dirs]
@@ -141,7 +160,7 @@ class ImageDB:
                     f"{sources[name].index.source_dir}"
                 )
             sources[name] = _Source(name, idx)
-        return cls(root, sources, first, embedder)
+        return cls(root, sources, first, embedder, duplicates)
 
     # ==== Staying current ====
 
@@ -182,6 +201,7 @@ class ImageDB:
                     old.stamp = stamp
                     continue
                 self._sources[name] = new
+                self._duplicates = None  # read again for the new row counts
                 reopened.append(name)
                 _logger.info("%s: re-opened its index (%d images)", name, new.index.count)
         return reopened
@@ -221,6 +241,18 @@ class ImageDB:
 
             self._embedder = ClipEmbedder(self.manifest["model"], self.manifest["pretrained"])
         return self._embedder
+
+    @property
+    def duplicates(self) -> Duplicates:
+        """The recorded near duplicates left out of searches (read on first use; empty
+        with ``duplicates="keep"`` or without a record)."""
+        if self._duplicates is None:
+            if self.duplicates_mode == "keep":
+                self._duplicates = Duplicates(None, {})
+            else:
+                counts = {n: s.index.count for n, s in self._sources.items()}
+                self._duplicates = Duplicates.load(self.root, counts)
+        return self._duplicates
 
     # ==== Search ====
 
@@ -282,7 +314,8 @@ class ImageDB:
         """:meth:`search` for unit query ``vectors``, as arrays (no metadata read).
 
         ``exclude``: keys, as in :meth:`search`; ``exclude_rows``: per source name, rows
-        never to return (:class:`~starkret.index.topk.Exclusions`).
+        never to return (:class:`~starkret.index.topk.Exclusions`). Recorded near
+        duplicates (:attr:`duplicates`) are left out inside the scan too.
         """
         _check_k(k)
         names = list(self._sources) if sources is None else list(sources)
@@ -301,6 +334,9 @@ class ImageDB:
             exclusions = by_key[name] if by_key is not None else None
             if exclude_rows and name in exclude_rows:
                 exclusions = exclude_rows[name].union(exclusions, n)
+            dropped = self.duplicates.exclusions(name)
+            if dropped is not None:
+                exclusions = dropped.union(exclusions, n)
             s, r = source.index.search(
                 vectors, int(k), exclude=exclusions, device=device, threads=threads
             )

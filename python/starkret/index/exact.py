@@ -5,6 +5,8 @@
 - :func:`exact_search`: the one exact search. Every part of the source goes to a single
   Rust call (``topk_search_parts``) that scans them on all cores and keeps one running
   top-``k`` per query and worker, so memory is O(queries x k) whatever the part count.
+  Where ``build-index`` wrote an int8 copy (:mod:`starkret.index.q8`), the scan runs on
+  it first and re-ranks the few rows its bound keeps: the same results, bit for bit.
 - :func:`register_searcher` / :func:`searcher`: the search function of a source is
   chosen by its index kind (``exact``, ``autofaiss``, ...) and the device; other
   modules add theirs (a GPU scan, an IVF index) without touching the callers.
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from starkret.errors import InvalidInputError, MissingIndexError
+from starkret.index.q8 import Q8Copy, topk_q8_parts
 from starkret.index.topk import Exclusions, topk_parts
 from starkret.store.layout import part_files
 
@@ -91,13 +94,19 @@ def exact_search(
     *,
     exclude: Exclusions | None = None,
     threads: int | None = None,
+    q8: Q8Copy | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores, global rows) over every part, in one Rust call.
 
     Rows are -1 (score -inf) where fewer than ``k`` are eligible; ``exclude`` holds
-    global rows, applied inside the scan.
+    global rows, applied inside the scan. With ``q8`` (the source's int8 copy) the scan
+    runs its first pass on it; the result is the same, bit for bit.
     """
-    return topk_parts(queries, parts.arrays, k, exclude=exclude, threads=threads)
+    if q8 is None:
+        return topk_parts(queries, parts.arrays, k, exclude=exclude, threads=threads)
+    result = topk_q8_parts(queries, parts.arrays, q8.codes, k, exclude=exclude, threads=threads)
+    q8.last_reranked = result.reranked
+    return result.scores, result.ids
 
 
 # ==== Choosing the search of a source ====
@@ -130,7 +139,8 @@ def searcher(kind: str, device: str) -> SearchFn:
 
 
 def _exact(index, queries, k, exclude, *, threads=None, **_):
-    return exact_search(queries, index.parts, k, exclude=exclude, threads=threads)
+    q8 = getattr(index, "q8", None)
+    return exact_search(queries, index.parts, k, exclude=exclude, threads=threads, q8=q8)
 
 
 register_searcher("*", "cpu", _exact)

@@ -345,7 +345,7 @@ def read_infos(index_dir: Path) -> dict | None:
     path = index_dir / "infos.json"
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (OSError, ValueError):  # none, or unreadable: build from scratch
         return None
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from starkret._io import atomic_path
 from starkret.errors import InvalidInputError, MissingIndexError
 from starkret.index.grow import DRIFT_SAMPLE_ROWS, centroid_similarity, similarity_summary
+from starkret.index.text_like import recall_at, text_like_queries
 from starkret.index.topk import Exclusions
 
 __all__ = [
@@ -49,6 +50,8 @@ TARGET_RECALL = 0.95
 #: Candidate counts and nprobe values the calibration tries (cheapest passing pair wins).
 CANDIDATE_GRID = (20, 50, 100, 200, 400, 800, 1600)
 RECALL_K = 5
+#: recall@k measured on the user's own calibration queries (``calibrate_with``).
+USER_K = 10
 _ID_BYTES = 8  # faiss stores an int64 id per vector in the inverted lists
 
 _logger = logging.getLogger("starkret")
@@ -193,12 +196,17 @@ def build_ivf(
     codes: str | None = None,
     train_rows: int = 200_000,
     seed: int = 0,
+    calibrate_with: np.ndarray | None = None,
 ) -> dict:
-    """Train, fill and calibrate the ivf index of one source; returns its infos."""
+    """Train, fill and calibrate the ivf index of one source; returns its infos.
+
+    ``calibrate_with``: unit float32 ``(n, dim)`` queries (see
+    :func:`starkret.index.calibrate.calibration_queries`) on which nprobe and candidates
+    are chosen for recall@10 >= ``target_recall``, instead of generated text-like queries.
+    """
     import faiss
 
     from starkret.index.exact import exact_search
-    from starkret.index.text_like import recall_at, text_like_queries
 
     started = time.perf_counter()
     count, dim = parts.count, int(parts.arrays[0].shape[1])
@@ -219,41 +227,37 @@ def build_ivf(
             index.add(np.ascontiguousarray(array[start : start + 65536], np.float32))
     built = time.perf_counter() - started
 
-    # Calibration: the cheapest (nprobe, candidates) with recall@5 >= target.
-    queries = text_like_queries(parts.rows, count, calibration_queries, dim, seed=seed + 1)
-    truth_s, truth = exact_search(queries, parts, RECALL_K)
-    grid = [c for c in CANDIDATE_GRID if c < count] + [min(count, CANDIDATE_GRID[-1])]
-    grid = sorted(set(max(RECALL_K, c) for c in grid))
-    per_cell = count / nlist
-    tried, best = [], None
-    nprobe = 1
-    while True:
-        _set_probe(index, nprobe)
-        _, ids = index.search(queries, grid[-1])
-        scored = candidate_scores(parts, queries, ids)  # once; each c is a prefix
-        for c in grid:
-            _, got = best_of(scored[:, :c], ids[:, :c], RECALL_K)
-            recall = recall_at(truth, got, RECALL_K)
-            # cost in row-equivalents: codes scanned (SQ8 = half a float16 row) + re-ranked
-            cost = nprobe * per_cell * _code_fraction(codes, dim) + c * 4
-            tried.append({"nprobe": nprobe, "candidates": c, "recall_at_5": round(recall, 4)})
-            if recall >= target_recall and (best is None or cost < best[0]):
-                best = (cost, nprobe, c, recall)
-        if nprobe >= nlist or (best is not None and nprobe >= 4 * best[1]):
-            break
-        nprobe = min(nlist, _next_probe(nprobe))
-    met = best is not None
+    # Calibration: the cheapest (nprobe, candidates) with recall@k >= target, on the
+    # user's queries (recall@10) when given, else on text-like ones (recall@5).
+    text_like = text_like_queries(parts.rows, count, calibration_queries, dim, seed=seed + 1)
+    queries, k = (text_like, RECALL_K) if calibrate_with is None else (calibrate_with, USER_K)
+    truth_s, truth = exact_search(queries, parts, k)
+    met, best, tried = _calibrate(
+        index, parts, queries, (truth_s, truth), k, target_recall, nlist, codes
+    )
     if not met:
-        top = max(tried, key=lambda t: (t["recall_at_5"], -t["nprobe"], -t["candidates"]))
-        best = (0.0, top["nprobe"], top["candidates"], top["recall_at_5"])
         _logger.warning(
-            "%s: ivf recall@5 on text-like queries reaches only %.3f (< %.2f); "
+            "%s: ivf recall@%d on %s reaches only %.3f (< %.2f); "
             "consider a larger max_index_memory_usage or kind='exact'",
             source_dir,
+            k,
+            "text-like queries" if calibrate_with is None else "the calibration queries",
             best[3],
             target_recall,
         )
     _, nprobe, cand, recall = best
+    user = {}
+    if calibrate_with is not None:
+        user = {
+            "calibrated_on": "user queries",
+            f"recall_at_{USER_K}_calibration": round(float(recall), 4),
+        }
+        # the text-like recall at the chosen pair, for comparison with other builds
+        _, truth = exact_search(text_like, parts, RECALL_K)
+        _, got = IvfIndex(index, parts, {"nprobe": nprobe, "candidates": cand}).search(
+            text_like, RECALL_K
+        )
+        recall = recall_at(truth, got, RECALL_K)
     with atomic_path(index_dir / INDEX_FILE) as tmp:
         faiss.write_index(index, str(tmp))
     return {
@@ -270,7 +274,8 @@ def build_ivf(
         "recall_at_5_text_like": round(float(recall), 4),
         "recall_target": target_recall,
         "recall_target_met": met,
-        "calibration_queries": calibration_queries,
+        "calibration_queries": len(queries),
+        **user,
         "query_best_cosine_median": round(float(np.median(truth_s[:, 0])), 4),
         "calibration": tried,
         "centroid_similarity": similarity_summary(trained),
@@ -289,6 +294,39 @@ def _drift_rows(rng, count: int, sample: np.ndarray) -> np.ndarray:
     if len(held_out) >= DRIFT_SAMPLE_ROWS // 10:
         return held_out
     return sample[np.sort(rng.choice(len(sample), min(len(sample), DRIFT_SAMPLE_ROWS), False))]
+
+
+def _calibrate(index, parts, queries, truth, k, target_recall, nlist, codes):
+    """(met, (cost, nprobe, candidates, recall), tried): the cheapest pair reaching the
+    target recall@``k`` against ``truth`` (exact scores, rows; ties count), else the best
+    recall found."""
+    truth_s, truth = truth
+    count, dim = parts.count, queries.shape[1]
+    grid = [c for c in CANDIDATE_GRID if c < count] + [min(count, CANDIDATE_GRID[-1])]
+    grid = sorted(set(max(k, c) for c in grid))
+    per_cell = count / nlist
+    key = f"recall_at_{k}"
+    tried, best = [], None
+    nprobe = 1
+    while True:
+        _set_probe(index, nprobe)
+        _, ids = index.search(queries, grid[-1])
+        scored = candidate_scores(parts, queries, ids)  # once; each c is a prefix
+        for c in grid:
+            got_s, got = best_of(scored[:, :c], ids[:, :c], k)
+            recall = recall_at(truth, got, k, truth_scores=truth_s, approx_scores=got_s)
+            # cost in row-equivalents: codes scanned (SQ8 = half a float16 row) + re-ranked
+            cost = nprobe * per_cell * _code_fraction(codes, dim) + c * 4
+            tried.append({"nprobe": nprobe, "candidates": c, key: round(recall, 4)})
+            if recall >= target_recall and (best is None or cost < best[0]):
+                best = (cost, nprobe, c, recall)
+        if nprobe >= nlist or (best is not None and nprobe >= 4 * best[1]):
+            break
+        nprobe = min(nlist, _next_probe(nprobe))
+    if best is not None:
+        return True, best, tried
+    top = max(tried, key=lambda t: (t[key], -t["nprobe"], -t["candidates"]))
+    return False, (0.0, top["nprobe"], top["candidates"], top[key]), tried
 
 
 def _code_fraction(codes: str, dim: int) -> float:

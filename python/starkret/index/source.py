@@ -23,6 +23,7 @@ from starkret.index.exact import (
     register_searcher,
     searcher,
 )
+from starkret.index.q8 import Q8Copy
 
 _logger = logging.getLogger("starkret")
 
@@ -65,6 +66,8 @@ class SourceIndex:
         self.source_dir, self.manifest, self.parts = source_dir, manifest, parts
         self.infos, self._faiss = infos, faiss_index
         self._ivf = None
+        #: The int8 copy exact search runs its first pass on (None: float32 scan only).
+        self.q8 = Q8Copy.open(source_dir, infos, parts.arrays) if self.kind == "exact" else None
         if infos.get("kind") == "ivf":
             from starkret.index.ivf import IvfIndex
 

@@ -59,11 +59,29 @@ def text_like_queries(rows_of, count: int, n: int, dim: int, *, seed: int = 0) -
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
-def recall_at(truth: np.ndarray, approx: np.ndarray, k: int) -> float:
-    """Share of the exact top-``k`` rows (``truth``, -1 = padding) found in ``approx[:, :k]``."""
+def recall_at(
+    truth: np.ndarray,
+    approx: np.ndarray,
+    k: int,
+    *,
+    truth_scores: np.ndarray | None = None,
+    approx_scores: np.ndarray | None = None,
+) -> float:
+    """Share of the exact top-``k`` rows (``truth``, -1 = padding) found in ``approx[:, :k]``.
+
+    With both score arrays (exact scores of the returned rows), ties count: a returned row
+    whose score reaches the exact ``k``-th best (within float32 rounding) is a hit, so an
+    index returning one of several identical duplicates is not marked wrong.
+    """
     hits = total = 0
-    for t, a in zip(truth[:, :k], approx[:, :k], strict=True):
+    tied = truth_scores is not None and approx_scores is not None
+    for i, (t, a) in enumerate(zip(truth[:, :k], approx[:, :k], strict=True)):
         t = t[t >= 0]
         total += len(t)
-        hits += len(np.intersect1d(t, a[a >= 0]))
+        if tied and len(t):
+            kth = float(truth_scores[i, len(t) - 1])
+            got = approx_scores[i, :k][a >= 0]
+            hits += min(len(t), int((got >= kth - 1e-6 * max(1.0, abs(kth))).sum()))
+        else:
+            hits += len(np.intersect1d(t, a[a >= 0]))
     return hits / max(1, total)

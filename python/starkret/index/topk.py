@@ -125,9 +125,11 @@ def count_above(
     parts: Sequence[np.ndarray | str | os.PathLike[str]],
     thresholds: np.ndarray,
     *,
+    exclude: Exclude | Exclusions = None,
     threads: int | None = None,
 ) -> np.ndarray:
-    """Per query, how many rows of ``parts`` score strictly above its threshold.
+    """Per query, how many rows of ``parts`` score strictly above its threshold
+    (``exclude``: rows never counted, as in :func:`topk_parts`).
 
     The same Rust scan as :func:`topk_parts` (same kernel, same float32 arithmetic),
     counting instead of ranking: the rank of a known image among all others, which
@@ -147,8 +149,12 @@ def count_above(
     if len(thresholds) != len(q):
         raise InvalidInputError(f"{len(thresholds)} thresholds for {len(q)} queries")
     _check_threads(threads)
+    options: dict[str, object] = {"threads": threads}
+    exclusions = Exclusions.parse(exclude, q.shape[0])
+    if exclusions is not None:
+        options.update(exclusions.core_options())
     views = [a.view(np.uint16) if a.dtype == np.float16 else a for a in arrays]
-    return _core.count_above_parts(q, views, thresholds, threads=threads).astype(np.int64)
+    return _core.count_above_parts(q, views, thresholds, **options).astype(np.int64)
 
 
 def merge_topk(

@@ -26,6 +26,7 @@ __all__ = [
     "preprocess",
     "preprocess_shards",
     "reference_crop",
+    "thumbnail_uris",
 ]
 
 #: CLIP's (OpenAI) normalisation constants, as open_clip uses them.
@@ -136,6 +137,7 @@ def preprocess(
     mean: tuple[float, float, float] = OPENAI_MEAN,
     std: tuple[float, float, float] = OPENAI_STD,
     layout: str = "chw",
+    out: np.ndarray | None = None,
 ) -> PreprocessedBatch:
     """Decode encoded images and turn them into CLIP input tensors, in Rust.
 
@@ -154,6 +156,14 @@ def preprocess(
     layout, handed over without a copy (what a GPU tower that normalises on the
     device takes).
 
+    ``out`` reuses memory across calls: a writeable C-contiguous array of ``dtype``
+    shaped (at least ``len(images)``, 3, S, S) (or (.., S, S, 3) for ``layout="hwc"``;
+    not ``dtype="uint8"`` in CHW, which is a transposed copy anyway). The pixels are
+    written into it and ``pixels`` is ``out[:len(batch)]``, a view: the next call with
+    the same ``out`` overwrites it. A loop that preprocesses batch after batch into a
+    fresh array makes the kernel fault in and zero new memory every time (a sixth of
+    the time of a one-thread loop); with ``out`` that happens once.
+
     >>> import io, PIL.Image
     >>> buf = io.BytesIO(); PIL.Image.new("RGB", (640, 480), "teal").save(buf, "PNG")
     >>> batch = preprocess([buf.getvalue(), b"not an image"])
@@ -163,8 +173,16 @@ def preprocess(
     _check_options(size, mode, dtype, threads, max_pixels, layout)
     data = _as_bytes(images)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    target = None if out is None else _output_target(out, len(data), size, dtype, layout)
     pixels, (ok, failures, fallbacks) = _core.preprocess_images(
-        data, size, mode, dtype, max_pixels, threads=threads, **_tables(dtype, mean, std)
+        data,
+        size,
+        mode,
+        dtype,
+        max_pixels,
+        threads=threads,
+        out=target,
+        **_tables(dtype, mean, std),
     )
     pixels = _arrange(pixels, dtype, layout)
     index = np.asarray(ok, dtype=np.int64)
@@ -174,7 +192,28 @@ def preprocess(
     failures = sorted([*failures, *failed])
     if done:
         pixels, index = _splice(pixels, index, done)
+        if out is not None:  # rare (Pillow fallbacks): the merged rows go back into out
+            out[: len(pixels)] = pixels
+            pixels = out[: len(pixels)]
     return PreprocessedBatch(pixels, index, failures, sorted(pos for pos, _ in done))
+
+
+def _output_target(out: object, n: int, size: int, dtype: str, layout: str) -> np.ndarray:
+    """``out`` checked for :func:`preprocess`, as the Rust core writes it (float16 as bits)."""
+    if not isinstance(out, np.ndarray):
+        raise InvalidTypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if dtype == "uint8" and layout == "chw":
+        raise InvalidInputError("out is for float32/float16 CHW or uint8 layout='hwc' output")
+    item = (size, size, 3) if dtype == "uint8" else (3, size, size)
+    if out.dtype != np.dtype(dtype):
+        raise InvalidInputError(f"out must have dtype {dtype}, got {out.dtype}")
+    if out.ndim != 4 or out.shape[1:] != item or out.shape[0] < n:
+        raise InvalidInputError(
+            f"out must have shape ({n} or more, {', '.join(map(str, item))}), got {out.shape}"
+        )
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise InvalidInputError("out must be C-contiguous and writeable")
+    return out.view(np.uint16) if dtype == "float16" else out
 
 
 def _pillow_fallbacks(items, size, max_pixels, dtype, mean, std, layout="chw"):
@@ -452,3 +491,22 @@ def preprocess_shards(
     return ShardBatchIterator(
         core, size=size, max_pixels=max_pixels, dtype=dtype, mean=mean, std=std, layout=layout
     )
+
+
+def thumbnail_uris(images: dict[str, bytes], size: int = 128) -> dict[str, str]:
+    """``data:`` URIs of ``size``-px center-cropped JPEG thumbnails, decoded in one Rust
+    batch (what HTML reports embed); images that fail to decode are left out."""
+    import base64
+
+    import PIL.Image
+
+    keys = list(images)
+    batch = preprocess([images[k] for k in keys], size=size, dtype="uint8")
+    out = {}
+    for pixels, i in zip(batch.pixels, batch.index.tolist(), strict=True):
+        buf = io.BytesIO()
+        PIL.Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0))).save(
+            buf, "JPEG", quality=80
+        )
+        out[keys[i]] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return out

@@ -552,12 +552,13 @@ def serve(
     if config.public_url is None:
         config = dataclasses.replace(config, public_url=default_public_url(host, port))
     check_service_options(config)
-    db = ImageDB.open(db_path, embedder=embedder)
+    db = ImageDB.open(db_path, embedder=embedder, duplicates=config.duplicates)
     if embedder is None:
         from starkret.ingest.towers import ClipEmbedder
 
         db = ImageDB.open(
             db_path,
+            duplicates=config.duplicates,
             # not compiled: a compiled image tower pads every call to a full batch and
             # compiles on the first /knn-service image query; queries come one by one
             embedder=ClipEmbedder(

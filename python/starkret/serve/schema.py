@@ -53,6 +53,8 @@ class ServeConfig:
     #: ``http://{DEFAULTS.host}:{DEFAULTS.port}`` (``serve`` derives it from its host and
     #: port). Never taken from a request's Host header.
     public_url: str | None = None
+    #: Near duplicates recorded by ``starkret dedup``: ``drop`` (never answered) or ``keep``.
+    duplicates: str = DEFAULTS.duplicates
 
 
 def one_line(text: str, limit: int = 300) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from starkret.errors import InvalidInputError
 
 __all__ = [
+    "INDEX_SUBFOLDERS",
     "PART_DIGITS",
     "SUBFOLDERS",
     "pad_part_names",
@@ -36,6 +37,9 @@ __all__ = [
 PART_DIGITS = 5
 #: The per-part sub-folders of an embedded source, and the file suffix in each.
 SUBFOLDERS = {"img_emb": ".npy", "metadata": ".parquet", "failures": ".parquet"}
+#: Per-part files that ``build-index`` derives from the parts, in sub-folders of ``index/``
+#: (``part_file(source / "index", "q8", i)``: the int8 copy of part ``i``).
+INDEX_SUBFOLDERS = {"q8": ".npy"}
 _NAME = re.compile(r"^(img_emb|metadata|failures)_(\d+)(\.npy|\.parquet)$")
 
 _logger = logging.getLogger("starkret")
@@ -50,7 +54,8 @@ def part_name(sub: str, index: int, *, padded: bool = True) -> str:
     >>> part_name("metadata", 12, padded=False)
     'metadata_12.parquet'
     """
-    return f"{sub}_{index:0{PART_DIGITS if padded else 0}d}{SUBFOLDERS[sub]}"
+    suffix = SUBFOLDERS[sub] if sub in SUBFOLDERS else INDEX_SUBFOLDERS[sub]
+    return f"{sub}_{index:0{PART_DIGITS if padded else 0}d}{suffix}"
 
 
 def part_file(out: str | os.PathLike, sub: str, index: int) -> Path:
