@@ -192,6 +192,9 @@ class ImageDB:
                     index = SourceIndex.open(old.index.source_dir)
                     self._check_space(index)
                     new = _Source(name, index)
+                    # the stamp from before reading: a build published meanwhile is
+                    # picked up by the next refresh
+                    new.stamp = stamp
                 except Exception as exc:  # keep serving the old index
                     _logger.warning(
                         "%s: could not re-open its new index (%s); still serving the old one",
