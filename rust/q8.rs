@@ -211,13 +211,7 @@ struct Queries {
     beta: Vec<f32>,
     /// Absolute margin for underflow in the scan and in the bound's arithmetic.
     tiny: f32,
-    /// Two-level queries: second codes `c2` and their sums; the query is then
-    /// `t (FINE c + c2)` with `t` the first level's scale over [`FINE`].
-    fine: Option<(Vec<i8>, Vec<i32>)>,
 }
-
-/// Weight of the first level of a two-level query: `D = FINE * D1 + D2`.
-const FINE: i64 = 256;
 
 /// `(1 + 16u)`: covers the rounding of the bound's own arithmetic (see [`bounds`]).
 const INFLATE: f32 = 1.0 + 1.0 / (1u32 << 20) as f32;
@@ -227,12 +221,11 @@ const A_ERROR: f32 = 1.0 / (1u32 << 21) as f32;
 impl Queries {
     /// None when a query has a value that is not finite or is too long: the bound does
     /// not cover it, and the float32 scan serves the batch.
-    fn new(queries: &[f32], d: usize, two_level: bool) -> Option<Self> {
+    fn new(queries: &[f32], d: usize) -> Option<Self> {
         let q = queries.len() / d;
         let g = groups(d);
         let mut codes = vec![0i8; q * g * GROUP];
         let (mut sums, mut scale, mut alpha, mut beta) = (vec![], vec![], vec![], vec![]);
-        let (mut fine_codes, mut fine_sums) = (vec![], vec![]);
         // The scan's longest accumulation: dp / lanes fused steps (or twice as many
         // unfused roundings on the portable path) and a log2(lanes) reduction; dp + 8
         // roundings bound them all.
@@ -243,19 +236,12 @@ impl Queries {
             .chunks_exact(d)
             .zip(codes.chunks_exact_mut(g * GROUP))
         {
-            let mut t = quantise(x, &mut c[..d]);
+            let t = quantise(x, &mut c[..d]);
             if !t.norm.is_finite() || f64::from(t.norm) > MAX_QUERY_NORM {
                 return None;
             }
+            let c2: f64 = c.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
             sums.push(c.iter().map(|&v| i32::from(v)).sum());
-            let mut c2 = c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
-            if two_level {
-                let at = fine_codes.len();
-                fine_codes.resize(at + g * GROUP, 0);
-                let (scale, residual, n2) = refine(x, c, &mut fine_codes[at..at + d]);
-                fine_sums.push(fine_codes[at..].iter().map(|&v| i32::from(v)).sum());
-                (t.scale, t.residual, c2) = (scale, residual, n2);
-            }
             scale.push(t.scale);
             alpha.push(up_f32(
                 (f64::from(t.residual) + gamma * f64::from(t.norm)) * (1.0 + 4.0 * U),
@@ -271,33 +257,8 @@ impl Queries {
             alpha,
             beta,
             tiny: up_f32((dp + 16) as f64 * 2f64.powi(-100)),
-            fine: two_level.then_some((fine_codes, fine_sums)),
         })
     }
-}
-
-/// The second level of a query quantised to `t1 c` (`c` in [-127, 127]): codes `c2`
-/// with `x ~ t (FINE c + c2)`, `t = t1 / FINE`. Returns `t`, an upper bound of
-/// `|x - t (FINE c + c2)|` and `|FINE c + c2|^2`, all exact in f64 as in [`quantise`].
-fn refine(x: &[f32], c: &[i8], c2: &mut [i8]) -> (f32, f32, f64) {
-    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let t = max / MAX_CODE / FINE as f32;
-    let (mut r2, mut n2) = (0f64, 0f64);
-    for ((&v, &c1), fine) in x.iter().zip(c).zip(c2.iter_mut()) {
-        let whole = f64::from(c1) * FINE as f64;
-        *fine = if t > 0.0 {
-            (f64::from(v) / f64::from(t) - whole)
-                .round()
-                .clamp(-f64::from(MAX_CODE), f64::from(MAX_CODE)) as i8
-        } else {
-            0
-        };
-        let code = whole + f64::from(*fine);
-        let r = f64::from(v) - f64::from(t) * code;
-        r2 += r * r;
-        n2 += code * code;
-    }
-    (t, sqrt_up(r2), n2)
 }
 
 /// Lower and upper bounds of the float32 score of a row: `A = f32(D) * s * t`, `E` as
@@ -305,10 +266,10 @@ fn refine(x: &[f32], c: &[i8], c2: &mut [i8]) -> (f32, f32, f64) {
 /// the six roundings of `E` and the final `A +- E`. A NaN bound (an infinite norm
 /// times a zero query term) keeps the row (`!(ub < theta)`) and never raises `theta`.
 #[inline(always)]
-fn bounds(dot: f32, row: (f32, f32, f32), query: (f32, f32, f32), tiny: f32) -> (f32, f32) {
+fn bounds(dot: i32, row: (f32, f32, f32), query: (f32, f32, f32), tiny: f32) -> (f32, f32) {
     let (s, norm, residual) = row;
     let (t, alpha, beta) = query;
-    let a = dot * s * t;
+    let a = dot as f32 * s * t;
     let e = ((alpha * norm + beta * residual) + (A_ERROR * a.abs() + tiny)) * INFLATE;
     (a - e, a + e)
 }
@@ -689,19 +650,6 @@ pub fn search_parts(
     threads: usize,
     path: Path,
 ) -> Result<Search, String> {
-    search_levels(queries, parts, k, exclude, threads, path, false)
-}
-
-/// [`search_parts`] with the queries quantised in one or two levels.
-fn search_levels(
-    queries: &[f32],
-    parts: &[Part<'_>],
-    k: usize,
-    exclude: &Exclude,
-    threads: usize,
-    path: Path,
-    two_level: bool,
-) -> Result<Search, String> {
     let rows: Vec<Database<'_>> = parts.iter().map(|p| p.rows).collect();
     let q = topk::query_count(queries, &rows)?;
     let path = path.resolve()?;
@@ -709,7 +657,7 @@ fn search_levels(
     let prepared = if path == Path::Float32 || k == 0 || rows[0].d > MAX_DIM {
         None
     } else {
-        Queries::new(queries, rows[0].d, two_level)
+        Queries::new(queries, rows[0].d)
     };
     let Some(prepared) = prepared else {
         let top = topk::search_parts(queries, &rows, k, exclude, threads)?;
@@ -905,7 +853,6 @@ fn scan_with<K: Kernel>(
     let part = share.part;
     let (g, stride) = (queries.g, block_bytes(part.rows.d));
     let mut out = [[0i32; BLOCK_ROWS]; MR * NB];
-    let mut out2 = [[0i32; BLOCK_ROWS]; MR * NB];
     let mut panel = share.blocks.start;
     while panel < share.blocks.end {
         let panel_end = (panel + PANEL_BLOCKS).min(share.blocks.end);
@@ -930,39 +877,14 @@ fn scan_with<K: Kernel>(
                         &queries.sums[m0..m0 + mr],
                         &mut out,
                     );
-                    if let Some((codes2, sums2)) = &queries.fine {
-                        let qcodes2 = &codes2[m0 * g * GROUP..(m0 + mr) * g * GROUP];
-                        K::tile(
-                            mr,
-                            nb,
-                            bytes.as_ptr(),
-                            stride,
-                            qcodes2.as_ptr(),
-                            g,
-                            &sums2[m0..m0 + mr],
-                            &mut out2,
-                        );
-                    }
                 }
                 for m in 0..mr {
                     for b in 0..nb {
-                        let mut dots = [0f32; BLOCK_ROWS];
-                        let coarse = &out[m * nb + b];
-                        if queries.fine.is_some() {
-                            let fine = &out2[m * nb + b];
-                            for (r, dot) in dots.iter_mut().enumerate() {
-                                *dot = (FINE * i64::from(coarse[r]) + i64::from(fine[r])) as f32;
-                            }
-                        } else {
-                            for (dot, &c) in dots.iter_mut().zip(coarse) {
-                                *dot = c as f32;
-                            }
-                        }
                         let block = &bytes[b * stride..(b + 1) * stride];
                         let first = share.base + (b0 + b) * BLOCK_ROWS;
                         let valid = (part.rows.n - (b0 + b) * BLOCK_ROWS).min(BLOCK_ROWS);
                         let tile = Tile {
-                            dots: &dots,
+                            dots: &out[m * nb + b],
                             terms: &block[g * 64..],
                             first,
                             valid,
@@ -987,7 +909,7 @@ fn reaches(upper: f32, theta: f32) -> bool {
 
 /// One query's integer dots with one block, and the block's terms.
 struct Tile<'a> {
-    dots: &'a [f32; BLOCK_ROWS],
+    dots: &'a [i32; BLOCK_ROWS],
     terms: &'a [u8],
     first: usize,
     valid: usize,
@@ -1129,28 +1051,17 @@ mod tests {
     }
 
     fn check_bound(query: &[f32], row: &[f32]) {
-        check_bound_levels(query, row, false);
-        check_bound_levels(query, row, true);
-    }
-
-    fn check_bound_levels(query: &[f32], row: &[f32], two_level: bool) {
         let d = query.len();
-        let qs = Queries::new(query, d, two_level).unwrap();
+        let qs = Queries::new(query, d).unwrap();
         let mut codes = vec![0i8; d];
         let t = quantise(row, &mut codes);
-        let dot_with = |q: &[i8]| -> i64 {
-            codes
-                .iter()
-                .zip(q)
-                .map(|(&a, &b)| i64::from(a) * i64::from(b))
-                .sum()
-        };
-        let dot = match &qs.fine {
-            Some((fine, _)) => FINE * dot_with(&qs.codes) + dot_with(fine),
-            None => dot_with(&qs.codes),
-        };
+        let dot: i32 = codes
+            .iter()
+            .zip(&qs.codes)
+            .map(|(&a, &b)| i32::from(a) * i32::from(b))
+            .sum();
         let (lo, up) = bounds(
-            dot as f32,
+            dot,
             (t.scale, t.norm, t.residual),
             (qs.scale[0], qs.alpha[0], qs.beta[0]),
             qs.tiny,
@@ -1210,7 +1121,7 @@ mod tests {
             let db = Database::new(Rows::F32(&rows), d).unwrap();
             let codes = quantise_rows(&db, 1).unwrap();
             let qv = gaussian(MR + 3, d, 4);
-            let qs = Queries::new(&qv, d, false).unwrap();
+            let qs = Queries::new(&qv, d).unwrap();
             let stride = block_bytes(d);
             let g = groups(d);
             let mut want = [[0i32; BLOCK_ROWS]; MR * NB];
@@ -1342,12 +1253,11 @@ mod tests {
             .collect();
         let want = topk::search_parts(queries, rows, k, exclude, 2).unwrap();
         for path in paths() {
-            for (threads, two_level) in [(1, false), (3, false), (2, true)] {
-                let got =
-                    search_levels(queries, &parts, k, exclude, threads, path, two_level).unwrap();
+            for threads in [1, 3] {
+                let got = search_parts(queries, &parts, k, exclude, threads, path).unwrap();
                 assert!(
                     same(&got.top, &want),
-                    "{what}: {path:?} threads={threads} two_level={two_level}\n{:?}\n{:?}",
+                    "{what}: {path:?} threads={threads}\n{:?}\n{:?}",
                     got.top.ids,
                     want.ids
                 );

@@ -399,7 +399,7 @@ fn measure_bf16_against_int8() {
     // ==== kernel only: 16 blocks (256 rows), 8 queries, one thread ====
     let blocks = 16;
     let q = tests::unit(tests::gaussian(MR, d, 5), d);
-    let q8 = Queries::new(&q, d, false).unwrap();
+    let q8 = Queries::new(&q, d).unwrap();
     let q16 = Queries16::new(&q, d).unwrap();
     for mr in [1, MR] {
         let reps = 400 / mr;
@@ -498,61 +498,6 @@ fn measure_bf16_against_int8() {
         println!(
             "batch {batch}: int8 {:.1} q/s, bf16 {:.1} q/s, int8/bf16 {:.2}x; re-ranked/query median (p99): int8 {m8} ({p8}), bf16 {m16} ({p16})",
             batch as f64 / a, batch as f64 / b, b / a
-        );
-    }
-}
-
-/// Re-ranked rows and q/s with the queries quantised in one and in two int8 levels
-/// (`STARKRET_BF16_ROWS` rows as above), interleaved, medians.
-#[test]
-#[ignore]
-fn measure_two_level_queries() {
-    if !simd_support().0 {
-        return;
-    }
-    let d = 768;
-    let n: usize = std::env::var("STARKRET_BF16_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1 << 18);
-    let rows32 = tests::unit(tests::gaussian(n, d, 11), d);
-    let bits: Vec<u16> = rows32.iter().map(|&v| tests::f32_to_f16(v)).collect();
-    drop(rows32);
-    let db = Database::new(Rows::F16Bits(&bits), d).unwrap();
-    let c8 = quantise_rows(&db, 0).unwrap();
-    let part = Part::new(db, &c8).unwrap();
-    for batch in [1usize, 16, 256] {
-        let queries = tests::unit(tests::gaussian(batch, d, 100 + batch as u64), d);
-        let want = topk::search_parts(&queries, &[db], 10, &Exclude::Nothing, 0).unwrap();
-        let mut times = [vec![], vec![]];
-        let mut counts = [vec![], vec![]];
-        for rep in 0..if batch >= 256 { 3 } else { 7 } {
-            for level in [rep % 2, 1 - rep % 2] {
-                let t = Instant::now();
-                let got = search_levels(
-                    &queries,
-                    &[part],
-                    10,
-                    &Exclude::Nothing,
-                    0,
-                    Path::Vnni,
-                    level == 1,
-                )
-                .unwrap();
-                times[level].push(t.elapsed().as_secs_f64());
-                assert!(same(&got.top, &want));
-                counts[level] = got.reranked;
-            }
-        }
-        let [mut t1, mut t2] = times;
-        let [mut c1, mut c2] = counts;
-        c1.sort_unstable();
-        c2.sort_unstable();
-        let p99 = |c: &[u64]| c[(c.len() * 99 / 100).min(c.len() - 1)];
-        let (a, b) = (median(&mut t1), median(&mut t2));
-        println!(
-            "batch {batch}: one level {:.1} q/s, re-ranked median {} (p99 {}); two levels {:.1} q/s, re-ranked median {} (p99 {}); two/one {:.2}x",
-            batch as f64 / a, c1[c1.len() / 2], p99(&c1), batch as f64 / b, c2[c2.len() / 2], p99(&c2), a / b
         );
     }
 }
