@@ -75,6 +75,7 @@ fn round_vector(x: &[f32], out: &mut [u16], limit: f64) -> (f32, f32, f32) {
 
 /// The rows of `db` as bf16 blocks: 16 rows x 2 dimensions per 64 bytes, then per row
 /// the norm and residual-norm bounds.
+#[allow(clippy::needless_range_loop)]
 pub(super) fn quantise_rows16(db: &Database<'_>) -> Vec<u8> {
     let (d, g) = (db.d, groups16(db.d));
     let bytes = block_bytes16(d);
