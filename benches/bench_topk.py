@@ -132,8 +132,10 @@ def run(args) -> list[Row]:
         print(line, flush=True)
         faiss_name = f"faiss IndexFlatIP f32 x{cores} threads"
         gflops = rates["int8"] * 2.0 * n * DIM / 1e9
+        # got.first_pass: the kernel that ran (vnni, avx2; float32 where the CPU has
+        # neither). bfloat16 was measured and is slower everywhere (docs/index.md).
         detail = (
-            f"re-ranked/query {reranked}; {q8_mb:.0f} MB per M rows; "
+            f"{got.first_pass} kernel; re-ranked/query {reranked}; {q8_mb:.0f} MB per M rows; "
             f"{gflops:.0f} effective GFLOP/s; identical to f32 scan"
         )
         rows.append(

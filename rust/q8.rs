@@ -941,14 +941,28 @@ fn offer(queries: &Queries, qi: usize, tile: &Tile<'_>, exclude: &Exclude, state
         upper[r] = up;
         any |= reaches(up, theta);
     }
-    if !any {
-        return;
+    if any {
+        keep(qi, tile.first, tile.valid, &lower, &upper, exclude, state);
     }
-    for r in 0..tile.valid {
+}
+
+/// Admits the lower bounds of a tile's first `valid` rows to query `qi`'s `k` best and
+/// keeps the rows whose upper bound reaches theta (exclusions applied).
+#[inline(always)]
+fn keep(
+    qi: usize,
+    first: usize,
+    valid: usize,
+    lower: &[f32; BLOCK_ROWS],
+    upper: &[f32; BLOCK_ROWS],
+    exclude: &Exclude,
+    state: &mut State,
+) {
+    for r in 0..valid {
         if upper[r] < state.lower[qi].floor {
             continue;
         }
-        let id = (tile.first + r) as i64;
+        let id = (first + r) as i64;
         if exclude.contains(qi, id) {
             continue;
         }
@@ -974,6 +988,11 @@ fn offer(queries: &Queries, qi: usize, tile: &Tile<'_>, exclude: &Exclude, state
     }
 }
 
+/// Measurement only: a bfloat16 first pass against this one (docs/index.md).
+#[cfg(all(test, target_arch = "x86_64"))]
+#[path = "q8_bf16.rs"]
+mod bf16;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -988,7 +1007,7 @@ mod tests {
         }
     }
 
-    fn gaussian(n: usize, d: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn gaussian(n: usize, d: usize, seed: u64) -> Vec<f32> {
         let mut u = rng(seed);
         (0..n * d)
             .map(|_| {
@@ -998,7 +1017,7 @@ mod tests {
             .collect()
     }
 
-    fn unit(mut v: Vec<f32>, d: usize) -> Vec<f32> {
+    pub(super) fn unit(mut v: Vec<f32>, d: usize) -> Vec<f32> {
         for row in v.chunks_exact_mut(d) {
             let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
             if n > 0.0 {
@@ -1204,7 +1223,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn vnni_tile(
+    pub(super) unsafe fn vnni_tile(
         mr: usize,
         nb: usize,
         b: *const u8,
@@ -1343,7 +1362,7 @@ mod tests {
     }
 
     /// f32 to f16 bits, round to nearest even (test data: normal or zero, no overflow).
-    fn f32_to_f16(v: f32) -> u16 {
+    pub(super) fn f32_to_f16(v: f32) -> u16 {
         let sign = ((v.to_bits() >> 16) & 0x8000) as u16;
         let a = v.abs();
         if a < 6.103_515_6e-5 {

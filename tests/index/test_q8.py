@@ -196,3 +196,41 @@ def test_a_failed_write_leaves_no_copy_and_no_temporary(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         build_index(folder, kind="exact")
     assert list(q8_folder(folder).iterdir()) == []
+
+
+def test_a_part_rewritten_with_the_same_row_count_is_searched_in_float32(tmp_path, caplog):
+    folder, _ = _source(tmp_path)
+    build_index(folder, kind="exact")
+    path = part_file(folder, "img_emb", 1)
+    rows = np.load(path)
+    n = len(rows)
+    # every row changes but the three a part's fingerprint used to sample
+    changed = -rows
+    changed[[0, n // 2, n - 1]] = rows[[0, n // 2, n - 1]]
+    np.save(path, changed)
+    with caplog.at_level(logging.INFO, logger="starkret"):
+        index = SourceIndex.open(folder)
+    assert index.q8 is None
+    assert any(
+        "part 1 changed" in r.getMessage() and "starkret build-index" in r.getMessage()
+        for r in caplog.records
+    )
+    queries = np.random.default_rng(6).standard_normal((5, 32)).astype(np.float32)
+    got = index.search(queries, 6)
+    want = topk_parts(queries, index.parts.arrays, 6)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0].view(np.uint32), want[0].view(np.uint32))
+    assert build_index(folder, kind="exact")["q8"]["written"] == 1
+    assert SourceIndex.open(folder).q8 is not None
+
+
+def test_a_copy_recorded_with_the_older_part_check_is_not_used(tmp_path, caplog):
+    folder, _ = _source(tmp_path)
+    infos = build_index(folder, kind="exact")
+    for record in infos["q8"]["parts"]:
+        del record["bytes"]
+    (folder / "index" / "infos.json").write_text(json.dumps(infos))
+    with caplog.at_level(logging.INFO, logger="starkret"):
+        assert SourceIndex.open(folder).q8 is None
+    assert any("older check" in r.getMessage() for r in caplog.records)
+    assert build_index(folder, kind="exact")["q8"]["written"] == 4

@@ -57,17 +57,29 @@ def q8_folder(source_dir: str | os.PathLike) -> Path:
     return Path(source_dir) / "index" / _SUB
 
 
+#: Rows hashed by a part's fingerprint, evenly spaced, the first and the last included.
+FINGERPRINT_ROWS = 64
+
+
 def _fingerprint(rows: np.ndarray) -> str:
-    """A cheap check that a part is the one its copy was made from: shape and three rows."""
+    """A cheap check that a part is the one its copy was made from: shape, dtype and
+    :data:`FINGERPRINT_ROWS` evenly spaced rows (a few pages of the memory map)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{rows.shape}{rows.dtype}".encode())
-    for i in sorted({0, len(rows) // 2, len(rows) - 1} if len(rows) else set()):
-        h.update(np.ascontiguousarray(rows[i]).tobytes())
+    if len(rows):
+        picks = np.unique(np.linspace(0, len(rows) - 1, FINGERPRINT_ROWS).round().astype(np.int64))
+        h.update(np.ascontiguousarray(rows[picks]).tobytes())
     return h.hexdigest()
 
 
 def _record(path: Path, rows: np.ndarray) -> dict:
-    return {"part": path.name, "rows": int(rows.shape[0]), "fingerprint": _fingerprint(rows)}
+    """What ties a copy to its part: file name and size, rows, sampled fingerprint."""
+    return {
+        "part": path.name,
+        "bytes": path.stat().st_size,
+        "rows": int(rows.shape[0]),
+        "fingerprint": _fingerprint(rows),
+    }
 
 
 def write_q8(
@@ -81,7 +93,8 @@ def write_q8(
     the ``q8`` record for ``infos.json``.
 
     ``arrays`` are the source's parts in order; ``previous`` the infos of the last
-    build: a part whose record there still matches (same file, rows and sampled rows)
+    build: a part whose record there still matches (same file name and size, rows and
+    sampled rows)
     and whose copy exists keeps it, so a build after an incremental add writes only
     the new parts. Each copy is published atomically.
     """
@@ -173,6 +186,8 @@ def _why_not_current(source_dir: Path, infos: dict, arrays: Sequence[np.ndarray]
     if len(parts) != len(arrays) or len(files) != len(arrays):
         return "the parts changed since the int8 copy was written"
     for i, (path, rows, rec) in enumerate(zip(files, arrays, parts, strict=True)):
+        if "bytes" not in rec:
+            return "its int8 copy was recorded with an older check of its parts"
         if rec != _record(path, rows):
             return f"part {i} changed since the int8 copy was written"
         if not part_file(q8_folder(source_dir).parent, _SUB, i).is_file():
