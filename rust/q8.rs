@@ -297,6 +297,34 @@ trait Kernel {
         sums: &[i32],
         out: &mut [[i32; BLOCK_ROWS]; MR * NB],
     );
+
+    /// Writes the [`bounds`] of a block's 16 rows and returns the lanes (bit `r` for row
+    /// `r`) whose upper bound [`reaches`] `theta`. SIMD versions do the same f32
+    /// operations in the same order (no fused multiply-add), so they give the same bits.
+    ///
+    /// # Safety
+    /// `terms` holds a block's `TERMS * BLOCK_ROWS` f32 terms; the CPU supports the
+    /// kernel's features.
+    #[inline(always)]
+    unsafe fn passing(
+        dots: &[i32; BLOCK_ROWS],
+        terms: &[u8],
+        query: (f32, f32, f32),
+        tiny: f32,
+        theta: f32,
+        lower: &mut [f32; BLOCK_ROWS],
+        upper: &mut [f32; BLOCK_ROWS],
+    ) -> u32 {
+        let mut mask = 0;
+        for (r, &dot) in dots.iter().enumerate() {
+            let row = (term(terms, 0, r), term(terms, 1, r), term(terms, 2, r));
+            (lower[r], upper[r]) = bounds(dot, row, query, tiny);
+            if reaches(upper[r], theta) {
+                mask |= 1 << r;
+            }
+        }
+        mask
+    }
 }
 
 /// Plain Rust, any CPU: the reference the SIMD kernels must equal.
@@ -334,7 +362,7 @@ impl Kernel for Scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Kernel, BLOCK_ROWS, GROUP, MR, NB, OFFSET};
+    use super::{Kernel, A_ERROR, BLOCK_ROWS, GROUP, INFLATE, MR, NB, OFFSET, TERMS};
     use std::arch::x86_64::*;
 
     /// AVX-512 VNNI: rows are the unsigned side of `vpdpbusd`, each query group of four
@@ -402,6 +430,47 @@ mod x86 {
                 };
             }
             arms!(1, 2, 3, 4, 5, 6, 7, 8)
+        }
+
+        #[inline(always)]
+        unsafe fn passing(
+            dots: &[i32; BLOCK_ROWS],
+            terms: &[u8],
+            query: (f32, f32, f32),
+            tiny: f32,
+            theta: f32,
+            lower: &mut [f32; BLOCK_ROWS],
+            upper: &mut [f32; BLOCK_ROWS],
+        ) -> u32 {
+            assert!(terms.len() >= TERMS * BLOCK_ROWS * 4);
+            // Little-endian f32s, as `term` reads them.
+            let p = terms.as_ptr().cast::<f32>();
+            let (s, norm, residual) = (
+                _mm512_loadu_ps(p),
+                _mm512_loadu_ps(p.add(BLOCK_ROWS)),
+                _mm512_loadu_ps(p.add(2 * BLOCK_ROWS)),
+            );
+            let (t, alpha, beta) = query;
+            let dot = _mm512_loadu_si512(dots.as_ptr().cast());
+            let a = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), s), _mm512_set1_ps(t));
+            let e = _mm512_mul_ps(
+                _mm512_add_ps(
+                    _mm512_add_ps(
+                        _mm512_mul_ps(_mm512_set1_ps(alpha), norm),
+                        _mm512_mul_ps(_mm512_set1_ps(beta), residual),
+                    ),
+                    _mm512_add_ps(
+                        _mm512_mul_ps(_mm512_set1_ps(A_ERROR), _mm512_abs_ps(a)),
+                        _mm512_set1_ps(tiny),
+                    ),
+                ),
+                _mm512_set1_ps(INFLATE),
+            );
+            let up = _mm512_add_ps(a, e);
+            _mm512_storeu_ps(lower.as_mut_ptr(), _mm512_sub_ps(a, e));
+            _mm512_storeu_ps(upper.as_mut_ptr(), up);
+            // `!(upper < theta)`: true for NaN, as `reaches`.
+            u32::from(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(up, _mm512_set1_ps(theta)))
         }
     }
 
@@ -853,6 +922,7 @@ fn scan_with<K: Kernel>(
     let part = share.part;
     let (g, stride) = (queries.g, block_bytes(part.rows.d));
     let mut out = [[0i32; BLOCK_ROWS]; MR * NB];
+    let (mut lower, mut upper) = ([0f32; BLOCK_ROWS], [0f32; BLOCK_ROWS]);
     let mut panel = share.blocks.start;
     while panel < share.blocks.end {
         let panel_end = (panel + PANEL_BLOCKS).min(share.blocks.end);
@@ -879,17 +949,32 @@ fn scan_with<K: Kernel>(
                     );
                 }
                 for m in 0..mr {
+                    let qi = m0 + m;
+                    let query = (queries.scale[qi], queries.alpha[qi], queries.beta[qi]);
                     for b in 0..nb {
-                        let block = &bytes[b * stride..(b + 1) * stride];
+                        let terms = &bytes[b * stride + g * 64..(b + 1) * stride];
+                        let dots = &out[m * nb + b];
+                        let theta = state.lower[qi].floor;
+                        // SAFETY: `terms` is a whole block's terms; the caller checked the CPU.
+                        let mask = unsafe {
+                            K::passing(
+                                dots,
+                                terms,
+                                query,
+                                queries.tiny,
+                                theta,
+                                &mut lower,
+                                &mut upper,
+                            )
+                        };
+                        if mask == 0 {
+                            continue; // the common case: no row of the block can matter
+                        }
                         let first = share.base + (b0 + b) * BLOCK_ROWS;
                         let valid = (part.rows.n - (b0 + b) * BLOCK_ROWS).min(BLOCK_ROWS);
-                        let tile = Tile {
-                            dots: &out[m * nb + b],
-                            terms: &block[g * 64..],
-                            first,
-                            valid,
-                        };
-                        offer(queries, m0 + m, &tile, exclude, state);
+                        // Padding rows past `valid` are never kept.
+                        let mask = mask & ((1u32 << valid) - 1);
+                        keep(qi, first, mask, &lower, &upper, exclude, state);
                     }
                 }
                 b0 += nb;
@@ -907,58 +992,28 @@ fn reaches(upper: f32, theta: f32) -> bool {
     upper >= theta || upper.is_nan()
 }
 
-/// One query's integer dots with one block, and the block's terms.
-struct Tile<'a> {
-    dots: &'a [i32; BLOCK_ROWS],
-    terms: &'a [u8],
-    first: usize,
-    valid: usize,
-}
-
 #[inline(always)]
 fn term(terms: &[u8], which: usize, r: usize) -> f32 {
     let at = (which * BLOCK_ROWS + r) * 4;
     f32::from_le_bytes([terms[at], terms[at + 1], terms[at + 2], terms[at + 3]])
 }
 
-/// Bounds for the 16 rows of a tile; the rare rows that may matter (upper bound at
-/// least theta) are checked against the exclusions and kept.
-#[inline(always)]
-fn offer(queries: &Queries, qi: usize, tile: &Tile<'_>, exclude: &Exclude, state: &mut State) {
-    let query = (queries.scale[qi], queries.alpha[qi], queries.beta[qi]);
-    let theta = state.lower[qi].floor;
-    let mut lower = [0f32; BLOCK_ROWS];
-    let mut upper = [0f32; BLOCK_ROWS];
-    let mut any = false;
-    for r in 0..BLOCK_ROWS {
-        let row = (
-            term(tile.terms, 0, r),
-            term(tile.terms, 1, r),
-            term(tile.terms, 2, r),
-        );
-        let (lo, up) = bounds(tile.dots[r], row, query, queries.tiny);
-        lower[r] = lo;
-        upper[r] = up;
-        any |= reaches(up, theta);
-    }
-    if any {
-        keep(qi, tile.first, tile.valid, &lower, &upper, exclude, state);
-    }
-}
-
-/// Admits the lower bounds of a tile's first `valid` rows to query `qi`'s `k` best and
-/// keeps the rows whose upper bound reaches theta (exclusions applied).
-#[inline(always)]
+/// Admits the lower bounds of a tile's rows in `mask` (bit `r` for row `r`) to query
+/// `qi`'s `k` best and keeps the rows whose upper bound reaches theta (exclusions
+/// applied). Out of line: the scan enters it for a small share of its tiles.
+#[inline(never)]
 fn keep(
     qi: usize,
     first: usize,
-    valid: usize,
+    mut mask: u32,
     lower: &[f32; BLOCK_ROWS],
     upper: &[f32; BLOCK_ROWS],
     exclude: &Exclude,
     state: &mut State,
 ) {
-    for r in 0..valid {
+    while mask != 0 {
+        let r = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
         if upper[r] < state.lower[qi].floor {
             continue;
         }
@@ -1359,6 +1414,108 @@ mod tests {
         assert!(Part::new(db, &codes[1..]).is_err());
         assert!(Part::new(db, &[]).is_err());
         assert!(Path::parse("bf16").is_err());
+    }
+
+    /// Where the time of a large batch goes, one thread (`cargo test --release --lib
+    /// q8::tests::measure_phases -- --ignored --nocapture`; `STARKRET_Q8_ROWS`, default
+    /// 131,072 x 768 float16, batch `STARKRET_Q8_BATCH`, default 256): the whole search,
+    /// its first pass, and the integer kernel alone over the same tiles in the same order.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore]
+    fn measure_phases() {
+        use std::time::Instant;
+        if !simd_support().0 {
+            return;
+        }
+        let env = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let (d, n, batch, k) = (
+            768,
+            env("STARKRET_Q8_ROWS", 1 << 17),
+            env("STARKRET_Q8_BATCH", 256),
+            10,
+        );
+        let rows32 = unit(gaussian(n, d, 11), d);
+        let bits: Vec<u16> = rows32.iter().map(|&v| f32_to_f16(v)).collect();
+        drop(rows32);
+        let db = Database::new(Rows::F16Bits(&bits), d).unwrap();
+        let codes = quantise_rows(&db, 0).unwrap();
+        let part = Part::new(db, &codes).unwrap();
+        let queries = unit(gaussian(batch, d, 100 + batch as u64), d);
+        let qs = Queries::new(&queries, d).unwrap();
+        let pool = cpu::pool(1).unwrap();
+        let (mut total, mut first, mut kernel) = (vec![], vec![], vec![]);
+        let mut sink = 0i64;
+        let mut reranked = vec![];
+        for _ in 0..5 {
+            let t = Instant::now();
+            let got = search_parts(&queries, &[part], k, &Exclude::Nothing, 1, Path::Vnni).unwrap();
+            total.push(t.elapsed().as_secs_f64());
+            reranked = got.reranked;
+            let t = Instant::now();
+            let state =
+                pool.install(|| first_pass(&qs, &[part], k, &Exclude::Nothing, Path::Vnni, 1));
+            first.push(t.elapsed().as_secs_f64());
+            sink += state.kept.iter().map(|v| v.len() as i64).sum::<i64>();
+            // The kernel alone: the same panels, query tiles and block tiles.
+            let t = Instant::now();
+            let (g, stride, blocks) = (qs.g, block_bytes(d), block_count(n));
+            let mut out = [[0i32; BLOCK_ROWS]; MR * NB];
+            let mut panel = 0;
+            while panel < blocks {
+                let panel_end = (panel + PANEL_BLOCKS).min(blocks);
+                for m0 in (0..qs.q).step_by(MR) {
+                    let mr = MR.min(qs.q - m0);
+                    let mut b0 = panel;
+                    while b0 < panel_end {
+                        let nb = NB.min(panel_end - b0);
+                        unsafe {
+                            vnni_tile(
+                                mr,
+                                nb,
+                                codes[b0 * stride..].as_ptr(),
+                                stride,
+                                qs.codes[m0 * g * GROUP..].as_ptr(),
+                                g,
+                                &qs.sums[m0..],
+                                &mut out,
+                            );
+                        }
+                        sink += i64::from(out[0][0]);
+                        b0 += nb;
+                    }
+                }
+                panel = panel_end;
+            }
+            kernel.push(t.elapsed().as_secs_f64());
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (t, f, kk) = (med(&mut total), med(&mut first), med(&mut kernel));
+        reranked.sort_unstable();
+        let macs = (batch * n * d) as f64;
+        println!(
+            "{n} x {d}, batch {batch}, one thread: total {:.3} s ({:.1} q/s), first pass {:.3} s, \
+             kernel alone {:.3} s ({:.0} GMAC/s), bound+keep {:.3} s, re-rank+rest {:.3} s; \
+             re-ranked/query median {} max {} (sink {})",
+            t,
+            batch as f64 / t,
+            f,
+            kk,
+            macs / kk / 1e9,
+            f - kk,
+            t - f,
+            reranked[reranked.len() / 2],
+            reranked[reranked.len() - 1],
+            sink % 7
+        );
     }
 
     /// f32 to f16 bits, round to nearest even (test data: normal or zero, no overflow).

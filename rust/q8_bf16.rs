@@ -248,7 +248,7 @@ unsafe fn scan16(
                         let valid = (rows.n - first).min(BLOCK_ROWS);
                         let theta = state.lower[qi].floor;
                         let (mut lower, mut upper) = ([0f32; BLOCK_ROWS], [0f32; BLOCK_ROWS]);
-                        let mut any = false;
+                        let mut mask = 0u32;
                         for r in 0..BLOCK_ROWS {
                             let a = out[m * nb + b][r];
                             let e = (qs.alpha[qi] * term(terms, 0, r)
@@ -257,10 +257,12 @@ unsafe fn scan16(
                                 * INFLATE;
                             lower[r] = a - e;
                             upper[r] = a + e;
-                            any |= reaches(upper[r], theta);
+                            if r < valid && reaches(upper[r], theta) {
+                                mask |= 1 << r;
+                            }
                         }
-                        if any {
-                            keep(qi, first, valid, &lower, &upper, exclude, state);
+                        if mask != 0 {
+                            keep(qi, first, mask, &lower, &upper, exclude, state);
                         }
                     }
                 }
