@@ -998,6 +998,12 @@ fn term(terms: &[u8], which: usize, r: usize) -> f32 {
     f32::from_le_bytes([terms[at], terms[at + 1], terms[at + 2], terms[at + 3]])
 }
 
+/// Calls of [`keep`] and lanes offered to it (measurement only).
+#[cfg(test)]
+static KEEP_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+#[cfg(test)]
+static KEEP_LANES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Admits the lower bounds of a tile's rows in `mask` (bit `r` for row `r`) to query
 /// `qi`'s `k` best and keeps the rows whose upper bound reaches theta (exclusions
 /// applied). Out of line: the scan enters it for a small share of its tiles.
@@ -1011,6 +1017,12 @@ fn keep(
     exclude: &Exclude,
     state: &mut State,
 ) {
+    #[cfg(test)]
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        KEEP_CALLS.fetch_add(1, Relaxed);
+        KEEP_LANES.fetch_add(u64::from(mask.count_ones()), Relaxed);
+    }
     while mask != 0 {
         let r = mask.trailing_zeros() as usize;
         mask &= mask - 1;
@@ -1424,6 +1436,7 @@ mod tests {
     #[test]
     #[ignore]
     fn measure_phases() {
+        use std::sync::atomic::Ordering::Relaxed;
         use std::time::Instant;
         if !simd_support().0 {
             return;
@@ -1500,6 +1513,8 @@ mod tests {
         };
         let (t, f, kk) = (med(&mut total), med(&mut first), med(&mut kernel));
         reranked.sort_unstable();
+        let (calls, lanes) = (KEEP_CALLS.load(Relaxed), KEEP_LANES.load(Relaxed));
+        println!("keep entered {calls} times for {lanes} rows (all runs)");
         let macs = (batch * n * d) as f64;
         println!(
             "{n} x {d}, batch {batch}, one thread: total {:.3} s ({:.1} q/s), first pass {:.3} s, \

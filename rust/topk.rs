@@ -596,8 +596,18 @@ fn rescore_elem<I: Isa, E: Elem>(
     out: &mut [f32],
 ) {
     let dp = query.len();
-    for (&r, o) in rows.iter().zip(out.iter_mut()) {
+    for (i, (&r, o)) in rows.iter().zip(out.iter_mut()).enumerate() {
         let row = &values[r * d..(r + 1) * d];
+        // Scattered rows defeat the hardware prefetcher: fetch the row after next while
+        // this one is scored (the re-rank of the int8 first pass waits on memory).
+        if let Some(&next) = rows.get(i + 2) {
+            let ahead = &values[next * d..(next + 1) * d];
+            let start = ahead.as_ptr().cast::<i8>();
+            for off in (0..std::mem::size_of_val(ahead)).step_by(64) {
+                // SAFETY: `off` stays inside `ahead`; a prefetch has no other effect.
+                unsafe { I::prefetch(start.add(off)) };
+            }
+        }
         // SAFETY: `query` holds dp values (a multiple of every lane count), `row` d
         // values; the CPU supports I's features.
         *o = unsafe { tile::<I, E, 1, 1>(query.as_ptr(), row.as_ptr(), d, d, dp, 0) }[0][0];
