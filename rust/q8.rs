@@ -678,9 +678,6 @@ struct Kept {
 /// One worker's running state per query: the k best lower bounds, the kept rows.
 struct State {
     lower: Vec<Best>,
-    /// A theta found before the scan (the k-th best lower bound of a sample of eligible
-    /// rows, so at least `k` eligible rows score above it); -inf without one.
-    seed: Vec<f32>,
     kept: Vec<Vec<Kept>>,
     /// Kept rows are filtered again by the current theta when a list reaches this.
     limit: Vec<usize>,
@@ -688,24 +685,11 @@ struct State {
 
 impl State {
     fn new(q: usize, k: usize) -> Self {
-        Self::seeded(vec![f32::NEG_INFINITY; q], k)
-    }
-
-    fn seeded(seed: Vec<f32>, k: usize) -> Self {
-        let q = seed.len();
         Self {
-            seed,
             lower: (0..q).map(|_| Best::new(k, k)).collect(),
             kept: vec![Vec::new(); q],
             limit: vec![4 * k + 256; q],
         }
-    }
-
-    /// The k-th best lower bound known for query `qi`: rows whose upper bound is below
-    /// it cannot be in the top k.
-    #[inline(always)]
-    fn theta(&self, qi: usize) -> f32 {
-        self.seed[qi].max(self.lower[qi].floor)
     }
 
     fn merge(mut self, other: State) -> State {
@@ -797,12 +781,10 @@ pub fn search_parts(
             .zip(ids.par_chunks_mut(k))
             .zip(reranked.par_iter_mut())
             .zip(state.lower.into_par_iter().zip(state.kept))
-            .zip(state.seed.into_par_iter())
             .enumerate()
-            .for_each(|(qi, ((((s, i), count), (lower, kept)), seed))| {
+            .for_each(|(qi, (((s, i), count), (lower, kept)))| {
                 let query = &queries[qi * d..(qi + 1) * d];
-                let theta = seed.max(lower.floor);
-                *count = rerank(query, &rows, &bases, k, theta, kept, s, i);
+                *count = rerank(query, &rows, &bases, k, lower.floor, kept, s, i);
             });
     });
     Ok(Search {
@@ -879,8 +861,7 @@ fn first_pass(
         );
         base += part.rows.n;
     }
-    let seed = seed(queries, parts, k, exclude, path, total);
-    let fresh = || State::seeded(seed.clone(), k);
+    let fresh = || State::new(queries.q, k);
     shares
         .into_par_iter()
         .fold(fresh, |mut state, (p, base, blocks)| {
@@ -893,62 +874,6 @@ fn first_pass(
             state
         })
         .reduce(|| State::new(0, k), State::merge)
-}
-
-/// Blocks per block of the sample that seeds theta, and the smallest batch seeded: a
-/// 1/64 sample costs 1.6% more kernel work and spares the scan most of the rows it
-/// keeps while its own theta is still low (about `ln(rows / k)` times the rows it
-/// keeps in the end), which costs more than the kernel from batches of a few dozen.
-const SEED_EVERY: usize = 64;
-const SEED_MIN_BATCH: usize = 32;
-
-/// Per query, the k-th best lower bound over evenly spaced runs of `PANEL_BLOCKS`
-/// blocks (about one block in [`SEED_EVERY`]), exclusions applied; -inf for a small
-/// batch or database. Only a theta: the sampled rows are scanned again by the pass.
-fn seed(
-    queries: &Queries,
-    parts: &[Part<'_>],
-    k: usize,
-    exclude: &Exclude,
-    path: Path,
-    total: usize,
-) -> Vec<f32> {
-    let runs = total / (SEED_EVERY * PANEL_BLOCKS);
-    if queries.q < SEED_MIN_BATCH || runs < 2 {
-        return vec![f32::NEG_INFINITY; queries.q];
-    }
-    let mut shares: Vec<(usize, usize, Range<usize>)> = Vec::new();
-    let (mut p, mut base, mut first) = (0, 0, 0); // part, its first id, its first block
-    for j in 0..runs {
-        let at = j * total / runs;
-        while at >= first + block_count(parts[p].rows.n) {
-            first += block_count(parts[p].rows.n);
-            base += parts[p].rows.n;
-            p += 1;
-        }
-        let start = at - first;
-        let end = (start + PANEL_BLOCKS).min(block_count(parts[p].rows.n));
-        shares.push((p, base, start..end));
-    }
-    let state = shares
-        .into_par_iter()
-        .fold(
-            || State::new(queries.q, k),
-            |mut state, (p, base, blocks)| {
-                let share = Share {
-                    part: &parts[p],
-                    base,
-                    blocks,
-                };
-                scan(queries, &share, exclude, path, &mut state);
-                state
-            },
-        )
-        .reduce(|| State::new(0, k), State::merge);
-    if state.lower.is_empty() {
-        return vec![f32::NEG_INFINITY; queries.q];
-    }
-    state.lower.iter().map(|best| best.floor).collect()
 }
 
 struct Share<'a> {
@@ -1029,7 +954,7 @@ fn scan_with<K: Kernel>(
                     for b in 0..nb {
                         let terms = &bytes[b * stride + g * 64..(b + 1) * stride];
                         let dots = &out[m * nb + b];
-                        let theta = state.theta(qi);
+                        let theta = state.lower[qi].floor;
                         // SAFETY: `terms` is a whole block's terms; the caller checked the CPU.
                         let mask = unsafe {
                             K::passing(
@@ -1101,7 +1026,7 @@ fn keep(
     while mask != 0 {
         let r = mask.trailing_zeros() as usize;
         mask &= mask - 1;
-        if upper[r] < state.theta(qi) {
+        if upper[r] < state.lower[qi].floor {
             continue;
         }
         let id = (first + r) as i64;
@@ -1115,14 +1040,14 @@ fn keep(
                 id,
             });
         }
-        if reaches(upper[r], state.theta(qi)) {
+        if reaches(upper[r], state.lower[qi].floor) {
             let kept = &mut state.kept[qi];
             kept.push(Kept {
                 upper: upper[r],
                 id,
             });
             if kept.len() >= state.limit[qi] {
-                let theta = state.seed[qi].max(state.lower[qi].floor);
+                let theta = state.lower[qi].floor;
                 kept.retain(|c| reaches(c.upper, theta));
                 state.limit[qi] = (2 * kept.len()).max(state.limit[qi]);
             }
@@ -1470,65 +1395,6 @@ mod tests {
         // a batch large enough for full tiles and the blocked scan
         let many = unit(gaussian(70, d, 9), d);
         compare(&many, &[db], 10, &Exclude::Nothing, "batch 70");
-    }
-
-    /// Large enough for the seeded theta (a batch of 40, 3,750 blocks, sampled runs at
-    /// blocks 0 and 1,875): the first run holds 12 copies of each even query, excluded
-    /// for that query (a seed that ignored the exclusions would rule out its true top
-    /// 10), and one copy of each odd query, tied with another copy at the end.
-    #[test]
-    fn a_seeded_theta_gives_the_float32_results() {
-        let (d, n, q) = (8, 60_000, 40);
-        assert!(block_count(n) / (SEED_EVERY * PANEL_BLOCKS) == 2 && q >= SEED_MIN_BATCH);
-        let queries = unit(gaussian(q, d, 21), d);
-        let mut rows = unit(gaussian(n, d, 22), d);
-        let copies = 12;
-        for (i, query) in queries.chunks_exact(d).enumerate() {
-            let at: Vec<usize> = if i % 2 == 0 {
-                (0..copies).map(|c| (i / 2) * copies + c).collect()
-            } else {
-                vec![(q / 2) * copies + i, n - 1 - i]
-            };
-            for r in at {
-                rows[r * d..(r + 1) * d].copy_from_slice(query);
-            }
-        }
-        let db = Database::new(Rows::F32(&rows), d).unwrap();
-        for k in [1, 10] {
-            compare(&queries, &[db], k, &Exclude::Nothing, "seeded");
-        }
-        let copies = copies as i64;
-        let lists = (0..q as i64)
-            .map(|i| {
-                if i % 2 == 0 {
-                    ((i / 2) * copies..(i / 2 + 1) * copies).collect()
-                } else {
-                    vec![i]
-                }
-            })
-            .collect();
-        compare(
-            &queries,
-            &[db],
-            10,
-            &Exclude::per_query(lists),
-            "seeded, per-query exclusion",
-        );
-        let skip: Vec<i64> = (0..n as i64).filter(|r| r % 5 != 1).collect();
-        compare(
-            &queries,
-            &[db],
-            10,
-            &Exclude::global(skip),
-            "seeded, global",
-        );
-        // Parts the sampled runs straddle, one of them empty.
-        let cuts = [0, 100, 100, 30_001, 47_000, n];
-        let parts: Vec<Database<'_>> = cuts
-            .windows(2)
-            .map(|w| Database::new(Rows::F32(&rows[w[0] * d..w[1] * d]), d).unwrap())
-            .collect();
-        compare(&queries, &parts, 10, &Exclude::Nothing, "seeded parts");
     }
 
     #[test]
