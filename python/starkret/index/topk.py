@@ -430,9 +430,7 @@ class Exclusions:
             )
         return Exclusions(shared=shared, per_query=per_query)
 
-    def pairs(
-        self, n_queries: int, *, shared: bool = True
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+    def pairs(self, n_queries: int, *, shared: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
         """Every exclusion as ``(query, row)`` int64 arrays sorted by row (rows < 0
         dropped), or None if there is none: what a tiled scan masks tile by tile.
 
