@@ -1,7 +1,7 @@
 """Prepare the real captioned drawings that scripts/train_mini.py trains starkret-mini on.
 
     python scripts/prepare_mini_data.py            # -> ~/.cache/starkret/mini-data/
-    python scripts/prepare_mini_data.py --eval-dir examples/clipart_heldout   # + the repo's eval set
+    python scripts/prepare_mini_data.py --eval-dir examples/clipart_heldout  # + repo eval set
 
 What it downloads and installs (no root, nothing system-wide): three Debian packages,
 fetched by `apt-get download` (the machine's configured Debian mirror) into CACHE/debs and
@@ -77,11 +77,59 @@ GENERIC_TITLE = re.compile(
 )
 #: Keywords and folder names that say nothing about the picture.
 NOISE_WORDS = set(
-    """hash icons icon theme computer unsorted special signs_and_symbols recreation
-    united_nations_member mapsym clipart clip art svg png media lemon_theme_icon magick
-    mime-types mimetypes appicon action menu webpage application desktop simple misc
-    filesystem lemon flat etiquette gnome fs aj rpg gold plastik blueberry crystal nuvola
-    architetto francesco rollandin john work white shape sign symbol""".split()
+    [
+        "hash",
+        "icons",
+        "icon",
+        "theme",
+        "computer",
+        "unsorted",
+        "special",
+        "signs_and_symbols",
+        "recreation",
+        "united_nations_member",
+        "mapsym",
+        "clipart",
+        "clip",
+        "art",
+        "svg",
+        "png",
+        "media",
+        "lemon_theme_icon",
+        "magick",
+        "mime-types",
+        "mimetypes",
+        "appicon",
+        "action",
+        "menu",
+        "webpage",
+        "application",
+        "desktop",
+        "simple",
+        "misc",
+        "filesystem",
+        "lemon",
+        "flat",
+        "etiquette",
+        "gnome",
+        "fs",
+        "aj",
+        "rpg",
+        "gold",
+        "plastik",
+        "blueberry",
+        "crystal",
+        "nuvola",
+        "architetto",
+        "francesco",
+        "rollandin",
+        "john",
+        "work",
+        "white",
+        "shape",
+        "sign",
+        "symbol",
+    ]
 )
 FOLDER_NOISE = {"png", "svg", "unsorted", "special", "icons", "misc", "lemon-theme", "flat-theme"}
 
@@ -171,7 +219,9 @@ def _article(noun: str) -> str:
 def clipart_items(root: Path) -> list[dict]:
     base = root / "usr/share/openclipart"
     pngs = sorted((base / "png").rglob("*.png"))
-    metas = [_svg_metadata(base / "svg" / p.relative_to(base / "png").with_suffix(".svg")) for p in pngs]
+    metas = [
+        _svg_metadata(base / "svg" / p.relative_to(base / "png").with_suffix(".svg")) for p in pngs
+    ]
     desc_count = collections.Counter(d for _, d, _, _ in metas)
     items = []
     for png, (title, desc, subjects, creator) in zip(pngs, metas, strict=True):
@@ -233,7 +283,12 @@ def emoji_items() -> list[dict]:
                 "source": "emoji",
                 "path": f"U+{cp:04X}",
                 "caption": f"{_article(name)} {name}",
-                "captions": [f"{_article(name)} {name}", name, f"{name} emoji", f"an icon of {name}"],
+                "captions": [
+                    f"{_article(name)} {name}",
+                    name,
+                    f"{name} emoji",
+                    f"an icon of {name}",
+                ],
                 "keys": [f"emoji:{words[-1]}"],
             }
         )
@@ -278,7 +333,9 @@ def _emoji_pixels(args: tuple[str, str]) -> np.ndarray | None:
     if not _EMOJI_FONT:
         _EMOJI_FONT.append(ImageFont.truetype(font_path, 109))
     canvas = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
-    ImageDraw.Draw(canvas).text((8, 8), chr(int(code[2:], 16)), font=_EMOJI_FONT[0], embedded_color=True)
+    ImageDraw.Draw(canvas).text(
+        (8, 8), chr(int(code[2:], 16)), font=_EMOJI_FONT[0], embedded_color=True
+    )
     if canvas.getbbox() is None or np.asarray(canvas)[..., 3].max() == 0:
         return None
     # a glyph the font lacks is drawn as an empty box outline ("tofu"): no colour at all
@@ -302,7 +359,7 @@ def split_groups(items: list[dict], pixels: np.ndarray) -> None:
 
     first: dict[str, int] = {}
     for i, item in enumerate(items):
-        keys = item.pop("keys") + ["pixels:" + hashlib.sha256(pixels[i].tobytes()).hexdigest()]
+        keys = [*item.pop("keys"), "pixels:" + hashlib.sha256(pixels[i].tobytes()).hexdigest()]
         for key in keys:
             if key in first:
                 parent[find(i)] = find(first[key])
@@ -332,12 +389,21 @@ def write_eval(items: list[dict], pixels: np.ndarray, folder: Path, count: int =
         seen_captions.add(item["caption"])
         rgba = Image.fromarray(pixels[i], "RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        picture = Image.alpha_composite(white, rgba).convert("RGB").resize((112, 112), Image.LANCZOS)
+        picture = (
+            Image.alpha_composite(white, rgba).convert("RGB").resize((112, 112), Image.LANCZOS)
+        )
         name = f"{len(rows):03d}.png"
         buf = io.BytesIO()
         picture.save(buf, "PNG", optimize=True)
         (folder / name).write_bytes(buf.getvalue())
-        rows.append({"file": name, "caption": item["caption"], "source": item["source"], "path": item["path"]})
+        rows.append(
+            {
+                "file": name,
+                "caption": item["caption"],
+                "source": item["source"],
+                "path": item["path"],
+            }
+        )
         if len(rows) == count:
             break
     with open(folder / "captions.jsonl", "w", encoding="utf-8") as out:
@@ -359,7 +425,9 @@ def main() -> None:
     font = str(root / "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
     emoji = emoji_items()
     with Pool(args.workers) as pool:
-        clip_pixels = pool.map(_clipart_pixels, [str(base / it["path"]) for it in clip], chunksize=64)
+        clip_pixels = pool.map(
+            _clipart_pixels, [str(base / it["path"]) for it in clip], chunksize=64
+        )
         emoji_pixels = pool.map(_emoji_pixels, [(font, it["path"]) for it in emoji], chunksize=64)
     kept = [
         (it, px)
@@ -375,7 +443,9 @@ def main() -> None:
         for item in items:
             out.write(json.dumps(item) + "\n")
     counts = collections.Counter((it["source"], it["split"]) for it in items)
-    groups = collections.Counter((it["source"], it["split"]) for it in {it["group"]: it for it in items}.values())
+    groups = collections.Counter(
+        (it["source"], it["split"]) for it in {it["group"]: it for it in items}.values()
+    )
     manifest = {
         "packages": versions,
         "items": {f"{s}/{p}": n for (s, p), n in sorted(counts.items())},
