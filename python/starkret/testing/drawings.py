@@ -1,10 +1,11 @@
 """Flat shapes and simple charts drawn independently of `starkret.testing.synthetic`.
 
 An evaluation set for starkret-mini that its training never draws from: other drawing
-code (supersampled, outlined shapes, axes and tick marks on charts, other colours and
-proportions), other canvas sizes and one plain-English caption per image, as a user
-would write it. scripts/train_mini.py reports recall on it, the demo prints it and
-tests/ingest/test_mini.py checks it; nothing trains on it.
+code (supersampled, outlined shapes, shaded paper, axes, grid lines, tick marks and titles
+on charts, other colours and proportions), other canvas sizes and one plain-English
+caption per image, half of them in words the generator never uses ("a big red circle",
+"pie chart showing market share in three parts"). scripts/train_mini.py reports recall
+on it, the demo prints it and tests/ingest/test_mini.py checks it; nothing trains on it.
 
 >>> pairs = scenes()
 >>> len(pairs), len({p.caption for p in pairs}) == len(pairs)
@@ -51,7 +52,23 @@ def _canvas(paper: str, width: int, height: int, scale: int = 4):
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (width * scale, height * scale), _PAPER[paper])
-    return image, ImageDraw.Draw(image)
+    draw = ImageDraw.Draw(image)
+    if paper in ("white", "grey"):
+        # a soft vertical shade, as a scanned or exported picture has (the generator's
+        # backgrounds are flat)
+        w, h = image.size
+        base = _PAPER[paper]
+        for y in range(0, h, scale):
+            f = 1.0 - 0.12 * y / h
+            draw.rectangle([0, y, w, y + scale], fill=tuple(int(c * f) for c in base))
+    return image, draw
+
+
+def _label(draw, xy, text: str, scale: int = 4) -> None:
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=11 * scale)
+    draw.text(xy, text, fill=(70, 70, 70), font=font)
 
 
 def _finish(image, width: int, height: int) -> bytes:
@@ -114,6 +131,10 @@ def _bar(colour: str, bars: int, horizontal: bool, width: int, height: int) -> b
     image, draw = _canvas("white", width, height)
     w, h = image.size
     left, bottom = _axes(draw, w, h, (60, 60, 60))
+    for i in range(1, 5):
+        y = bottom - (bottom - h * 0.1) * i / 4
+        draw.line([(left, y), (w * 0.95, y)], fill=(215, 215, 215), width=3)
+    _label(draw, (w * 0.3, h * 0.01), "Sales 2024")
     heights = [0.35 + 0.6 * ((i * 37) % 11) / 10 for i in range(bars)]
     span = (w * 0.95 - left) if not horizontal else (bottom - h * 0.08)
     step = span / bars
@@ -138,6 +159,7 @@ def _pie(colours: list[str], slices: int, width: int, height: int) -> bytes:
     r = min(w, h) * 0.4
     box = [w / 2 - r, h / 2 - r, w / 2 + r, h / 2 + r]
     shares = [3 + (i * 5) % 7 for i in range(slices)]
+    _label(draw, (w * 0.02, h * 0.02), "Market share")
     start = -90.0
     for i, share in enumerate(shares):
         end = start + 360.0 * share / sum(shares)
@@ -152,6 +174,7 @@ def _line(colour: str, up: bool, width: int, height: int) -> bytes:
     image, draw = _canvas("white", width, height)
     w, h = image.size
     left, bottom = _axes(draw, w, h, (60, 60, 60))
+    _label(draw, (w * 0.3, h * 0.01), "Visitors per month")
     points = []
     for i in range(8):
         x = left + (w * 0.95 - left) * i / 7
@@ -182,27 +205,40 @@ def scenes() -> list[Drawing]:
         ("triangle", "purple", "white", 2),
     ]
     words = {1: "a", 2: "two", 3: "three", 4: "four"}
+    # half in the generator's phrasing, half as people write it
+    natural = {
+        0: "a big red circle",
+        2: "a simple green triangle",
+        4: "an orange ball on a grey background",
+        5: "a purple star icon",
+        9: "two red stars side by side",
+        11: "a pair of small purple triangles",
+    }
     for i, (kind, colour, paper, count) in enumerate(shapes):
         noun = kind if count == 1 else kind + "s"
-        caption = f"{words[count]} {colour} {noun} on a {paper} background"
+        article = "an" if colour[0] in "aeiou" and count == 1 else words[count]
+        caption = natural.get(i, f"{article} {colour} {noun} on a {paper} background")
         size = (160 + 16 * i, 140 + 12 * (i % 4))
         out.append(Drawing(_shape(kind, colour, paper, count, *size), caption))
     charts = [
         (lambda: _bar("blue", 5, False, 240, 180), "a bar chart with five blue bars"),
-        (lambda: _bar("red", 3, False, 200, 200), "a bar chart with three red bars"),
+        (lambda: _bar("red", 3, False, 200, 200), "a simple bar graph with three red columns"),
         (lambda: _bar("green", 4, True, 260, 190), "a horizontal bar chart with four green bars"),
-        (lambda: _bar("orange", 6, False, 300, 200), "a bar chart with six orange bars"),
+        (lambda: _bar("orange", 6, False, 300, 200), "bar chart of sales with six orange bars"),
         (
             lambda: _pie(["red", "blue", "yellow", "green"], 4, 200, 200),
             "a pie chart with four slices",
         ),
-        (lambda: _pie(["purple", "orange", "blue"], 3, 220, 180), "a pie chart with three slices"),
+        (
+            lambda: _pie(["purple", "orange", "blue"], 3, 220, 180),
+            "pie chart showing market share in three parts",
+        ),
         (lambda: _pie(["blue"], 5, 240, 200), "a blue pie chart with five slices"),
         (lambda: _pie(["green", "yellow"], 6, 200, 240), "a pie chart with six slices"),
         (lambda: _line("blue", True, 260, 180), "a blue line chart going up"),
         (lambda: _line("red", False, 240, 180), "a red line chart going down"),
-        (lambda: _line("green", True, 200, 200), "a green line graph rising"),
-        (lambda: _line("black", False, 280, 200), "a black line graph falling"),
+        (lambda: _line("green", True, 200, 200), "a green line graph rising over time"),
+        (lambda: _line("black", False, 280, 200), "a chart of visitors falling month by month"),
     ]
     out.extend(Drawing(draw(), caption) for draw, caption in charts)
     return out
