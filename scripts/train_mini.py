@@ -440,7 +440,9 @@ def save(model, token_ids: torch.Tensor, path: Path) -> None:
     state["starkret.token_ids"] = token_ids.clone()
     state["starkret.token_rows"] = table[token_ids].contiguous()
     state["starkret.unknown_row"] = table[UNKNOWN_ID].clone().contiguous()
-    save_file(state, str(path), metadata={"model": MINI_MODEL, "format": "starkret-sparse-2"})
+    # one metadata key: safetensors writes several in hash order, so the file's bytes would
+    # differ between identical runs (the tensors do not)
+    save_file(state, str(path), metadata={"format": f"{MINI_MODEL} starkret-sparse-2"})
 
 
 def main() -> None:
@@ -622,6 +624,7 @@ def main() -> None:
         )
         return
     final = evaluate(args.steps, eval_sets)
+    model.eval()  # evaluate() leaves the model training (BatchNorm would use batch statistics)
     final_sets = [
         EvalSet(
             f"synthetic seed {HELDOUT_SEED}",
