@@ -45,7 +45,7 @@ pub fn q8_search(
         }
     };
     let part = q8::Part::new(db, codes)?;
-    let exclude = topk::Exclude::Nothing;
+    let exclude = topk::Exclude::NOTHING;
     let got = q8::search_parts(queries, &[part], k, &exclude, 1, q8::Path::Auto)?;
     let want = topk::search_parts(queries, &[db], k, &exclude, 1)?;
     Ok((got.top, want))

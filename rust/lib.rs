@@ -610,25 +610,25 @@ fn select_images(
 
 // ==== Top-k ====
 
-/// Ids to leave out: one list for every query, or one list per query.
-fn exclusion(
-    global: Option<PyReadonlyArray1<'_, i64>>,
+/// Ids to leave out: one list for every query, one list per query, or both (an id
+/// is left out for a query when either holds it). The global list is borrowed, not
+/// copied, when it is sorted without repeats (as the Python side keeps it).
+fn exclusion<'a>(
+    global: Option<&'a PyReadonlyArray1<'_, i64>>,
     per_query: Option<Vec<PyReadonlyArray1<'_, i64>>>,
-) -> PyResult<topk::Exclude> {
-    Ok(match (global, per_query) {
-        (Some(_), Some(_)) => {
-            return Err(errors::invalid_input(
-                "give exclude or exclude_per_query, not both",
-            ))
-        }
-        (Some(ids), None) => topk::Exclude::global(ids.as_slice()?.to_vec()),
-        (None, Some(lists)) => topk::Exclude::per_query(
+) -> PyResult<topk::Exclude<'a>> {
+    let exclude = match global {
+        Some(ids) => topk::Exclude::global_borrowed(ids.as_slice()?),
+        None => topk::Exclude::NOTHING,
+    };
+    Ok(match per_query {
+        Some(lists) => exclude.with_per_query(
             lists
                 .iter()
                 .map(|ids| Ok(ids.as_slice()?.to_vec()))
                 .collect::<PyResult<_>>()?,
         ),
-        (None, None) => topk::Exclude::Nothing,
+        None => exclude,
     })
 }
 
@@ -694,7 +694,7 @@ fn topk_search_parts<'py>(
     exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
     threads: Option<usize>,
 ) -> PyResult<TopKArrays<'py>> {
-    let exclude = exclusion(exclude, exclude_per_query)?;
+    let exclude = exclusion(exclude.as_ref(), exclude_per_query)?;
     let arrays = part_arrays(&parts)?;
     let dbs = part_databases(&arrays, queries.shape()[1])?;
     let q = queries.as_slice()?;
@@ -717,7 +717,7 @@ fn count_above_parts<'py>(
     exclude_per_query: Option<Vec<PyReadonlyArray1<'py, i64>>>,
     threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray1<u64>>> {
-    let exclude = exclusion(exclude, exclude_per_query)?;
+    let exclude = exclusion(exclude.as_ref(), exclude_per_query)?;
     let arrays = part_arrays(&parts)?;
     let dbs = part_databases(&arrays, queries.shape()[1])?;
     let (q, t) = (queries.as_slice()?, thresholds.as_slice()?);
@@ -807,7 +807,7 @@ fn q8_search_parts<'py>(
     first_pass: &str,
 ) -> PyResult<Q8Result<'py>> {
     let path = q8::Path::parse(first_pass).map_err(errors::invalid_input)?;
-    let exclude = exclusion(exclude, exclude_per_query)?;
+    let exclude = exclusion(exclude.as_ref(), exclude_per_query)?;
     let arrays = part_arrays(&parts)?;
     let dbs = part_databases(&arrays, queries.shape()[1])?;
     if codes.len() != dbs.len() {

@@ -736,14 +736,7 @@ pub fn search_parts(
             path: Path::Float32,
         });
     };
-    if let Exclude::PerQuery(lists) = exclude {
-        if lists.len() != q {
-            return Err(format!(
-                "exclude has {} per-query lists for {q} queries",
-                lists.len()
-            ));
-        }
-    }
+    exclude.check(q)?;
     if q.checked_mul(k)
         .is_none_or(|len| len > isize::MAX as usize / 8)
     {
@@ -1354,9 +1347,9 @@ mod tests {
         queries.extend(std::iter::repeat_n(0.0, d));
         let db = Database::new(Rows::F32(&rows), d).unwrap();
         for k in [1, 5, 10, 64] {
-            compare(&queries, &[db], k, &Exclude::Nothing, "hard");
+            compare(&queries, &[db], k, &Exclude::NOTHING, "hard");
         }
-        compare(&queries, &[db], n + 7, &Exclude::Nothing, "k beyond n");
+        compare(&queries, &[db], n + 7, &Exclude::NOTHING, "k beyond n");
         let skip: Vec<i64> = (0..n as i64).step_by(3).collect();
         compare(
             &queries,
@@ -1366,15 +1359,23 @@ mod tests {
             "global exclusion",
         );
         let q = queries.len() / d;
-        let lists = (0..q)
+        let lists: Vec<Vec<i64>> = (0..q)
             .map(|i| (0..n as i64).filter(|r| r % (i as i64 + 2) == 0).collect())
             .collect();
         compare(
             &queries,
             &[db],
             10,
-            &Exclude::per_query(lists),
+            &Exclude::per_query(lists.clone()),
             "per-query exclusion",
+        );
+        let global: Vec<i64> = (0..n as i64).filter(|r| r % 5 == 1).collect();
+        compare(
+            &queries,
+            &[db],
+            10,
+            &Exclude::global_borrowed(&global).with_per_query(lists),
+            "global and per-query exclusion",
         );
         // many parts, float16 and float32, one empty
         let bits: Vec<u16> = rows.iter().map(|&v| f32_to_f16(v)).collect();
@@ -1391,10 +1392,10 @@ mod tests {
                 Database::new(r, d).unwrap()
             })
             .collect();
-        compare(&queries, &parts, 10, &Exclude::Nothing, "parts");
+        compare(&queries, &parts, 10, &Exclude::NOTHING, "parts");
         // a batch large enough for full tiles and the blocked scan
         let many = unit(gaussian(70, d, 9), d);
-        compare(&many, &[db], 10, &Exclude::Nothing, "batch 70");
+        compare(&many, &[db], 10, &Exclude::NOTHING, "batch 70");
     }
 
     #[test]
@@ -1406,14 +1407,14 @@ mod tests {
         rows[9 * d + 2] = f32::NEG_INFINITY;
         let db = Database::new(Rows::F32(&rows), d).unwrap();
         let queries = unit(gaussian(4, d, 5), d);
-        compare(&queries, &[db], 5, &Exclude::Nothing, "non-finite rows");
+        compare(&queries, &[db], 5, &Exclude::NOTHING, "non-finite rows");
         let mut bad = queries.clone();
         bad[0] = f32::NAN;
         let codes = quantise_rows(&db, 1).unwrap();
         let part = Part::new(db, &codes).unwrap();
-        let got = search_parts(&bad, &[part], 5, &Exclude::Nothing, 1, Path::Auto).unwrap();
+        let got = search_parts(&bad, &[part], 5, &Exclude::NOTHING, 1, Path::Auto).unwrap();
         assert_eq!(got.path, Path::Float32);
-        let want = topk::search_parts(&bad, &[db], 5, &Exclude::Nothing, 1).unwrap();
+        let want = topk::search_parts(&bad, &[db], 5, &Exclude::NOTHING, 1).unwrap();
         assert!(same(&got.top, &want));
     }
 

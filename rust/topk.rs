@@ -13,6 +13,7 @@
 //! are ranked by a total order (score descending, then id ascending), so results do
 //! not depend on the number of threads.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::ops::Range;
 
@@ -64,43 +65,95 @@ impl<'a> Database<'a> {
     }
 }
 
-/// Row ids that must not be returned, applied inside the scan.
-pub enum Exclude {
-    Nothing,
-    /// The same ids for every query.
-    Global(Vec<i64>),
-    /// One list of ids per query.
-    PerQuery(Vec<Vec<i64>>),
+/// Row ids that must not be returned, applied inside the scan: ids left out for every
+/// query (`global`, sorted once) and one list per query, together or alone. An id is
+/// excluded for a query when it is in either, so a large global list (e.g. recorded near
+/// duplicates) is never copied into each query's list.
+#[derive(Debug, Clone, Default)]
+pub struct Exclude<'a> {
+    /// Sorted, without repeats: a lookup is a binary search.
+    global: Cow<'a, [i64]>,
+    /// One sorted list per query.
+    per_query: Option<Vec<Vec<i64>>>,
 }
 
-impl Exclude {
-    /// Ids are sorted once here so that a lookup is a binary search.
+impl Exclude<'static> {
+    /// No exclusions.
+    pub const NOTHING: Exclude<'static> = Exclude {
+        global: Cow::Borrowed(&[]),
+        per_query: None,
+    };
+
+    /// The same ids for every query (sorted once here).
+    #[cfg(test)]
     pub fn global(mut ids: Vec<i64>) -> Self {
         ids.sort_unstable();
         ids.dedup();
-        Exclude::Global(ids)
+        Exclude {
+            global: Cow::Owned(ids),
+            per_query: None,
+        }
     }
 
+    /// One list of ids per query.
+    #[cfg(test)]
     pub fn per_query(lists: Vec<Vec<i64>>) -> Self {
-        Exclude::PerQuery(
-            lists
-                .into_iter()
-                .map(|mut ids| {
-                    ids.sort_unstable();
-                    ids.dedup();
-                    ids
-                })
-                .collect(),
-        )
+        Exclude::NOTHING.with_per_query(lists)
+    }
+}
+
+impl<'a> Exclude<'a> {
+    /// The same ids for every query, borrowed when they are already sorted without
+    /// repeats (the Python side keeps them so: one pass to check, no copy, no sort).
+    pub fn global_borrowed(ids: &'a [i64]) -> Self {
+        let global = if ids.windows(2).all(|w| w[0] < w[1]) {
+            Cow::Borrowed(ids)
+        } else {
+            let mut owned = ids.to_vec();
+            owned.sort_unstable();
+            owned.dedup();
+            Cow::Owned(owned)
+        };
+        Exclude {
+            global,
+            per_query: None,
+        }
+    }
+
+    /// These exclusions plus one list of ids per query.
+    pub fn with_per_query(self, lists: Vec<Vec<i64>>) -> Self {
+        let lists = lists
+            .into_iter()
+            .map(|mut ids| {
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            })
+            .collect();
+        Exclude {
+            global: self.global,
+            per_query: Some(lists),
+        }
+    }
+
+    /// An error unless the per-query lists (if any) are one per query.
+    pub(crate) fn check(&self, q: usize) -> Result<(), String> {
+        match &self.per_query {
+            Some(lists) if lists.len() != q => Err(format!(
+                "exclude has {} per-query lists for {q} queries",
+                lists.len()
+            )),
+            _ => Ok(()),
+        }
     }
 
     #[inline]
     pub(crate) fn contains(&self, query: usize, id: i64) -> bool {
-        match self {
-            Exclude::Nothing => false,
-            Exclude::Global(ids) => ids.binary_search(&id).is_ok(),
-            Exclude::PerQuery(lists) => lists[query].binary_search(&id).is_ok(),
-        }
+        (!self.global.is_empty() && self.global.binary_search(&id).is_ok())
+            || self
+                .per_query
+                .as_ref()
+                .is_some_and(|lists| lists[query].binary_search(&id).is_ok())
     }
 }
 
@@ -280,7 +333,7 @@ struct Job<'a> {
     db: Database<'a>,
     /// Global id of the part's first row (ids run on across the parts, in order).
     base: usize,
-    exclude: &'a Exclude,
+    exclude: &'a Exclude<'a>,
 }
 
 /// The exact top-`k` rows of `db` by inner product with each of the `q` queries
@@ -388,14 +441,7 @@ where
 {
     let q = query_count(queries, parts)?;
     let d = parts[0].d;
-    if let Exclude::PerQuery(lists) = exclude {
-        if lists.len() != q {
-            return Err(format!(
-                "exclude has {} per-query lists for {q} queries",
-                lists.len()
-            ));
-        }
-    }
+    exclude.check(q)?;
     let dp = d.div_ceil(PAD) * PAD;
     let mut padded = vec![0f32; q * dp];
     for (dst, src) in padded.chunks_exact_mut(dp).zip(queries.chunks_exact(d)) {
@@ -1242,7 +1288,7 @@ mod tests {
                 let rows = data(700, d, d as u64);
                 let queries = data(q, d, 99);
                 let db = Database::new(Rows::F32(&rows), d).unwrap();
-                let got = search(&queries, &db, 5, &Exclude::Nothing, 2).unwrap();
+                let got = search(&queries, &db, 5, &Exclude::NOTHING, 2).unwrap();
                 let want = brute(&queries, &rows, d, 5, &[]);
                 for (qi, w) in want.iter().enumerate() {
                     assert_eq!(
@@ -1268,8 +1314,8 @@ mod tests {
                 .collect();
             for db in [Rows::F32(&rows), Rows::F16Bits(&bits)] {
                 let db = Database::new(db, d).unwrap();
-                let blocked = search(&queries, &db, 9, &Exclude::Nothing, 2).unwrap();
-                let streamed = search(&queries[..5 * d], &db, 9, &Exclude::Nothing, 1).unwrap();
+                let blocked = search(&queries, &db, 9, &Exclude::NOTHING, 2).unwrap();
+                let streamed = search(&queries[..5 * d], &db, 9, &Exclude::NOTHING, 1).unwrap();
                 assert_eq!(&blocked.ids[..45], &streamed.ids[..]);
                 let a: Vec<u32> = blocked.scores[..45].iter().map(|s| s.to_bits()).collect();
                 let b: Vec<u32> = streamed.scores.iter().map(|s| s.to_bits()).collect();
@@ -1288,7 +1334,7 @@ mod tests {
             &queries,
             &Database::new(Rows::F32(&rows), d).unwrap(),
             7,
-            &Exclude::Nothing,
+            &Exclude::NOTHING,
             1,
         )
         .unwrap();
@@ -1296,7 +1342,7 @@ mod tests {
             &queries,
             &Database::new(Rows::F16Bits(&bits), d).unwrap(),
             7,
-            &Exclude::Nothing,
+            &Exclude::NOTHING,
             1,
         )
         .unwrap();
@@ -1307,7 +1353,7 @@ mod tests {
     fn k_beyond_the_rows_is_padded() {
         let rows = data(3, 4, 1);
         let db = Database::new(Rows::F32(&rows), 4).unwrap();
-        let got = search(&[1.0, 0.0, 0.0, 0.0], &db, 5, &Exclude::Nothing, 1).unwrap();
+        let got = search(&[1.0, 0.0, 0.0, 0.0], &db, 5, &Exclude::NOTHING, 1).unwrap();
         assert_eq!(&got.ids[3..], &[-1, -1]);
         assert!(got.scores[3..].iter().all(|s| *s == f32::NEG_INFINITY));
     }
@@ -1318,7 +1364,7 @@ mod tests {
         let rows = data(300, d, 5);
         let queries = data(2, d, 6);
         let db = Database::new(Rows::F32(&rows), d).unwrap();
-        let first = search(&queries, &db, 3, &Exclude::Nothing, 1).unwrap();
+        let first = search(&queries, &db, 3, &Exclude::NOTHING, 1).unwrap();
         let skip = vec![first.ids[0], first.ids[1]];
         let got = search(&queries, &db, 3, &Exclude::global(skip.clone()), 1).unwrap();
         let want = brute(&queries, &rows, d, 3, &skip);
@@ -1330,13 +1376,50 @@ mod tests {
     }
 
     #[test]
+    fn global_and_per_query_exclusions_together_equal_their_union_per_query() {
+        let d = 8;
+        let n = 400;
+        let rows = data(n, d, 11);
+        let queries = data(3, d, 12);
+        let db = Database::new(Rows::F32(&rows), d).unwrap();
+        // unsorted with a repeat: copied and sorted; sorted: borrowed as is
+        let unsorted: Vec<i64> = (0..n as i64)
+            .rev()
+            .filter(|r| r % 3 == 0)
+            .chain([3])
+            .collect();
+        let sorted: Vec<i64> = (0..n as i64).filter(|r| r % 3 == 0).collect();
+        let lists: Vec<Vec<i64>> = vec![
+            vec![],
+            (0..n as i64).filter(|r| r % 2 == 0).collect(),
+            (0..n as i64).collect(),
+        ];
+        let union: Vec<Vec<i64>> = lists
+            .iter()
+            .map(|l| sorted.iter().chain(l).copied().collect())
+            .collect();
+        let want = search(&queries, &db, n, &Exclude::per_query(union), 2).unwrap();
+        for global in [&unsorted, &sorted] {
+            let both = Exclude::global_borrowed(global).with_per_query(lists.clone());
+            for threads in [1, 3] {
+                let got = search(&queries, &db, n, &both, threads).unwrap();
+                assert_eq!(got, want);
+            }
+        }
+        // the last query has nothing left: all padding
+        assert!(want.ids[2 * n..].iter().all(|&id| id == -1));
+        let short = Exclude::global_borrowed(&sorted).with_per_query(vec![vec![]]);
+        assert!(search(&queries, &db, 3, &short, 1).is_err());
+    }
+
+    #[test]
     fn ties_rank_lower_ids_first_whatever_the_threads() {
         let d = 5;
         let one = data(1, d, 7);
         let rows: Vec<f32> = one.iter().copied().cycle().take(2000 * d).collect();
         let db = Database::new(Rows::F32(&rows), d).unwrap();
         for threads in [1, 2, 3] {
-            let got = search(&one, &db, 4, &Exclude::Nothing, threads).unwrap();
+            let got = search(&one, &db, 4, &Exclude::NOTHING, threads).unwrap();
             assert_eq!(got.ids, vec![0, 1, 2, 3]);
         }
     }
@@ -1350,7 +1433,7 @@ mod tests {
             &queries,
             &Database::new(Rows::F32(&rows), d).unwrap(),
             6,
-            &Exclude::Nothing,
+            &Exclude::NOTHING,
             2,
         )
         .unwrap();
@@ -1359,7 +1442,7 @@ mod tests {
             &queries,
             &Database::new(Rows::F32(a), d).unwrap(),
             6,
-            &Exclude::Nothing,
+            &Exclude::NOTHING,
             1,
         )
         .unwrap();
@@ -1367,7 +1450,7 @@ mod tests {
             &queries,
             &Database::new(Rows::F32(b), d).unwrap(),
             6,
-            &Exclude::Nothing,
+            &Exclude::NOTHING,
             1,
         )
         .unwrap();
@@ -1403,7 +1486,7 @@ mod tests {
             })
             .collect();
         let skip: Vec<i64> = vec![0, 299, 300, 301, 1099, 1100, 1499];
-        for exclude in [Exclude::Nothing, Exclude::global(skip.clone())] {
+        for exclude in [Exclude::NOTHING, Exclude::global(skip.clone())] {
             for threads in [1, 2, 3] {
                 for q in [3, queries.len() / d] {
                     let qs = &queries[..q * d];
@@ -1413,9 +1496,9 @@ mod tests {
                 }
             }
         }
-        assert!(search_parts(&queries, &[], 3, &Exclude::Nothing, 1).is_err());
+        assert!(search_parts(&queries, &[], 3, &Exclude::NOTHING, 1).is_err());
         let other = Database::new(Rows::F32(&rows[..8 * 10]), 8).unwrap();
-        assert!(search_parts(&queries[..d], &[whole, other], 3, &Exclude::Nothing, 1).is_err());
+        assert!(search_parts(&queries[..d], &[whole, other], 3, &Exclude::NOTHING, 1).is_err());
     }
 
     #[test]
@@ -1472,8 +1555,8 @@ mod tests {
         assert!(Database::new(Rows::F32(&rows), 4).is_err());
         assert!(Database::new(Rows::F32(&rows), 0).is_err());
         let db = Database::new(Rows::F32(&rows), 3).unwrap();
-        assert!(search(&[0.0; 3], &db, 0, &Exclude::Nothing, 1).is_err());
-        assert!(search(&[0.0; 4], &db, 1, &Exclude::Nothing, 1).is_err());
+        assert!(search(&[0.0; 3], &db, 0, &Exclude::NOTHING, 1).is_err());
+        assert!(search(&[0.0; 4], &db, 1, &Exclude::NOTHING, 1).is_err());
         assert!(search(&[0.0; 3], &db, 1, &Exclude::per_query(vec![]), 1).is_err());
     }
 }

@@ -192,7 +192,9 @@ def topk_search_parts(
     scores descending and ids (-inf / -1 padding). Each part is float32, or float16
     passed as its uint16 bits, C-contiguous with the queries' d; ids (and exclusions)
     run on across the parts in order; ties rank the lower id first; one pass, memory
-    O(q x k) for any number of parts (GIL released)."""
+    O(q x k) for any number of parts (GIL released). ``exclude`` (ids left out for every
+    query; borrowed without a copy when sorted without repeats) and ``exclude_per_query``
+    (one array per query) may be given together: an id is left out when either has it."""
 
 def count_above_parts(
     queries: npt.NDArray[np.float32],

@@ -286,4 +286,7 @@ def test_key_exclusions_become_the_rows_of_every_source():
     per_query = Exclusions.of_keys([["x"], []], 2, lookups)
     assert [e.tolist() for e in per_query["a"].per_query] == [[0, 10], []]
     union = per_query["a"].union(Exclusions(shared=np.array([3])), 2)
-    assert [e.tolist() for e in union.per_query] == [[0, 3, 10], [3]]
+    # the shared row stays shared (never copied into each query's array)
+    assert [union.of_query(q).tolist() for q in range(2)] == [[0, 3, 10], [3]]
+    assert union.shared.tolist() == [3]
+    assert [e.tolist() for e in union.per_query] == [[0, 10], []]

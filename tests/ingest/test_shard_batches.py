@@ -188,3 +188,65 @@ def test_a_long_stream_stops_faulting_in_fresh_output_memory(tmp_path):
     # a fresh 43 MB batch: ~880 faults here (2 MiB pages where the kernel has them)
     per_batch = [b - a for a, b in itertools.pairwise(faults[2:])]
     assert max(per_batch) < 15, per_batch
+
+
+# ==== folder and table sources: pooled output arrays ====
+
+
+def _raw_stream(n_batches: int, per_batch: int = 3):
+    from starkret.ingest.sources import _RawBatch
+
+    for b in range(n_batches):
+        photos = [synthetic_photo(40 + i, 30 + b, seed=b * 10 + i) for i in range(per_batch)]
+        images = [encode(photo, "JPEG") for photo in photos]
+        keys = [f"{b}-{i}" for i in range(per_batch)]
+        yield _RawBatch(images, keys, [None] * per_batch, f"part{b}", [])
+
+
+def test_folder_batches_reuse_output_arrays_only_once_dropped(monkeypatch):
+    """Folder and table sources preprocessed every batch into a fresh array (the kernel
+    zeroing new memory each time); now they reuse pooled arrays, never one still held."""
+    from starkret.ingest import sources
+    from starkret.ingest.sources import PreprocessOptions, _prefetched
+
+    targets = []
+
+    def spy(images, **kwargs):
+        out = kwargs.get("out")
+        targets.append(None if out is None else id(out))
+        return starkret.preprocess(images, **kwargs)
+
+    options = PreprocessOptions(size=32, batch_size=3, threads=1)
+    fresh = [
+        b.pixels.copy()
+        for b in _prefetched(_raw_stream(12), options)  # copies: the reference bytes
+    ]
+    monkeypatch.setattr(sources, "preprocess", spy)
+    held = []
+    for i, batch in enumerate(_prefetched(_raw_stream(12), options)):
+        if i % 4 == 0:
+            held.append((i, batch.pixels[1:]))  # a view keeps its array in use
+        np.testing.assert_array_equal(batch.pixels, fresh[i])
+    for i, view in held:  # never overwritten by a later batch
+        np.testing.assert_array_equal(view, fresh[i][1:])
+    for (_, a), (_, b) in itertools.combinations(held, 2):
+        assert not np.shares_memory(a, b)
+    assert len(targets) == 12 and None not in targets
+    assert len(set(targets)) < 12  # dropped arrays came back
+
+
+def test_output_pool_hands_out_no_array_in_use():
+    from starkret.ingest.preprocess import OutputPool
+
+    pool = OutputPool(size=8, dtype="float16", layout="chw", limit=2)
+    a = pool.take(5)
+    b = pool.take(3)
+    assert not np.shares_memory(a, b)
+    view = b[1:]
+    del b
+    c = pool.take(2)
+    assert not np.shares_memory(c, view) and not np.shares_memory(c, a)
+    del a
+    assert pool.take(5) is pool._buffers[0]
+    big = pool.take(50)  # none large enough: a new array, the pool stays at its limit
+    assert big.shape == (50, 3, 8, 8) and len(pool._buffers) == 2

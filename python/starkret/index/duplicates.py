@@ -130,6 +130,9 @@ class Duplicates:
     def __init__(self, record: Record | None, counts: dict[str, int]) -> None:
         self.record = record
         self._dropped: dict[str, np.ndarray] = {}
+        #: Per source with dropped rows, its one Exclusions (made once: every search
+        #: shares it, and a source's index caches what it builds from it).
+        self._exclusions: dict[str, Exclusions] = {}
         self._stand_in: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if record is None:
             return
@@ -146,9 +149,13 @@ class Duplicates:
                 )
                 self.record = None
                 self._dropped.clear()
+                self._exclusions.clear()
                 return
             mine = record.members_source == i
-            self._dropped[name] = np.sort(record.members_row[mine & ~record.members_kept])
+            dropped = Exclusions(shared=record.members_row[mine & ~record.members_kept])
+            self._dropped[name] = dropped.shared
+            if len(dropped.shared):
+                self._exclusions[name] = dropped
         # each group's kept image: (source number, row) by group id
         kept = record.members_kept
         order = np.argsort(record.members_group[kept], kind="stable")
@@ -170,9 +177,10 @@ class Duplicates:
         return self._dropped.get(source, np.zeros(0, np.int64))
 
     def exclusions(self, source: str) -> Exclusions | None:
-        """:meth:`dropped` as the one exclusion form (None when there is none)."""
-        rows = self.dropped(source)
-        return Exclusions(shared=rows) if len(rows) else None
+        """:meth:`dropped` as the one exclusion form (None when there is none): the same
+        object on every call, so what a search builds from it (a faiss selector, a
+        device mask) is built once."""
+        return self._exclusions.get(source)
 
     def kept_of(self, source: str, row: int) -> tuple[str, int]:
         """The image kept in place of ``(source, row)``: itself unless it was dropped."""

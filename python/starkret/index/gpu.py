@@ -19,8 +19,11 @@ How it works:
   device's free memory (``torch.cuda.mem_get_info``). Parts that fit in
   :data:`RESIDENT_FRACTION` of free memory are uploaded once and kept (the searcher is
   reusable); otherwise tiles stream from the memory maps through two pinned buffers.
-* **Exclusions** are (query, row) pairs sorted by row (``Exclusions.pairs``), uploaded
-  once; each tile sets its pairs to ``-inf`` with one indexed write on the device.
+* **Exclusions**: shared rows (``Exclusions.shared``, sorted) are uploaded once per
+  shared set and kept (a DB's recorded near duplicates are the same set every batch);
+  each tile sets its slice of them to ``-inf`` for all queries at once. Per-query ones
+  are (query, row) pairs sorted by row (``Exclusions.pairs``), uploaded once per
+  search; each tile sets its pairs to ``-inf`` with one indexed write on the device.
 * **Exact merge.** Each tile's top-k comes from ``torch.topk`` on the scores; a query
   whose k-th score is tied with an unselected entry of the tile is redone with a
   composite int64 key (ordered float bits, then the complement of the row), so ties go
@@ -95,6 +98,8 @@ class DeviceSearcher:
             # torch tensors (already on the device, e.g. generated there): search in place
             self._resident = [p.to(self.device, torch.float16) for p in self.parts]
         self._pinned: list | None = None
+        #: The last shared exclusion set seen and its rows on the device.
+        self._shared: tuple[np.ndarray, object] | None = None
         self._mm_out_dtype = self.cuda  # cleared if this torch has no mm(out_dtype=)
 
     # ==== memory plan ====
@@ -219,7 +224,8 @@ class DeviceSearcher:
         if n == 0 or self.count == 0:
             return out_s, out_r
         exclusions = Exclusions.parse(exclude, n)
-        pairs = exclusions.pairs(n) if exclusions is not None else None
+        pairs = exclusions.pairs(n, shared=False) if exclusions is not None else None
+        shared = self._shared_rows(exclusions)
         self._ensure_resident()
         chunk, tile_rows = self._plan(n)
         with self.torch.inference_mode():
@@ -227,22 +233,39 @@ class DeviceSearcher:
                 stop = min(start + chunk, n)
                 while True:
                     try:
-                        s, r = self._search_chunk(q[start:stop], k, pairs, start, tile_rows)
+                        s, r = self._search_chunk(
+                            q[start:stop], k, (shared, pairs), start, tile_rows
+                        )
                         break
                     except _RetryInFloat32:
                         continue
                 out_s[start:stop], out_r[start:stop] = s, r
         return out_s, out_r
 
-    def _search_chunk(self, q: np.ndarray, k: int, pairs, first_query: int, tile_rows: int):
+    def _shared_rows(self, exclusions: Exclusions | None):
+        """The shared excluded rows on the device (None: none), uploaded once per set."""
+        if exclusions is None or exclusions.shared is None or not len(exclusions.shared):
+            return None
+        rows = exclusions.shared  # sorted, read-only: the same set is the same array
+        if self._shared is None or self._shared[0] is not rows:
+            self._shared = (rows, self.torch.from_numpy(np.array(rows)).to(self.device))
+        return self._shared[1]
+
+    def _search_chunk(self, q: np.ndarray, k: int, exclude, first_query: int, tile_rows: int):
         torch = self.torch
         n = q.shape[0]
         q32 = torch.from_numpy(q).to(self.device)
         qop = self._query_operand(q32)
+        shared, pairs = exclude
         ex_q, ex_r = _chunk_pairs(torch, pairs, first_query, n, self.device)
         best = torch.full((n, 0), 0, dtype=torch.int64, device=self.device)
         for first, tile in self._tiles(tile_rows):
             scores = self._scores(qop, n, tile)
+            if shared is not None:  # one column mask for every query
+                lo = int(torch.searchsorted(shared, first))
+                hi = int(torch.searchsorted(shared, first + tile.shape[0]))
+                if hi > lo:
+                    scores[:, shared[lo:hi] - first] = -float("inf")
             if ex_r is not None:
                 lo = int(torch.searchsorted(ex_r, first))
                 hi = int(torch.searchsorted(ex_r, first + tile.shape[0]))

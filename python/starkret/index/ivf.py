@@ -37,6 +37,7 @@ __all__ = [
     "INDEX_FILE",
     "TARGET_RECALL",
     "IvfIndex",
+    "SharedSelector",
     "best_of",
     "build_ivf",
     "candidate_scores",
@@ -148,6 +149,81 @@ def _set_probe(index, nprobe: int) -> None:
         space.set_index_parameter(index, "quantizer_efSearch", max(64, 2 * int(nprobe)))
 
 
+class SharedSelector:
+    """Leaves a shared exclusion set out inside a faiss search (not after it).
+
+    A post-filter needs ``k`` + (rows excluded) candidates per query, millions when a DB's
+    recorded near duplicates are left out; faiss instead skips the rows while it scans,
+    through search parameters with an ``IDSelectorNot(IDSelectorBitmap)`` (one bit per
+    faiss id: 3 MB for 25M rows). The parameters are built once per shared set (kept while
+    the same array comes back, as :meth:`Duplicates.exclusions
+    <starkret.index.duplicates.Duplicates.exclusions>` returns it) and reuse the index's
+    own nprobe. An index type that takes no selector (e.g. a refine stage) is noticed
+    once and searched as before, filtering afterwards.
+
+    ``to_faiss_ids``: global rows -> the index's ids (None: the ids are the rows).
+    """
+
+    def __init__(self, index, to_faiss_ids=None) -> None:
+        self.index = index
+        self.to_faiss_ids = to_faiss_ids
+        self.supported = True
+        self._last: tuple[np.ndarray, object, tuple] | None = None
+
+    def params(self, shared: np.ndarray | None):
+        """Search parameters leaving ``shared`` (sorted global rows) out, or None when
+        there is nothing to leave out or the index cannot (then post-filter them)."""
+        if shared is None or not len(shared) or not self.supported:
+            return None
+        if self._last is not None and self._last[0] is shared:
+            params, ivf = self._last[1], self._last[2][-1]
+            if ivf is not None:  # the index's nprobe may have been set since
+                params.nprobe = ivf.nprobe
+            return params
+        import faiss
+
+        ids = shared if self.to_faiss_ids is None else self.to_faiss_ids(shared)
+        ids = ids[ids >= 0]
+        if not len(ids):
+            return None
+        bits = np.zeros(int(ids.max()) + 1, bool)
+        bits[ids] = True
+        bitmap = np.packbits(bits, bitorder="little")
+        dropped = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        keep = faiss.IDSelectorNot(dropped)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            params = faiss.SearchParametersIVF(sel=keep, nprobe=ivf.nprobe, max_codes=ivf.max_codes)
+        else:
+            params = faiss.SearchParameters(sel=keep)
+        # faiss holds raw pointers: keep the bitmap and selectors alive with the params
+        self._last = (shared, params, (bitmap, dropped, keep, ivf))
+        return params
+
+    def search(
+        self, index, queries: np.ndarray, k: int, exclude: Exclusions | None, limit: int = 0
+    ):
+        """``index.search`` for ``k`` + the extra candidates a post-filter of ``exclude``
+        still needs: the largest per-query count when the shared rows are left out inside
+        the search, every excluded row otherwise (at most ``limit`` if given). ``index``:
+        the index itself (or a stand-in with its ``search``). Returns faiss's
+        ``(scores, ids)``."""
+
+        def capped(want: int) -> int:
+            return min(want, max(1, limit)) if limit else want
+
+        params = self.params(exclude.shared if exclude is not None else None)
+        if params is not None:
+            want = capped(k + exclude.largest_per_query())
+            try:
+                return index.search(queries, want, params=params)
+            except RuntimeError as exc:  # this index type takes no selector
+                _logger.info("faiss index takes no id selector (%s): filtering after", exc)
+                self.supported = False
+        want = capped(k + (exclude.largest() if exclude is not None else 0))
+        return index.search(queries, want)
+
+
 class IvfIndex:
     """A built ivf index with its calibrated nprobe / candidates, searched with re-ranking."""
 
@@ -156,6 +232,7 @@ class IvfIndex:
         self.nprobe = int(infos["nprobe"])
         self.candidates = int(infos["candidates"])
         _set_probe(index, self.nprobe)
+        self.selector = SharedSelector(index)  # ids are the global rows
 
     @classmethod
     def open(cls, index_dir: Path, parts, infos: dict) -> IvfIndex:
@@ -177,10 +254,10 @@ class IvfIndex:
         """Top-``k`` ``(scores, global rows)``; exact scores, approximate candidate set."""
         q = np.ascontiguousarray(queries, np.float32)
         exclude = Exclusions.parse(exclude, len(q))  # an Exclusions: only checked
-        extra = exclude.largest() if exclude is not None else 0
-        want = max(candidates or self.candidates, k) + extra
-        want = min(want, max(1, self.parts.count))
-        _, ids = self.index.search(q, want)
+        want = max(candidates or self.candidates, k)
+        # shared rows (recorded near duplicates) are skipped inside faiss's scan; only
+        # per-query ones need extra candidates (at most every row)
+        _, ids = self.selector.search(self.index, q, want, exclude, limit=self.parts.count)
         return rerank(self.parts, q, ids, k, exclude)
 
 

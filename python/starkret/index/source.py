@@ -23,6 +23,7 @@ from starkret.index.exact import (
     register_searcher,
     searcher,
 )
+from starkret.index.ivf import IvfIndex, SharedSelector
 from starkret.index.q8 import Q8Copy
 
 _logger = logging.getLogger("starkret")
@@ -69,8 +70,6 @@ class SourceIndex:
         #: The int8 copy exact search runs its first pass on (None: float32 scan only).
         self.q8 = Q8Copy.open(source_dir, infos, parts.arrays) if self.kind == "exact" else None
         if infos.get("kind") == "ivf":
-            from starkret.index.ivf import IvfIndex
-
             self._ivf = IvfIndex.open(source_dir / "index", parts, infos)
 
     @classmethod
@@ -136,11 +135,12 @@ class SourceIndex:
 
 
 def _faiss_search(index: SourceIndex, queries, k, exclude: Exclusions | None, **_):
-    # Excluded rows are filtered after the search: ask for enough extra ones.
-    extra = exclude.largest() if exclude is not None else 0
-    scores, ids = index._faiss.search(queries, k + extra)
+    # Shared excluded rows are left out inside faiss's search where the index takes a
+    # selector; the rest is filtered after it, with enough extra hits asked for.
     order = np.asarray(index.infos["faiss_order"], dtype=np.int64)
-    rows = _faiss_ids_to_rows(ids, order, index.parts.offsets)
+    offsets = index.parts.offsets
+    scores, ids = _faiss_selector(index, order, offsets).search(index._faiss, queries, k, exclude)
+    rows = _faiss_ids_to_rows(ids, order, offsets)
     if exclude is None:
         return scores[:, :k], rows[:, :k]
     keep = (rows >= 0) & ~exclude.mask(rows)
@@ -159,14 +159,48 @@ def _faiss_search(index: SourceIndex, queries, k, exclude: Exclusions | None, **
 register_searcher("autofaiss", "cpu", _faiss_search)
 
 
+def _faiss_selector(index: SourceIndex, order, offsets) -> SharedSelector:
+    """The source's selector for its faiss index (made once, remade if the index or its
+    row order changes): shared sets are turned into faiss ids once each."""
+    key = (index._faiss, order.tobytes(), np.asarray(offsets).tobytes())
+    cached = index.__dict__.get("_faiss_selector")
+    if cached is None or cached[0][0] is not key[0] or cached[0][1:] != key[1:]:
+        selector = SharedSelector(
+            index._faiss, lambda rows: _rows_to_faiss_ids(rows, order, offsets)
+        )
+        cached = index.__dict__["_faiss_selector"] = (key, selector)
+    return cached[1]
+
+
+def _faiss_order(order, offsets):
+    """Parts in faiss's order (those missing from ``order`` last) and where each starts
+    among faiss's ids."""
+    missing = np.setdiff1d(np.arange(len(offsets) - 1), order)
+    order = np.concatenate([order, missing]).astype(np.int64)
+    sizes = np.diff(offsets)[order]
+    return order, np.concatenate([[0], np.cumsum(sizes)])
+
+
+def _rows_to_faiss_ids(rows, order, offsets):
+    """Global rows -> faiss ids (the inverse of :func:`_faiss_ids_to_rows`; -1 for rows
+    outside the source)."""
+    order, faiss_offsets = _faiss_order(order, offsets)
+    rows = np.asarray(rows, np.int64)
+    valid = (rows >= 0) & (rows < offsets[-1])
+    part = np.searchsorted(offsets, rows[valid], side="right") - 1
+    slot_of_part = np.empty(len(order), np.int64)
+    slot_of_part[order] = np.arange(len(order))
+    slot = slot_of_part[part]
+    out = np.full(rows.shape, -1, np.int64)
+    out[valid] = faiss_offsets[slot] + (rows[valid] - offsets[part])
+    return out
+
+
 def _faiss_ids_to_rows(ids, order, offsets):
     """faiss numbers rows in the order autofaiss read the files (sorted by name), then
     the rows of parts added since in part order (:mod:`starkret.index.grow`; an index
     file can be newer than the ``faiss_order`` read with it for a moment)."""
-    missing = np.setdiff1d(np.arange(len(offsets) - 1), order)
-    order = np.concatenate([order, missing]).astype(np.int64)
-    sizes = np.diff(offsets)[order]
-    faiss_offsets = np.concatenate([[0], np.cumsum(sizes)])
+    order, faiss_offsets = _faiss_order(order, offsets)
     flat = ids.reshape(-1)
     valid = flat >= 0
     slot = np.searchsorted(faiss_offsets, flat[valid], side="right") - 1

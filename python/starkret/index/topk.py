@@ -8,6 +8,7 @@ collection on disk can be searched with a few hundred MB of RAM.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -269,21 +270,37 @@ RowsOfKeys = Callable[[list[str]], Mapping[str, np.ndarray]]
 
 @dataclass(frozen=True)
 class Exclusions:
-    """Row ids never to return: ``shared`` for every query, or one array per query.
+    """Row ids never to return: ``shared`` for every query, one array per query
+    (``per_query``), or both: a row is excluded for query ``q`` when it is in ``shared``
+    or in ``per_query[q]``.
 
     The one form exclusions take between modules: what a caller gives (a set, list or
     array of rows; one such collection per query; image keys) is read once, at the API
     boundary, by :meth:`parse` or :meth:`of_keys`, and every search (exact, ivf, faiss,
     torch device) takes the result.
 
+    ``shared`` is kept sorted without repeats and read-only, from construction on, so a
+    large shared set (a DB's recorded near duplicates) is sorted once, never copied into
+    each query's array, and searched by bisection: combining it with per-query
+    exclusions (:meth:`union`) costs nothing per row of it.
+
     >>> Exclusions.parse({3, 1}, n_queries=2).of_query(1).tolist()
     [1, 3]
     >>> Exclusions.parse([[0], [2, 5]], n_queries=2).pairs(2)
     (array([0, 1, 1]), array([0, 2, 5]))
+    >>> both = Exclusions(shared=np.array([4, 1])).union(Exclusions.parse([[0], [2]], 2), 2)
+    >>> both.shared.tolist(), both.of_query(1).tolist()
+    ([1, 4], [1, 2, 4])
     """
 
     shared: np.ndarray | None = None
     per_query: tuple[np.ndarray, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.shared is not None:
+            object.__setattr__(self, "shared", _sorted_unique(self.shared))
+        if self.per_query is not None and not isinstance(self.per_query, tuple):
+            object.__setattr__(self, "per_query", tuple(self.per_query))
 
     # ==== reading what callers give ====
 
@@ -298,8 +315,7 @@ class Exclusions:
             return exclude
         shape, items = cls._split(exclude, n_queries, keys=False)
         if shape == "shared":
-            rows = _id_array(items, "exclude")
-            return cls(shared=np.unique(rows) if isinstance(items, (set, frozenset)) else rows)
+            return cls(shared=_id_array(items, "exclude"))
         return cls(per_query=tuple(_id_array(e, f"exclude[{i}]") for i, e in enumerate(items)))
 
     @classmethod
@@ -366,15 +382,31 @@ class Exclusions:
 
     # ==== reading it ====
 
+    def _shared(self) -> np.ndarray:
+        return _NO_ROWS if self.shared is None else self.shared
+
     def of_query(self, q: int) -> np.ndarray:
-        """The rows excluded for query ``q``."""
-        return self.shared if self.per_query is None else self.per_query[q]
+        """The rows excluded for query ``q`` (sorted; one query's copy of ``shared``)."""
+        if self.per_query is None:
+            return self._shared()
+        if self.shared is None or not len(self.shared):
+            return self.per_query[q]
+        return np.union1d(self.shared, self.per_query[q])
 
     def largest(self) -> int:
         """Most rows excluded for one query (how many extra hits a post-filter needs)."""
+        return len(self._shared()) + self.largest_per_query()
+
+    def largest_per_query(self) -> int:
+        """Most rows ``per_query`` excludes for one query (``shared`` left out): the extra
+        hits a post-filter needs when ``shared`` is applied inside the search."""
         if self.per_query is None:
-            return len(self.shared)
+            return 0
         return max((len(e) for e in self.per_query), default=0)
+
+    def without_shared(self) -> Exclusions | None:
+        """The per-query part alone (None when there is none)."""
+        return None if self.per_query is None else Exclusions(per_query=self.per_query)
 
     def check(self, n_queries: int) -> None:
         if self.per_query is not None and len(self.per_query) != n_queries:
@@ -383,53 +415,120 @@ class Exclusions:
             )
 
     def union(self, other: Exclusions | None, n_queries: int) -> Exclusions:
-        """Rows excluded by either."""
+        """Rows excluded by either; shared rows stay shared (merged, never tiled per
+        query), so the cost does not grow with queries x shared rows."""
         if other is None:
             return self
-        if self.per_query is None and other.per_query is None:
-            return Exclusions(shared=np.union1d(self.shared, other.shared))
-        return Exclusions(
-            per_query=tuple(
-                np.union1d(self.of_query(q), other.of_query(q)) for q in range(n_queries)
-            )
-        )
-
-    def pairs(self, n_queries: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Every exclusion as ``(query, row)`` int64 arrays sorted by row (rows < 0
-        dropped), or None if there is none: what a tiled scan masks tile by tile."""
-        if self.per_query is None:
-            shared = np.unique(self.shared)
-            queries = np.repeat(np.arange(n_queries, dtype=np.int64), len(shared))
-            rows = np.tile(shared, n_queries)
+        self.check(n_queries)
+        other.check(n_queries)
+        shared = _merge_sorted(self.shared, other.shared)
+        if self.per_query is None or other.per_query is None:
+            per_query = self.per_query if other.per_query is None else other.per_query
         else:
-            self.check(n_queries)
-            sizes = [len(e) for e in self.per_query]
-            queries = np.repeat(np.arange(n_queries, dtype=np.int64), sizes)
-            rows = np.concatenate([_NO_ROWS, *self.per_query])
+            per_query = tuple(
+                np.union1d(a, b) for a, b in zip(self.per_query, other.per_query, strict=True)
+            )
+        return Exclusions(shared=shared, per_query=per_query)
+
+    def pairs(self, n_queries: int, *, shared: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every exclusion as ``(query, row)`` int64 arrays sorted by row (rows < 0
+        dropped), or None if there is none: what a tiled scan masks tile by tile.
+
+        ``shared=False`` leaves the shared rows out (they are then not tiled per query:
+        a scan masks them for every query at once); with them, the pairs grow with
+        queries x shared rows.
+        """
+        self.check(n_queries)
+        sizes = [len(e) for e in self.per_query] if self.per_query is not None else []
+        queries = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        rows = np.concatenate([_NO_ROWS, *(self.per_query or ())])
+        common = self._shared() if shared else _NO_ROWS
+        if len(common):
+            queries = np.concatenate(
+                [queries, np.repeat(np.arange(n_queries, dtype=np.int64), len(common))]
+            )
+            rows = np.concatenate([rows, np.tile(common, n_queries)])
         keep = rows >= 0
         queries, rows = queries[keep], rows[keep]
         if rows.size == 0:
             return None
-        order = np.argsort(rows, kind="stable")
-        return queries[order], rows[order]
+        order = np.lexsort((queries, rows))  # by row, then query; no repeated pair
+        queries, rows = queries[order], rows[order]
+        first = np.ones(len(rows), bool)
+        first[1:] = (rows[1:] != rows[:-1]) | (queries[1:] != queries[:-1])
+        return queries[first], rows[first]
 
     def mask(self, rows: np.ndarray) -> np.ndarray:
         """For a ``(q, m)`` array of rows (one line per query), where they are excluded."""
         rows = np.asarray(rows, np.int64)
+        out = _in_sorted(self._shared(), rows)
         if self.per_query is None:
-            return np.isin(rows, self.shared)
+            return out
         self.check(rows.shape[0])
-        pairs = self.pairs(rows.shape[0])
+        pairs = self.pairs(rows.shape[0], shared=False)
         if pairs is None:
-            return np.zeros(rows.shape, bool)
+            return out
         # one int64 per (query, row): query * stride + row, rows in [0, stride)
         stride = int(max(int(rows.max(initial=0)), int(pairs[1][-1]))) + 1
         banned = pairs[0] * stride + pairs[1]
         queries = np.arange(rows.shape[0], dtype=np.int64)[:, None]
-        return (rows >= 0) & np.isin(queries * stride + rows, banned)
+        return out | ((rows >= 0) & np.isin(queries * stride + rows, banned))
 
     def core_options(self) -> dict[str, object]:
-        """Keyword arguments of the Rust search."""
-        if self.per_query is None:
-            return {"exclude": self.shared}
-        return {"exclude_per_query": list(self.per_query)}
+        """Keyword arguments of the Rust search (the shared rows are passed as they are:
+        sorted, so the Rust side borrows them without a copy)."""
+        options: dict[str, object] = {}
+        if self.shared is not None and (len(self.shared) or self.per_query is None):
+            options["exclude"] = self.shared
+        if self.per_query is not None:
+            options["exclude_per_query"] = list(self.per_query)
+        return options
+
+
+# ==== sorted shared rows: normalised once, then trusted ====
+
+#: Arrays :func:`_sorted_unique` made or checked (read-only), by id: they are not
+#: checked again when an ``Exclusions`` is built from them (e.g. each :meth:`union`).
+_NORMALISED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def _sorted_unique(rows) -> np.ndarray:
+    """``rows`` as a read-only sorted int64 array without repeats (the same array when
+    it already is one this module made)."""
+    if isinstance(rows, np.ndarray) and _NORMALISED.get(id(rows)) is rows:
+        return rows
+    rows = _id_array(rows, "shared exclusions")
+    if len(rows) > 1 and not bool(np.all(rows[1:] > rows[:-1])):
+        rows = np.unique(rows)
+    elif rows.flags.writeable:  # the caller's array: a copy it cannot change under us
+        rows = rows.copy()
+    return _trusted(rows)
+
+
+def _trusted(rows: np.ndarray) -> np.ndarray:
+    """Marks a sorted array without repeats, which this module made, as normalised."""
+    rows.setflags(write=False)
+    _NORMALISED[id(rows)] = rows
+    return rows
+
+
+def _in_sorted(sorted_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Where ``rows`` are in ``sorted_rows`` (bisection: no sort of either)."""
+    if not len(sorted_rows):
+        return np.zeros(rows.shape, bool)
+    at = np.searchsorted(sorted_rows, rows)
+    return sorted_rows[np.minimum(at, len(sorted_rows) - 1)] == rows
+
+
+def _merge_sorted(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """The union of two normalised shared arrays, by insertion (no sort of the larger)."""
+    if a is None or not len(a):
+        return b if b is not None else a
+    if b is None or not len(b):
+        return a
+    if len(a) < len(b):
+        a, b = b, a
+    new = b[~_in_sorted(a, b)]
+    if not len(new):
+        return a
+    return _trusted(np.insert(a, np.searchsorted(a, new), new))

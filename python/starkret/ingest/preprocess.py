@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ __all__ = [
     "MAX_RESIZED_PIXELS",
     "OPENAI_MEAN",
     "OPENAI_STD",
+    "OutputPool",
     "PreprocessedBatch",
     "ShardBatch",
     "ShardBatchIterator",
@@ -196,6 +198,46 @@ def preprocess(
             out[: len(pixels)] = pixels
             pixels = out[: len(pixels)]
     return PreprocessedBatch(pixels, index, failures, sorted(pos for pos, _ in done))
+
+
+class OutputPool:
+    """Output arrays that a stream of :func:`preprocess` calls reuses (``out=``).
+
+    :meth:`take` returns an array that no batch handed out earlier still uses, else a new
+    one (at most ``limit`` are kept for reuse). Whether an array is in use is read from
+    its reference count: every numpy view of it (a batch's ``pixels``, a slice of them)
+    holds a reference to it, so it is free again only once the consumer has dropped all
+    of them. The count of an idle array is measured once on this interpreter, not assumed.
+
+    >>> pool = OutputPool(size=32, dtype="float32", layout="chw")
+    >>> a = pool.take(4); view = a[:2]; b = pool.take(4)
+    >>> a is b  # a is still referred to (by ``view`` and ``a``)
+    False
+    >>> del a, view; pool.take(4) is pool._buffers[0]
+    True
+    """
+
+    def __init__(self, *, size: int, dtype: str, layout: str, limit: int = 8) -> None:
+        item = (size, size, 3) if layout == "hwc" else (3, size, size)
+        self._item, self._dtype, self._limit = item, np.dtype(dtype), limit
+        self._buffers: list[np.ndarray] = []
+        probe = [np.empty(0)]
+        self._idle = self._references(probe, 0)
+
+    @staticmethod
+    def _references(buffers: list[np.ndarray], i: int) -> int:
+        return sys.getrefcount(buffers[i])
+
+    def take(self, n: int) -> np.ndarray:
+        """An array of at least ``n`` rows that nothing else refers to."""
+        for i in range(len(self._buffers)):
+            # counted while only the list (and the count's own argument) refers to it
+            if self._buffers[i].shape[0] >= n and self._references(self._buffers, i) <= self._idle:
+                return self._buffers[i]
+        buf = np.empty((max(n, 1), *self._item), self._dtype)
+        if len(self._buffers) < self._limit:
+            self._buffers.append(buf)
+        return buf
 
 
 def _output_target(out: object, n: int, size: int, dtype: str, layout: str) -> np.ndarray:

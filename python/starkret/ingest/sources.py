@@ -37,7 +37,7 @@ from pathlib import Path
 
 import starkret._core as _core
 from starkret.errors import InvalidInputError, NotFoundError
-from starkret.ingest.preprocess import ShardBatch, preprocess, preprocess_shards
+from starkret.ingest.preprocess import OutputPool, ShardBatch, preprocess, preprocess_shards
 from starkret.ingest.shards import DEFAULT_MAX_MEMBER_BYTES, expand_shard_paths
 from starkret.store.images import (
     IMAGE_SUFFIXES,
@@ -479,12 +479,23 @@ def _prefetched(
 ) -> Iterator[ShardBatch]:
     """Preprocess raw batches on a helper thread, ``depth`` ahead of the consumer.
 
-    ``preprocess`` releases the GIL, so decoding overlaps the consumer's work.
+    ``preprocess`` releases the GIL, so decoding overlaps the consumer's work. Batches
+    are written into pooled arrays (:class:`~starkret.ingest.preprocess.OutputPool`)
+    that are reused once the consumer has dropped them, so a long stream does not fault
+    in and zero fresh memory for every batch.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    kwargs = options.preprocess_kwargs()
+    pooled = not (kwargs["dtype"] == "uint8" and kwargs["layout"] == "chw")
+    outputs = OutputPool(
+        size=kwargs["size"], dtype=kwargs["dtype"], layout=kwargs["layout"], limit=depth + 4
+    )
+
     def work(batch: _RawBatch) -> ShardBatch:
-        out = preprocess(batch.images, **options.preprocess_kwargs())
+        target = outputs.take(len(batch.images)) if pooled and batch.images else None
+        out = preprocess(batch.images, **kwargs, out=target)
+        del target
         idx = out.index.tolist()
         sizes = [_core.image_dimensions(batch.images[i]) or (None, None) for i in idx]
         failures = list(batch.failures)

@@ -153,7 +153,11 @@ def _resolve_pretrained(open_clip, model: str, pretrained: Any) -> str | None:
 
 
 def _load_packaged(model, path: Path) -> None:
-    """Load weights written by scripts/train_mini.py (token embedding rows stored sparsely)."""
+    """Load weights written by scripts/train_mini.py (token embedding rows stored sparsely).
+
+    Ids the training text never used share one trained *unknown* row when the file has
+    one (``starkret.unknown_row``), else they are zero rows.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -161,6 +165,9 @@ def _load_packaged(model, path: Path) -> None:
     ids = state.pop("starkret.token_ids")
     rows = state.pop("starkret.token_rows")
     table = torch.zeros_like(model.token_embedding.weight, device="cpu")
+    unknown = state.pop("starkret.unknown_row", None)
+    if unknown is not None:
+        table[:] = unknown
     table[ids] = rows
     state["token_embedding.weight"] = table
     model.load_state_dict(state, strict=True)
