@@ -1468,12 +1468,12 @@ mod tests {
         let mut reranked = vec![];
         for _ in 0..5 {
             let t = Instant::now();
-            let got = search_parts(&queries, &[part], k, &Exclude::Nothing, 1, Path::Vnni).unwrap();
+            let got = search_parts(&queries, &[part], k, &Exclude::NOTHING, 1, Path::Vnni).unwrap();
             total.push(t.elapsed().as_secs_f64());
             reranked = got.reranked;
             let t = Instant::now();
             let state =
-                pool.install(|| first_pass(&qs, &[part], k, &Exclude::Nothing, Path::Vnni, 1));
+                pool.install(|| first_pass(&qs, &[part], k, &Exclude::NOTHING, Path::Vnni, 1));
             first.push(t.elapsed().as_secs_f64());
             sink += state.kept.iter().map(|v| v.len() as i64).sum::<i64>();
             // The kernel alone: the same panels, query tiles and block tiles.

@@ -360,8 +360,8 @@ fn bf16_first_pass_equals_the_float32_scan() {
     let db = Database::new(Rows::F32(&rows), d).unwrap();
     let codes = quantise_rows16(&db);
     for k in [1, 10, 64, rows.len() / d + 3] {
-        let want = topk::search_parts(&queries, &[db], k, &Exclude::Nothing, 2).unwrap();
-        let got = search16(&queries, db, &codes, k, &Exclude::Nothing).unwrap();
+        let want = topk::search_parts(&queries, &[db], k, &Exclude::NOTHING, 2).unwrap();
+        let got = search16(&queries, db, &codes, k, &Exclude::NOTHING).unwrap();
         assert!(same(&got.top, &want), "k={k}");
     }
 }
@@ -464,7 +464,7 @@ fn measure_bf16_against_int8() {
     for batch in [1usize, 16, 256, 1024] {
         let queries = tests::unit(tests::gaussian(batch, d, 100 + batch as u64), d);
         let k = 10;
-        let want = topk::search_parts(&queries, &[db], k, &Exclude::Nothing, 0).unwrap();
+        let want = topk::search_parts(&queries, &[db], k, &Exclude::NOTHING, 0).unwrap();
         let reps = if batch >= 256 { 3 } else { 7 };
         let (mut t8, mut t16) = (vec![], vec![]);
         let (mut r8, mut r16) = (vec![], vec![]);
@@ -472,14 +472,14 @@ fn measure_bf16_against_int8() {
             let mut run8 = || {
                 let t = Instant::now();
                 let got =
-                    search_parts(&queries, &[part], k, &Exclude::Nothing, 0, Path::Vnni).unwrap();
+                    search_parts(&queries, &[part], k, &Exclude::NOTHING, 0, Path::Vnni).unwrap();
                 t8.push(t.elapsed().as_secs_f64());
                 assert!(same(&got.top, &want));
                 r8 = got.reranked;
             };
             let mut run16 = || {
                 let t = Instant::now();
-                let got = search16(&queries, db, &c16, k, &Exclude::Nothing).unwrap();
+                let got = search16(&queries, db, &c16, k, &Exclude::NOTHING).unwrap();
                 t16.push(t.elapsed().as_secs_f64());
                 assert!(same(&got.top, &want));
                 r16 = got.reranked;
