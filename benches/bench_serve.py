@@ -125,6 +125,7 @@ def _load(port: int, clients: int, seconds: float) -> tuple[float, float, float]
 
 
 def run(args) -> list[Row]:
+    from starkret import build_index
     from starkret.testing import write_source
 
     n = 20_000 if args.quick else args.serve_images
@@ -134,6 +135,7 @@ def run(args) -> list[Row]:
         db = Path(tmp) / "db"
         vectors = np.random.default_rng(0).standard_normal((n, 64)).astype(np.float32)
         write_source(db / "photos", "photos", vectors, part_size=50_000)
+        build_index(db / "photos", kind="exact")  # the int8 first pass, as users run it
         servers = {}
         try:
             for name, extra in (("batched", []), ("single", ["--max-batch", "1"])):
