@@ -288,3 +288,20 @@ def test_record_is_beside_the_sources(planted):
     db_path, *_ = planted
     summary = dedup(db_path)
     assert Path(summary["record"]) == db_path / RECORD_FILE
+
+
+def test_a_running_db_picks_up_a_new_record_on_refresh(planted):
+    """serve's ImageDB read the record once: a dedup run while it served took effect only
+    after a restart. refresh() (run by serve before each batch) now reads it again."""
+    db_path, a, _b = planted
+    query = a[11:12].astype(np.float32)
+    db = ImageDB.open(db_path)
+    before = {(h.source, h.row) for h in db.search(query, k=3)[0]}
+    assert {("aa", 300), ("bb", 7)} <= before  # no record yet
+    dedup(db_path)
+    db.refresh()
+    after = {(h.source, h.row) for h in db.search(query, k=3)[0]}
+    assert ("aa", 11) in after and not {("aa", 300), ("bb", 7)} & after
+    (db_path / RECORD_FILE).unlink()  # a removed record: everything is searched again
+    db.refresh()
+    assert {("aa", 300), ("bb", 7)} <= {(h.source, h.row) for h in db.search(query, k=3)[0]}

@@ -13,7 +13,7 @@ import numpy as np
 
 from starkret.defaults import DEFAULTS
 from starkret.errors import IncompatibleSourcesError, InvalidInputError, InvalidTypeError
-from starkret.index.duplicates import Duplicates
+from starkret.index.duplicates import Duplicates, record_path
 from starkret.index.source import SourceIndex, source_dirs
 from starkret.index.topk import Exclusions
 from starkret.store.images import ImageReader, part_input
@@ -126,6 +126,7 @@ class ImageDB:
         self._refreshing = threading.Lock()
         self.duplicates_mode = duplicates
         self._duplicates: Duplicates | None = None
+        self._duplicates_stamp: tuple[int, int, int] | None = None
 
     @classmethod
     def open(
@@ -171,11 +172,16 @@ class ImageDB:
         The check is one ``stat`` of each source's ``index/infos.json`` (which a build
         publishes last, by rename), so it is cheap enough to run before every search
         batch (``starkret serve`` does). A source is swapped whole: a search in progress
-        finishes on the old one. Rows of a grown source keep their numbers.
+        finishes on the old one. Rows of a grown source keep their numbers. A near-duplicate
+        record that ``starkret dedup`` published since it was read is read again (one
+        ``stat`` too), so a running service leaves the new duplicates out without a restart.
 
         >>> db.refresh()  # doctest: +SKIP
         ['cc12m']
         """
+        published = self._duplicates is not None and self.duplicates_mode != "keep"
+        if published and _file_stamp(record_path(self.root)) != self._duplicates_stamp:
+            self._duplicates = None  # `starkret dedup` published a new record: read it
         changed = [
             n for n, s in self._sources.items() if _index_stamp(s.index.source_dir) != s.stamp
         ]
@@ -254,6 +260,7 @@ class ImageDB:
                 self._duplicates = Duplicates(None, {})
             else:
                 counts = {n: s.index.count for n, s in self._sources.items()}
+                self._duplicates_stamp = _file_stamp(record_path(self.root))
                 self._duplicates = Duplicates.load(self.root, counts)
         return self._duplicates
 
@@ -456,8 +463,13 @@ class ImageDB:
 
 def _index_stamp(source_dir: Path) -> tuple[int, int, int] | None:
     """What changes when ``build-index`` publishes a source's ``infos.json`` anew."""
+    return _file_stamp(Path(source_dir) / "index" / "infos.json")
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is published anew (by rename) or removed."""
     try:
-        st = os.stat(Path(source_dir) / "index" / "infos.json")
+        st = os.stat(path)
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size

@@ -35,7 +35,14 @@ from starkret._io import atomic_write
 from starkret.errors import FormatError
 from starkret.index.topk import Exclusions
 
-__all__ = ["RECORD_FILE", "RECORD_FORMAT", "Duplicates", "read_record", "write_record"]
+__all__ = [
+    "RECORD_FILE",
+    "RECORD_FORMAT",
+    "Duplicates",
+    "read_record",
+    "record_path",
+    "write_record",
+]
 
 #: The record, at the DB folder's top (beside the sources' folders).
 RECORD_FILE = "duplicates.npz"
