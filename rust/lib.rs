@@ -647,6 +647,17 @@ enum PartRows<'py> {
     F16(PyReadonlyArray2<'py, u16>),
 }
 
+impl PartRows<'_> {
+    /// (rows, dimension) of the part.
+    fn shape(&self) -> (usize, usize) {
+        let s = match self {
+            PartRows::F32(a) => a.shape(),
+            PartRows::F16(a) => a.shape(),
+        };
+        (s[0], s[1])
+    }
+}
+
 fn part_arrays<'py>(parts: &[Bound<'py, PyAny>]) -> PyResult<Vec<PartRows<'py>>> {
     let mut arrays = Vec::with_capacity(parts.len());
     for (i, part) in parts.iter().enumerate() {
@@ -762,24 +773,14 @@ fn q8_quantize<'py>(
     threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let arrays = part_arrays(std::slice::from_ref(&rows))?;
-    let d = match &arrays[0] {
-        PartRows::F32(a) => a.shape()[1],
-        PartRows::F16(a) => a.shape()[1],
-    };
+    let (n, d) = arrays[0].shape();
     let dbs = part_databases(&arrays, d)?;
     let db = dbs[0];
     let bytes = py
         .detach(|| q8::quantise_rows(&db, threads.unwrap_or(0)))
         .map_err(errors::invalid_input)?;
     let per_block = q8::block_bytes(d);
-    PyArray1::from_vec(py, bytes).reshape([q8::block_count(db_rows(&arrays[0])), per_block])
-}
-
-fn db_rows(rows: &PartRows<'_>) -> usize {
-    match rows {
-        PartRows::F32(a) => a.shape()[0],
-        PartRows::F16(a) => a.shape()[0],
-    }
+    PyArray1::from_vec(py, bytes).reshape([q8::block_count(n), per_block])
 }
 
 type Q8Result<'py> = (
@@ -847,8 +848,7 @@ fn q8_default_first_pass() -> &'static str {
 /// The dimension of the rows of `parts` (all parts must agree; checked later).
 fn parts_dim(arrays: &[PartRows<'_>]) -> PyResult<usize> {
     match arrays.first() {
-        Some(PartRows::F32(a)) => Ok(a.shape()[1]),
-        Some(PartRows::F16(a)) => Ok(a.shape()[1]),
+        Some(part) => Ok(part.shape().1),
         None => Err(errors::invalid_input("the DB has no parts")),
     }
 }
