@@ -49,10 +49,15 @@ stamp="$venv/.starkret-deps"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras ${no_deps[*]}"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing Python dependencies (first run downloads torch: a few minutes)"
-    "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q -e ".[$extras]"
+    # The installer is uv (from PyPI, into the venv): it hard-links every package's files
+    # from one cache (~/.cache/uv), so a second environment (CI's autofaiss one) adds no
+    # second copy of torch and its CUDA libraries (about 6 GB), and no compressed copy of
+    # them is kept besides (pip's cache held one: 4 GB more; CI once ran out of disk).
+    "$venv/bin/python" -m pip install -q --no-cache-dir "uv>=0.4"
+    install() { "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" "$@"; }
+    install -e ".[$extras]"
     if [[ ",$extras," == *",dev,"* ]]; then
-        "$venv/bin/python" -m pip install -q --no-deps "${no_deps[@]}"
+        install --no-deps "${no_deps[@]}"
     fi
     echo "$want" >"$stamp"
 fi
