@@ -3,7 +3,7 @@
     python scripts/prepare_mini_data.py            # -> ~/.cache/starkret/mini-data/
     python scripts/prepare_mini_data.py --eval-dir examples/clipart_heldout  # + repo eval set
 
-What it downloads and installs (no root, nothing system-wide): three Debian packages,
+What it downloads and installs (no root, nothing system-wide): four Debian packages,
 fetched by `apt-get download` (the machine's configured Debian mirror) into CACHE/debs and
 unpacked by `dpkg -x` into CACHE/root:
 
@@ -14,14 +14,19 @@ unpacked by `dpkg -x` into CACHE/root:
 * ``fonts-noto-color-emoji`` (Noto Color Emoji; SIL Open Font License 1.1): every
   single-code-point emoji is drawn with Pillow and named by its Unicode name
   (``unicodedata.name``: "DOG FACE" -> "dog face").
+* ``tuxpaint-stamps-default`` (Tux Paint's stamps, GPL-2; 160 MB): about 800 drawings, each
+  with a sentence in English ("A brown potato."). **Never trained on**: a second
+  collection, by other artists in another style, kept apart (split ``outside``) so the
+  model is also measured on drawings from outside the collection it learnt from.
 
 What it writes, all under CACHE (default ``~/.cache/starkret/mini-data``, ``--cache``),
 outside the repository:
 
 * ``images.npy``: (N, 128, 128, 4) uint8 RGBA, each drawing fitted into a transparent
   128 x 128 square (aspect kept, centred);
-* ``items.jsonl``: per row ``source`` (openclipart | emoji), ``path``, ``group``, ``split``
-  (train | heldout), ``caption`` (the canonical one) and ``captions`` (variants);
+* ``items.jsonl``: per row ``source`` (openclipart | emoji | tuxpaint), ``path``, ``group``,
+  ``split`` (train | heldout | outside), ``caption`` (the canonical one) and ``captions``
+  (variants); the tuxpaint rows come last, so the other rows do not depend on them;
 * ``manifest.json``: package versions and sha256 of the .deb files, counts per split.
 
 Captions: the SVG title, cleaned ("Clipart by Nicu Buculei - arrow08_4" -> "arrow"; a
@@ -58,7 +63,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-PACKAGES = ("openclipart-png", "openclipart-svg", "fonts-noto-color-emoji")
+PACKAGES = (
+    "openclipart-png",
+    "openclipart-svg",
+    "fonts-noto-color-emoji",
+    "tuxpaint-stamps-default",
+)
 SIDE = 128
 HELDOUT_PERCENT = 12
 SALT = "starkret-mini-split-1"
@@ -295,6 +305,30 @@ def emoji_items() -> list[dict]:
     return items
 
 
+def tuxpaint_items(root: Path) -> list[dict]:
+    """Stamps with a PNG and an English sentence (the first line of the stamp's .txt)."""
+    base = root / "usr/share/tuxpaint/stamps"
+    items = []
+    for txt in sorted(base.rglob("*.txt")):
+        png = txt.with_suffix(".png")
+        lines = txt.read_text(encoding="utf-8", errors="replace").splitlines()
+        sentence = lines[0].strip().rstrip(".").strip() if lines else ""
+        if not png.is_file() or not sentence or "=" in sentence:
+            continue
+        rel = png.relative_to(base)
+        items.append(
+            {
+                "source": "tuxpaint",
+                "path": str(rel),
+                "caption": sentence,
+                "captions": [sentence],
+                "group": f"tuxpaint:{rel}",
+                "split": "outside",
+            }
+        )
+    return items
+
+
 # ==== pictures ====
 
 
@@ -424,20 +458,25 @@ def main() -> None:
     base = root / "usr/share/openclipart/png"
     font = str(root / "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
     emoji = emoji_items()
+    tux = tuxpaint_items(root)
+    tux_base = root / "usr/share/tuxpaint/stamps"
     with Pool(args.workers) as pool:
         clip_pixels = pool.map(
             _clipart_pixels, [str(base / it["path"]) for it in clip], chunksize=64
         )
         emoji_pixels = pool.map(_emoji_pixels, [(font, it["path"]) for it in emoji], chunksize=64)
+        tux_pixels = pool.map(_clipart_pixels, [str(tux_base / it["path"]) for it in tux])
     kept = [
         (it, px)
         for it, px in zip(clip + emoji, clip_pixels + emoji_pixels, strict=True)
         if px is not None
     ]
-    skipped = len(clip) + len(emoji) - len(kept)
+    outside = [(it, px) for it, px in zip(tux, tux_pixels, strict=True) if px is not None]
+    skipped = len(clip) + len(emoji) + len(tux) - len(kept) - len(outside)
     items = [it for it, _ in kept]
-    pixels = np.stack([px for _, px in kept])
-    split_groups(items, pixels)
+    split_groups(items, np.stack([px for _, px in kept]))
+    items += [it for it, _ in outside]
+    pixels = np.stack([px for _, px in kept + outside])
     np.save(args.cache / "images.npy", pixels)
     with open(args.cache / "items.jsonl", "w", encoding="utf-8") as out:
         for item in items:

@@ -99,7 +99,7 @@ def test_readme_demo_runs_offline(tmp_path):
         [sys.executable, str(demo)], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr
-    assert "TOY CLIP" in run.stdout and "ViT-L-14-336-quickgelu --pretrained openai" in run.stdout
+    assert "SMALL CLIP" in run.stdout and "ViT-L-14-336-quickgelu --pretrained openai" in run.stdout
     assert "embedded 119 images, failed 1 (truncated 1)" in run.stdout
     assert "skipped as done 3" in run.stdout
     # starkret-mini finds the planted images: the right one first, a foreign one nowhere.

@@ -186,6 +186,21 @@ def test_bf16_image_tower_keeps_layernorms_in_fp32_and_agrees_with_fp32(tiny_emb
     np.testing.assert_array_equal(half.encode_images(np.asarray(crops[0]), dtype="float32"), out)
 
 
+def test_bf16_resnet_tower_keeps_batchnorms_in_fp32_and_agrees_with_fp32():
+    # was: "expected scalar type BFloat16 but found Float" (the BatchNorm weights were cast,
+    # their running statistics not): starkret-mini's ResNet tower failed in any half
+    # precision, fp16 being the default on CUDA
+    full = ClipEmbedder("starkret-mini", device="cpu")
+    half = ClipEmbedder("starkret-mini", device="cpu", precision="bf16")
+    crops, floats = _crops(full, 12)
+    norms = [m for m in half.model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+    assert half.model.visual.conv1.weight.dtype == torch.bfloat16
+    out = half.encode_images(floats, dtype="float32")
+    assert _cos(out, full.encode_images(floats, dtype="float32")).min() >= 0.999
+    np.testing.assert_array_equal(half.encode_images(crops, dtype="float32"), out)
+
+
 def test_sdpa_attention_gives_open_clips_embeddings_and_keeps_the_state_dict(tiny_embedder, crops):
     _, floats = crops
     plain = _open_clip().create_model("starkret-tiny", pretrained=None, precision="fp32")

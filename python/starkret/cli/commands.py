@@ -165,8 +165,8 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=DEFAULT_MODEL,
         help="open_clip model name (default: %(default)s, Stark's model; open_clip downloads "
-        f"its weights once). No download, works offline: {MINI_MODEL} (a toy CLIP whose "
-        f"weights ship with starkret) and {TINY_MODEL} (random weights, for tests). "
+        f"its weights once). No download, works offline: {MINI_MODEL} (a small CLIP of "
+        f"drawings whose weights ship with starkret) and {TINY_MODEL} (random weights, for tests). "
         "clip-retrieval's spellings work too (open_clip:NAME/TAG, ViT-L/14@336px)",
     )
     parser.add_argument(

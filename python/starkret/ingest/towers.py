@@ -260,12 +260,13 @@ class ClipEmbedder:
     """CLIP image and text towers from open_clip, returning L2-normalised vectors.
 
     ``model`` is an open_clip model name (``"ViT-L-14-336-quickgelu"`` for the Stark
-    reference, ``"starkret-mini"``, a small CLIP trained on synthetic scenes and charts
-    whose weights ship with starkret, or ``"starkret-tiny"``, a tiny randomly initialised
-    CLIP that needs no download). ``pretrained`` is an open_clip tag (``"openai"``), a
-    local checkpoint file, or ``None`` for random weights; by default it is the model's
-    own default (``"openai"`` for OpenAI CLIP configs, the bundled weights (tag
-    ``"starkret"``) for ``starkret-mini``, random seeded weights for ``starkret-tiny``).
+    reference, ``"starkret-mini"``, a small CLIP trained on clip-art drawings, emoji and
+    synthetic scenes and charts, whose weights ship with starkret, or ``"starkret-tiny"``,
+    a tiny randomly initialised CLIP that needs no download). ``pretrained`` is an
+    open_clip tag (``"openai"``), a local checkpoint file, or ``None`` for random weights;
+    by default it is the model's own default (``"openai"`` for OpenAI CLIP configs, the
+    bundled weights (tag ``"starkret"``) for ``starkret-mini``, random seeded weights for
+    ``starkret-tiny``).
     OpenAI's weights need the ``-quickgelu`` config of a model.
 
     Precision: ``"auto"`` is fp16 on CUDA and fp32 on CPU; ``"fp16"``, ``"bf16"`` and
@@ -681,16 +682,38 @@ def _sdpa_block_class():
     return _SDPA_BLOCK
 
 
+_BATCH_NORM_FP32 = None
+
+
+def _batch_norm_fp32_class():
+    """BatchNorm2d that computes in fp32 on half inputs and returns the input's dtype."""
+    global _BATCH_NORM_FP32
+    if _BATCH_NORM_FP32 is None:
+        import torch
+
+        class BatchNorm2dFp32(torch.nn.BatchNorm2d):
+            def forward(self, x):
+                return super().forward(x.float()).to(x.dtype)
+
+        BatchNorm2dFp32.__module__ = __name__
+        BatchNorm2dFp32.__qualname__ = "_BatchNorm2dFp32"
+        _BATCH_NORM_FP32 = BatchNorm2dFp32
+    return _BATCH_NORM_FP32
+
+
 def __getattr__(name: str):
-    # lets pickle find the SDPA block class, which is built when open_clip is imported
+    # lets pickle find the classes built when torch / open_clip is imported
     if name == "_SdpaResidualAttentionBlock":
         return _sdpa_block_class()
+    if name == "_BatchNorm2dFp32":
+        return _batch_norm_fp32_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _cast_to_half(tower, dtype) -> None:
     """Cast a tower's weights to ``dtype`` once; LayerNorms keep fp32 weights and compute
-    in fp32 (open_clip's LayerNormFp32), as in open_clip's own fp16/bf16 models."""
+    in fp32 (open_clip's LayerNormFp32), as in open_clip's own fp16/bf16 models, and so do
+    the BatchNorms of a ResNet tower (starkret-mini's: their statistics are fp32 buffers)."""
     import torch
     from open_clip.transformer import LayerNormFp32
 
@@ -698,6 +721,9 @@ def _cast_to_half(tower, dtype) -> None:
         if isinstance(module, torch.nn.LayerNorm):
             if not isinstance(module, LayerNormFp32):
                 module.__class__ = LayerNormFp32
+            continue
+        if type(module) is torch.nn.BatchNorm2d:
+            module.__class__ = _batch_norm_fp32_class()
             continue
         for param in module.parameters(recurse=False):
             param.data = param.data.to(dtype)
