@@ -117,7 +117,8 @@ def vit_flops_per_image(vision_cfg: dict, image_size: int | None = None) -> floa
 
 
 def model_flops_per_image(model: str, image_size: int | None = None) -> float:
-    """:func:`vit_flops_per_image` of an open_clip model name (starkret's configs too)."""
+    """:func:`vit_flops_per_image` of an open_clip model name (starkret's configs too);
+    for other image towers (starkret-mini's ResNet) :func:`counted_flops_per_image`."""
     from starkret.ingest.towers import _open_clip
 
     cfg = _open_clip().get_model_config(model)
@@ -125,7 +126,26 @@ def model_flops_per_image(model: str, image_size: int | None = None) -> float:
         raise ValueError(f"no open_clip config for {model!r}")
     vision = dict(cfg["vision_cfg"])
     vision.setdefault("output_dim", cfg["embed_dim"])
-    return vit_flops_per_image(vision, image_size)
+    try:
+        return vit_flops_per_image(vision, image_size)
+    except ValueError:
+        return counted_flops_per_image(model, image_size)
+
+
+def counted_flops_per_image(model: str, image_size: int | None = None) -> float:
+    """torch's own FLOP count of one image through a model's image tower, built on the
+    meta device (no weights, no memory, no compute): convolutions and matrix products."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from starkret.ingest.towers import _open_clip
+
+    built = _open_clip().create_model(model, pretrained=None, device="meta")
+    size = image_size or built.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    with FlopCounterMode(display=False) as counter:
+        built.encode_image(torch.zeros((1, 3, size, size), device="meta"))
+    return float(counter.get_total_flops())
 
 
 def datasheet_peak(device_name: str) -> tuple[float | None, str]:
