@@ -12,7 +12,7 @@ What it learns from (from scratch: no pretrained weights start either tower):
 * real drawings: the training split of scripts/prepare_mini_data.py (Open Clip Art Library
   drawings with cleaned titles, categories and keywords, and Noto Color Emoji named by
   Unicode), composited on white, black (what `starkret.preprocess` makes of transparent
-  pixels), grey, coloured or noisy backgrounds, zoomed, shifted and mirrored, a quarter
+  pixels), grey, coloured or noisy backgrounds, zoomed, shifted and mirrored
   (``--framed F`` also shrinks a share F of them into wide margins, as pictures in the
   wild are not cropped to the drawing: measured, not chosen, so off by default);
 * a text corpus (scripts/prepare_mini_data.py: the training captions, WordNet's common
@@ -209,7 +209,11 @@ def text_corpus(folder: Path) -> tuple[list[str], torch.Tensor]:
         )
     texts = json.loads((folder / "corpus.json").read_text(encoding="utf-8"))
     teacher = torch.from_numpy(np.load(folder / "teacher.npy"))
-    assert len(texts) == len(teacher), (len(texts), teacher.shape)
+    if len(texts) != len(teacher):
+        raise SystemExit(
+            f"{folder}: corpus.json has {len(texts)} texts but teacher.npy {len(teacher)} rows: "
+            "rerun scripts/prepare_mini_data.py"
+        )
     return texts, teacher
 
 
