@@ -450,28 +450,34 @@ class EvalSet:
         return _recalls(torch.cat(ranks))
 
 
-def real_heldout_sets(items, pixels, size: int, split: str = "heldout") -> list[EvalSet]:
-    """The drawings of one split (``heldout``: the held-out openclipart and emoji groups;
-    ``outside``: Tux Paint's stamps, another collection), one caption per gallery slot, in
-    galleries of 100: on white, and as `starkret.preprocess` sees the transparent drawing
-    (transparent pixels black)."""
+def _eval_rows(items, split: str, usable=lambda item: True) -> list[int]:
+    """Rows of one split for evaluation: in a fixed pseudo-random order (sha256 of the
+    path), the first usable row of each caption, as many as fill whole galleries of 100."""
     chosen, seen = [], set()
     order = sorted(
         (i for i, it in enumerate(items) if it["split"] == split),
         key=lambda i: hashlib.sha256(f"eval:{items[i]['path']}".encode()).hexdigest(),
     )
     for i in order:
-        if items[i]["caption"] not in seen:
+        if items[i]["caption"] not in seen and usable(items[i]):
             seen.add(items[i]["caption"])
             chosen.append(i)
-    chosen = chosen[: len(chosen) // 100 * 100]
+    return chosen[: len(chosen) // 100 * 100]
+
+
+def real_heldout_sets(items, pixels, size: int, split: str = "heldout") -> list[EvalSet]:
+    """The drawings of one split (``heldout``: the held-out openclipart and emoji groups;
+    ``outside``: Tux Paint's stamps, another collection), one caption per gallery slot, in
+    galleries of 100: on white, and as `starkret.preprocess` sees the transparent drawing
+    (transparent pixels black)."""
+    chosen = _eval_rows(items, split)
+    if not chosen:  # (np.stack of no rows would raise)
+        return []
     rgba = np.stack([pixels[i] for i in chosen]).astype(np.float32) / 255
     alpha = rgba[..., 3:]
     on_white = (rgba[..., :3] * alpha + (1 - alpha)) * 255
     on_black = rgba[..., :3] * alpha * 255
     captions = [items[i]["caption"] for i in chosen]
-    if not chosen:
-        return []
     label = "real heldout" if split == "heldout" else f"real {split} ({items[chosen[0]]['source']})"
     return [
         EvalSet(
@@ -496,16 +502,8 @@ def outside_files_set(items, data: Path, size: int) -> list[EvalSet]:
     drawing as the training data is), on white, in galleries of 100: the framing of
     pictures found in the wild."""
     base = data / "root" / "usr" / "share" / "tuxpaint" / "stamps"
-    chosen, seen = [], set()
-    order = sorted(
-        (it for it in items if it["split"] == "outside"),
-        key=lambda it: hashlib.sha256(f"eval:{it['path']}".encode()).hexdigest(),
-    )
-    for it in order:
-        if it["caption"] not in seen and (base / it["path"]).is_file():
-            seen.add(it["caption"])
-            chosen.append(it)
-    chosen = chosen[: len(chosen) // 100 * 100]
+    rows = _eval_rows(items, "outside", lambda it: (base / it["path"]).is_file())
+    chosen = [items[i] for i in rows]
     if not chosen:
         return []
     from PIL import Image
